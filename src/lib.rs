@@ -5,9 +5,15 @@
 //! - [`cli`]: the command line (`saga-streams <subcommand>`); the binary only calls
 //!   [`cli::main`].
 //! - [`telemetry`]: logging set-up (`tracing`).
+//! - [`runtime`]: the generic Kafka Streams-style engine: processor API, tasks, the exactly-once
+//!   commit cycle, rebalance and restoration.
+//! - [`state`]: the state-store backend trait, its RocksDB and in-memory implementations, and the
+//!   uncommitted overlay that gives read-your-writes.
 //!
-//! The streams runtime (`runtime/`, `state/`), the saga (`saga/`), the codecs (`codec/`) and the
-//! demo participants (`sim/`) join this map as they land; `ARCHITECTURE.md` at the repository root keeps the code map and the invariants.
+//! The saga (`saga/`), the codecs (`codec/`) and the demo participants (`sim/`) join this map as
+//! they land; `ARCHITECTURE.md` at the repository root keeps the code map and the invariants.
 
 pub mod cli;
+pub mod runtime;
+pub mod state;
 pub mod telemetry;

@@ -89,3 +89,240 @@ pub fn poll_until(limit: Duration, mut condition: impl FnMut() -> bool) -> bool 
     condition()
 }
 
+/// A child process running the `counter` example on the real broker, its stderr (JSON log lines)
+/// captured to a file. Dropping it kills the process.
+pub struct CounterProcess {
+    pub child: std::process::Child,
+    pub log: std::path::PathBuf,
+}
+
+/// Arguments that identify one counter instance.
+#[derive(Clone, Debug)]
+pub struct CounterArgs {
+    pub bootstrap: String,
+    pub application_id: String,
+    pub instance_id: String,
+    pub state_dir: std::path::PathBuf,
+    pub inputs: Vec<String>,
+    pub output: String,
+    pub extra: Vec<String>,
+}
+
+fn example_binary(name: &str) -> std::path::PathBuf {
+    // Integration tests run from target/<profile>/deps; cargo test builds examples beside them.
+    let exe = std::env::current_exe().expect("test binary path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target profile dir");
+    let path = profile_dir.join("examples").join(name);
+    assert!(
+        path.exists(),
+        "example binary {} not built; run `cargo test` without --test filters, or `cargo build --examples` first",
+        path.display()
+    );
+    // `cargo test --test X` does not rebuild examples: refuse to test a stale binary.
+    let built = std::fs::metadata(&path).and_then(|m| m.modified()).unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let newest_source = newest_mtime(&root.join("src")).max(newest_mtime(&root.join("examples")));
+    assert!(
+        newest_source <= built,
+        "example binary {} is older than the sources; run `cargo build --examples` (or `cargo test` unfiltered)",
+        path.display()
+    );
+    path
+}
+
+fn newest_mtime(dir: &std::path::Path) -> std::time::SystemTime {
+    let mut newest = std::time::SystemTime::UNIX_EPOCH;
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        let modified = if path.is_dir() {
+            newest_mtime(&path)
+        } else {
+            entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::SystemTime::UNIX_EPOCH)
+        };
+        newest = newest.max(modified);
+    }
+    newest
+}
+
+impl CounterProcess {
+    pub fn spawn(args: &CounterArgs, log_name: &str) -> Self {
+        let log = args.state_dir.join(format!("{log_name}.log"));
+        std::fs::create_dir_all(&args.state_dir).unwrap();
+        let stderr = std::fs::File::create(&log).unwrap();
+        let child = std::process::Command::new(example_binary("counter"))
+            .args(["--bootstrap", &args.bootstrap])
+            .args(["--application-id", &args.application_id])
+            .args(["--instance-id", &args.instance_id])
+            .arg("--state-dir")
+            .arg(&args.state_dir)
+            .args(["--input", &args.inputs.join(",")])
+            .args(["--output", &args.output])
+            .args(&args.extra)
+            .env("SAGA_STREAMS_LOG_FORMAT", "json")
+            .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawning the counter example");
+        Self { child, log }
+    }
+
+    pub fn sigkill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and waits up to `limit` for the exit; returns the exit status.
+    pub fn sigterm(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        unsafe_free_sigterm(self.child.id());
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// The JSON log lines written so far.
+    pub fn log_lines(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+fn unsafe_free_sigterm(pid: u32) {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+}
+
+impl Drop for CounterProcess {
+    fn drop(&mut self) {
+        self.sigkill();
+    }
+}
+
+/// A read_committed (or read_uncommitted) reader of whole topics.
+pub struct TopicReader {
+    consumer: BaseConsumer,
+}
+
+impl TopicReader {
+    pub fn new(bootstrap: &str, topics: &[&str], isolation: &str) -> Self {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", unique("reader"))
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("isolation.level", isolation)
+            .create()
+            .expect("creating a reader");
+        let metadata = consumer
+            .fetch_metadata(None, Duration::from_secs(10))
+            .expect("metadata");
+        let mut assignment = rdkafka::TopicPartitionList::new();
+        for topic in topics {
+            let t = metadata
+                .topics()
+                .iter()
+                .find(|t| t.name() == *topic)
+                .unwrap_or_else(|| panic!("topic {topic} missing"));
+            for p in t.partitions() {
+                assignment
+                    .add_partition_offset(topic, p.id(), rdkafka::Offset::Beginning)
+                    .unwrap();
+            }
+        }
+        consumer.assign(&assignment).unwrap();
+        Self { consumer }
+    }
+
+    /// Appends (topic, partition, key, value) of every record available within `wait`.
+    pub fn drain(&self, into: &mut Vec<(String, i32, String, String)>, wait: Duration) {
+        use rdkafka::message::Message;
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            match self.consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => into.push((
+                    m.topic().to_string(),
+                    m.partition(),
+                    String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+                    String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned(),
+                )),
+                Some(Err(e)) => panic!("reader error: {e}"),
+                None => {}
+            }
+        }
+    }
+}
+
+/// A plain (non-transactional) producer for test inputs.
+pub fn producer(bootstrap: &str) -> rdkafka::producer::BaseProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "5")
+        .create()
+        .expect("creating a producer")
+}
+
+/// Produces and waits for delivery.
+pub fn produce_all(
+    producer: &rdkafka::producer::BaseProducer,
+    records: &[(String, String, String)],
+) {
+    use rdkafka::producer::{BaseRecord, Producer};
+    for (topic, key, value) in records {
+        let mut record = BaseRecord::to(topic).key(key).payload(value);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, returned)) => {
+                    record = returned;
+                    producer.poll(Duration::from_millis(10));
+                }
+            }
+        }
+        producer.poll(Duration::ZERO);
+    }
+    producer
+        .flush(Duration::from_secs(30))
+        .expect("flushing inputs");
+}
+
+/// Produces all records in one committed transaction.
+pub fn produce_in_one_transaction(bootstrap: &str, records: &[(String, String, String)]) {
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("transactional.id", unique("test-input"))
+        .create()
+        .expect("creating a transactional producer");
+    producer
+        .init_transactions(Duration::from_secs(30))
+        .expect("init_transactions");
+    producer.begin_transaction().expect("begin");
+    for (topic, key, value) in records {
+        producer
+            .send(BaseRecord::to(topic).key(key).payload(value))
+            .map_err(|(e, _)| e)
+            .expect("enqueueing an input");
+    }
+    producer
+        .commit_transaction(Duration::from_secs(30))
+        .expect("committing the inputs");
+}

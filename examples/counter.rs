@@ -1,0 +1,173 @@
+//! A keyed counter on the streams runtime, used by the runtime's integration tests and
+//! benchmarks. It exercises the whole processor API: state get/put/delete/prefix scan, outputs
+//! with headers, and wall-clock punctuation.
+//!
+//! For each input record with key K and value V it increments `counts[K]` and sends
+//! `K -> "V:<count>"` to the output topic. A record whose value starts with `fail-once:` makes
+//! `process` fail, after its state write and output, the first time this process sees it (the
+//! cycle aborts and the record is processed again), which is how tests inject an abort. Every `--punctuate-ms` it writes the
+//! number of distinct keys to `meta["keys"]` (a prefix scan) and sends it to `<output>.stats`
+//! when that topic is named with `--stats`.
+//!
+//!     cargo run --example counter -- --bootstrap 127.0.0.1:19092 --application-id app \
+//!         --instance-id a --state-dir /tmp/state --input in1,in2 --output out
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use clap::Parser;
+use saga_streams::runtime::{
+    run, Guarantee, InputRecord, OutputRecord, Processor, ProcessorContext, ProcessorError,
+    RuntimeConfig, Shutdown,
+};
+use saga_streams::telemetry::{init_logging, LogFormat};
+
+#[derive(Debug, Parser)]
+struct Args {
+    #[arg(long, env = "KAFKA_BOOTSTRAP")]
+    bootstrap: String,
+    #[arg(long)]
+    application_id: String,
+    #[arg(long)]
+    instance_id: String,
+    #[arg(long)]
+    state_dir: PathBuf,
+    /// Comma-separated input topics (co-partitioned).
+    #[arg(long, value_delimiter = ',')]
+    input: Vec<String>,
+    #[arg(long)]
+    output: String,
+    #[arg(long)]
+    stats: Option<String>,
+    #[arg(long, default_value_t = 100)]
+    commit_interval_ms: u64,
+    #[arg(long, default_value_t = 500)]
+    punctuate_ms: u64,
+    #[arg(long, value_enum, default_value = "exactly-once")]
+    guarantee: Guarantee,
+    #[arg(long, default_value = "consumer")]
+    group_protocol: String,
+}
+
+struct Counter {
+    output: String,
+    stats: Option<String>,
+    punctuate: Duration,
+    failed_once: HashSet<Vec<u8>>,
+}
+
+impl Processor for Counter {
+    fn init(&mut self, ctx: &mut ProcessorContext<'_>) -> Result<(), ProcessorError> {
+        ctx.schedule_punctuation(self.punctuate);
+        Ok(())
+    }
+
+    fn process(
+        &mut self,
+        ctx: &mut ProcessorContext<'_>,
+        record: &InputRecord,
+    ) -> Result<(), ProcessorError> {
+        let key = record.key.clone().unwrap_or_default();
+        let value = record.value.clone().unwrap_or_default();
+        let mut counts = ctx.store("counts")?;
+        let count = counts
+            .get(&key)?
+            .map(|b| String::from_utf8_lossy(&b).parse::<u64>().unwrap_or(0))
+            .unwrap_or(0)
+            + 1;
+        counts.put(&key, count.to_string().as_bytes());
+        let mut payload = value.clone();
+        payload.extend_from_slice(format!(":{count}").as_bytes());
+        let mut out =
+            OutputRecord::new(self.output.clone(), key, payload).with_partition(record.partition);
+        if let Some(correlation) = record.header("X-Correlation-ID") {
+            out = out.with_header("X-Correlation-ID", correlation.to_vec());
+        }
+        ctx.send(out);
+        // The injected failure comes after a state write and an output, so the abort has both to
+        // take back.
+        if value.starts_with(b"fail-once:") && self.failed_once.insert(value) {
+            return Err(ProcessorError(format!(
+                "injected failure at {}[{}]@{}",
+                record.topic, record.partition, record.offset
+            )));
+        }
+        Ok(())
+    }
+
+    fn punctuate(
+        &mut self,
+        ctx: &mut ProcessorContext<'_>,
+        _now: SystemTime,
+    ) -> Result<(), ProcessorError> {
+        let keys = ctx.store("counts")?.prefix(b"")?.len();
+        let mut meta = ctx.store("meta")?;
+        let previous = meta.get(b"keys")?;
+        let current = keys.to_string().into_bytes();
+        if previous.as_deref() == Some(current.as_slice()) {
+            return Ok(());
+        }
+        if keys == 0 {
+            meta.delete(b"keys");
+        } else {
+            meta.put(b"keys", &current);
+        }
+        if let Some(stats) = &self.stats {
+            let partition = ctx.partition();
+            ctx.send(
+                OutputRecord::new(stats.clone(), format!("task-{partition}"), current)
+                    .with_partition(partition),
+            );
+        }
+        Ok(())
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let json = std::env::var("SAGA_STREAMS_LOG_FORMAT").is_ok_and(|f| f == "json");
+    init_logging(if json {
+        LogFormat::Json
+    } else {
+        LogFormat::Pretty
+    });
+    let mut config = RuntimeConfig::new(
+        &args.application_id,
+        &args.instance_id,
+        &args.bootstrap,
+        &args.state_dir,
+    );
+    config.input_topics = args.input.clone();
+    config.stores = vec!["counts".to_string(), "meta".to_string()];
+    config.commit_interval = Duration::from_millis(args.commit_interval_ms);
+    config.guarantee = args.guarantee;
+    config.group_protocol = args.group_protocol.clone();
+    let output = args.output.clone();
+    let stats = args.stats.clone();
+    let punctuate = Duration::from_millis(args.punctuate_ms);
+    let supplier = Arc::new(move |_partition: i32| {
+        Box::new(Counter {
+            output: output.clone(),
+            stats: stats.clone(),
+            punctuate,
+            failed_once: HashSet::new(),
+        }) as Box<dyn Processor>
+    });
+    let shutdown = Shutdown::new();
+    if let Err(e) = shutdown.on_signals() {
+        eprintln!("counter: cannot install signal handlers: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
+    match run(config, supplier, shutdown) {
+        Ok(()) => {
+            tracing::info!("stopped cleanly");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("counter: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! The runtime's configuration. Every field says what it does and its default; [`RuntimeConfig::validate`]
+//! reports every problem at once.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::error::RuntimeError;
+
+/// Processing guarantee.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Guarantee {
+    /// EOS v2: outputs, changelog records and input offsets commit in one Kafka transaction per
+    /// commit cycle; a crash or a fenced zombie leaves nothing half-done visible to
+    /// `read_committed` readers. The default.
+    ExactlyOnce,
+    /// No transactions: outputs and changelog records are flushed, then the input offsets are
+    /// committed. After a crash, the records since the last commit are processed again, so outputs
+    /// may be duplicated (never lost), and the store is rebuilt from a changelog that may hold the
+    /// repeated writes. Cheaper per commit; use when consumers are idempotent.
+    AtLeastOnce,
+}
+
+/// Everything the stream thread needs to know.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Consumer group id, prefix of changelog topics and of the transactional id.
+    pub application_id: String,
+    /// Stable identity of this instance: `transactional.id = <application_id>-<instance_id>`, so a
+    /// restarted instance fences its previous incarnation. Must differ between live instances.
+    pub instance_id: String,
+    /// `bootstrap.servers`.
+    pub bootstrap: String,
+    /// Root of the local state: stores live in `<state_dir>/<application_id>/<partition>/`.
+    pub state_dir: PathBuf,
+    /// Co-partitioned input topics (same partition count, checked at start-up).
+    pub input_topics: Vec<String>,
+    /// Named state stores of every task; each gets `<application_id>-<store>-changelog`.
+    pub stores: Vec<String>,
+    /// How often a commit cycle ends (Kafka Streams' `commit.interval.ms` under EOS: 100 ms).
+    pub commit_interval: Duration,
+    /// A cycle also ends once this many records were processed in it, so buffers stay bounded.
+    pub commit_max_records: usize,
+    /// How long a task waits for an empty input partition before processing the others
+    /// (Kafka Streams' `max.task.idle.ms`; default 0: process what is buffered, in timestamp order).
+    pub max_task_idle: Duration,
+    /// Exactly-once (default) or at-least-once.
+    pub guarantee: Guarantee,
+    /// `transaction.timeout.ms` (Kafka Streams uses 10 s under EOS).
+    pub transaction_timeout: Duration,
+    /// Consumer group protocol: `consumer` (KIP-848, incremental, server-side range assignor that
+    /// keeps co-partitioned partitions together; the default) or `classic`.
+    pub group_protocol: String,
+    /// Extra librdkafka settings for both clients; settings the runtime owns are refused.
+    pub kafka: BTreeMap<String, String>,
+}
+
+/// librdkafka settings the runtime sets itself; overriding them would break its guarantees.
+const OWNED_SETTINGS: &[&str] = &[
+    "bootstrap.servers",
+    "group.id",
+    "transactional.id",
+    "enable.auto.commit",
+    "isolation.level",
+    "enable.idempotence",
+    "group.protocol",
+    "partition.assignment.strategy",
+    "transaction.timeout.ms",
+];
+
+impl RuntimeConfig {
+    /// A configuration with the defaults for everything but the identity and the topology.
+    pub fn new(
+        application_id: impl Into<String>,
+        instance_id: impl Into<String>,
+        bootstrap: impl Into<String>,
+        state_dir: impl Into<PathBuf>,
+    ) -> Self {
+        Self {
+            application_id: application_id.into(),
+            instance_id: instance_id.into(),
+            bootstrap: bootstrap.into(),
+            state_dir: state_dir.into(),
+            input_topics: Vec::new(),
+            stores: Vec::new(),
+            commit_interval: Duration::from_millis(100),
+            commit_max_records: 10_000,
+            max_task_idle: Duration::ZERO,
+            guarantee: Guarantee::ExactlyOnce,
+            transaction_timeout: Duration::from_secs(10),
+            group_protocol: "consumer".to_string(),
+            kafka: BTreeMap::new(),
+        }
+    }
+
+    pub fn transactional_id(&self) -> String {
+        format!("{}-{}", self.application_id, self.instance_id)
+    }
+
+    pub fn changelog_topic(&self, store: &str) -> String {
+        format!("{}-{}-changelog", self.application_id, store)
+    }
+
+    pub fn task_dir(&self, partition: i32) -> PathBuf {
+        self.state_dir
+            .join(&self.application_id)
+            .join(partition.to_string())
+    }
+
+    /// Every problem with the configuration, or `Ok`.
+    pub fn validate(&self) -> Result<(), RuntimeError> {
+        let mut problems = Vec::new();
+        let legal = |s: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        };
+        if !legal(&self.application_id) {
+            problems.push(format!(
+                "application id '{}' must be non-empty and use only letters, digits, '.', '_', '-' (it prefixes topic names)",
+                self.application_id
+            ));
+        }
+        if !legal(&self.instance_id) {
+            problems.push(format!(
+                "instance id '{}' must be non-empty and use only letters, digits, '.', '_', '-'",
+                self.instance_id
+            ));
+        }
+        if self.bootstrap.trim().is_empty() {
+            problems.push("no bootstrap servers (set --bootstrap or KAFKA_BOOTSTRAP)".to_string());
+        }
+        if self.input_topics.is_empty() {
+            problems.push("no input topics".to_string());
+        }
+        for store in &self.stores {
+            if !legal(store) {
+                problems.push(format!(
+                    "store name '{store}' must use only letters, digits, '.', '_', '-'"
+                ));
+            }
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for store in &self.stores {
+            if !seen.insert(store) {
+                problems.push(format!("store '{store}' is declared twice"));
+            }
+        }
+        if self.commit_interval.is_zero() {
+            problems.push("commit interval must be above zero".to_string());
+        }
+        if self.commit_max_records == 0 {
+            problems.push("commit max records must be above zero".to_string());
+        }
+        if !matches!(self.group_protocol.as_str(), "consumer" | "classic") {
+            problems.push(format!(
+                "group protocol '{}' must be 'consumer' or 'classic'",
+                self.group_protocol
+            ));
+        }
+        for key in self.kafka.keys() {
+            if OWNED_SETTINGS.contains(&key.as_str()) {
+                problems.push(format!(
+                    "librdkafka setting '{key}' is set by the runtime and cannot be overridden"
+                ));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(RuntimeError::Config(problems))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_lists_every_problem() {
+        let mut config = RuntimeConfig::new("bad id", "", "", "/tmp");
+        config.stores = vec!["a".into(), "a".into()];
+        config
+            .kafka
+            .insert("isolation.level".into(), "read_uncommitted".into());
+        let RuntimeError::Config(problems) = config.validate().unwrap_err() else {
+            panic!("expected a config error")
+        };
+        let text = problems.join("\n");
+        for expected in [
+            "application id",
+            "instance id",
+            "bootstrap",
+            "no input topics",
+            "declared twice",
+            "isolation.level",
+        ] {
+            assert!(text.contains(expected), "missing '{expected}' in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn names_derive_from_the_application_id() {
+        let config = RuntimeConfig::new("app", "i1", "127.0.0.1:1", "/s");
+        assert_eq!(config.transactional_id(), "app-i1");
+        assert_eq!(config.changelog_topic("counts"), "app-counts-changelog");
+        assert_eq!(config.task_dir(3), PathBuf::from("/s/app/3"));
+    }
+}

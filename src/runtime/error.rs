@@ -1,0 +1,195 @@
+//! Errors of the runtime and the decision table of the exactly-once loop.
+//!
+//! librdkafka tells, for a transactional error, whether it is fatal, retriable, or requires an
+//! abort. [`classify`] turns those facts into what the loop does; it is a pure function so the
+//! table is unit-tested without a broker. [`ErrorFacts::of`] extracts the facts at the edge.
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+use crate::state::StateError;
+
+/// What the stream thread does about a failed operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Call the same operation again (after a short backoff); the transaction stays open.
+    Retriable,
+    /// Abort the transaction, drop uncommitted state, rewind inputs to the committed offsets and
+    /// go on. Used for a rebalance that changed the generation, a timed-out transaction, etc.
+    Abortable,
+    /// The producer is unusable (fenced by a newer instance, or a fatal librdkafka error): close
+    /// the tasks without committing, build a new producer and consumer, rejoin the group.
+    Fatal,
+}
+
+/// The facts about one librdkafka error that the decision needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorFacts {
+    pub code: Option<RDKafkaErrorCode>,
+    pub is_fatal: bool,
+    pub is_retriable: bool,
+    pub txn_requires_abort: bool,
+}
+
+impl ErrorFacts {
+    pub fn of(error: &KafkaError) -> Self {
+        match error {
+            KafkaError::Transaction(e) => Self {
+                code: Some(e.code()),
+                is_fatal: e.is_fatal(),
+                is_retriable: e.is_retriable(),
+                txn_requires_abort: e.txn_requires_abort(),
+            },
+            other => Self {
+                code: other.rdkafka_error_code(),
+                is_fatal: false,
+                is_retriable: false,
+                txn_requires_abort: false,
+            },
+        }
+    }
+}
+
+/// The decision table. Fatal wins over everything; then an explicit abort requirement; then
+/// retriable. Codes that mean "a newer producer or group generation exists" are fatal even if
+/// librdkafka did not flag them (a zombie must stop); codes that mean "the group moved on" are
+/// abortable. Anything else is treated as abortable: aborting is always safe, at the cost of
+/// reprocessing one cycle.
+pub fn classify(facts: ErrorFacts) -> ErrorClass {
+    use RDKafkaErrorCode::*;
+    if facts.is_fatal {
+        return ErrorClass::Fatal;
+    }
+    if matches!(
+        facts.code,
+        Some(ProducerFenced | InvalidProducerEpoch | Fenced | TransactionalIdAuthorizationFailed)
+    ) {
+        return ErrorClass::Fatal;
+    }
+    if facts.txn_requires_abort {
+        return ErrorClass::Abortable;
+    }
+    if facts.is_retriable {
+        return ErrorClass::Retriable;
+    }
+    ErrorClass::Abortable
+}
+
+/// Errors that stop the runtime or one of its operations.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The configuration cannot work; every problem is listed.
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Config(Vec<String>),
+    /// The topics do not fit the topology (missing, different partition counts, ...).
+    #[error("topics do not fit the topology:\n  - {}", .0.join("\n  - "))]
+    Topics(Vec<String>),
+    /// A Kafka operation failed; `operation` names it.
+    #[error("kafka {operation}: {source}")]
+    Kafka {
+        operation: &'static str,
+        #[source]
+        source: KafkaError,
+    },
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The consumer group is not in a state to commit (no metadata yet, mid-rebalance).
+    #[error("consumer group: {0}")]
+    Group(String),
+    /// The processor refused a record or a punctuation in a way it cannot recover from.
+    #[error("processor: {0}")]
+    Processor(String),
+}
+
+impl RuntimeError {
+    pub fn kafka(operation: &'static str) -> impl FnOnce(KafkaError) -> RuntimeError {
+        move |source| RuntimeError::Kafka { operation, source }
+    }
+
+    /// How the loop reacts to this error.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            RuntimeError::Kafka { source, .. } => classify(ErrorFacts::of(source)),
+            // State and processor errors leave the open transaction in an unknown state: abort it.
+            RuntimeError::State(_) | RuntimeError::Processor(_) | RuntimeError::Group(_) => {
+                ErrorClass::Abortable
+            }
+            RuntimeError::Config(_) | RuntimeError::Topics(_) => ErrorClass::Fatal,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use RDKafkaErrorCode::*;
+
+    fn facts(code: RDKafkaErrorCode, fatal: bool, retriable: bool, abort: bool) -> ErrorFacts {
+        ErrorFacts {
+            code: Some(code),
+            is_fatal: fatal,
+            is_retriable: retriable,
+            txn_requires_abort: abort,
+        }
+    }
+
+    #[test]
+    fn fatal_flag_wins_over_everything() {
+        assert_eq!(
+            classify(facts(RequestTimedOut, true, true, true)),
+            ErrorClass::Fatal
+        );
+    }
+
+    #[test]
+    fn fencing_codes_are_fatal_even_unflagged() {
+        for code in [ProducerFenced, InvalidProducerEpoch, Fenced] {
+            assert_eq!(
+                classify(facts(code, false, false, true)),
+                ErrorClass::Fatal,
+                "{code:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn rebalance_during_offset_commit_is_abortable() {
+        for code in [IllegalGeneration, UnknownMemberId, RebalanceInProgress] {
+            assert_eq!(
+                classify(facts(code, false, false, true)),
+                ErrorClass::Abortable,
+                "{code:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn abort_requirement_wins_over_retriable() {
+        assert_eq!(
+            classify(facts(RequestTimedOut, false, true, true)),
+            ErrorClass::Abortable
+        );
+    }
+
+    #[test]
+    fn retriable_alone_is_retried() {
+        assert_eq!(
+            classify(facts(CoordinatorLoadInProgress, false, true, false)),
+            ErrorClass::Retriable
+        );
+    }
+
+    #[test]
+    fn unknown_errors_abort() {
+        assert_eq!(
+            classify(facts(Unknown, false, false, false)),
+            ErrorClass::Abortable
+        );
+        let none = ErrorFacts {
+            code: None,
+            is_fatal: false,
+            is_retriable: false,
+            txn_requires_abort: false,
+        };
+        assert_eq!(classify(none), ErrorClass::Abortable);
+    }
+}

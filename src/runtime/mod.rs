@@ -1,0 +1,26 @@
+//! The streams runtime: a generic Kafka Streams-style engine. It knows nothing about sagas.
+//!
+//! - [`processor`]: the `Processor` trait and its context (stores, outputs, punctuation).
+//! - [`task`]: one task per partition number; timestamp-ordered input queues.
+//! - [`engine`]: the tasks, the transactional producer and the commit cycle.
+//! - [`stream_thread`]: the poll loop, rebalance callbacks, shutdown, rebuild after fatal errors.
+//! - [`restore`]: changelog replay from a store's checkpoint.
+//! - [`topics`]: start-up checks of input and changelog topics.
+//! - [`config`], [`error`]: settings, and the fatal/abortable/retriable decision table.
+
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod processor;
+pub mod restore;
+pub mod stream_thread;
+pub mod task;
+pub mod topics;
+
+pub use config::{Guarantee, RuntimeConfig};
+pub use error::{ErrorClass, RuntimeError};
+pub use processor::{
+    InputRecord, OutputRecord, Processor, ProcessorContext, ProcessorError, ProcessorSupplier,
+    Store,
+};
+pub use stream_thread::{run, Shutdown};

@@ -1,0 +1,313 @@
+//! The stream thread: one consumer, one producer, the tasks, and the loop that ties them
+//! together (DESIGN.md section 5):
+//!
+//! ```text
+//! loop:
+//!   poll records (read_committed) -> route to the task of their partition
+//!   start tasks whose partitions were assigned (restore first, inputs paused meanwhile)
+//!   process buffered records in timestamp order; fire due punctuations
+//!   if the cycle is due: changelog records + input offsets + commit, then state to RocksDB
+//!   on abortable error: abort, drop the cycle's writes, rewind inputs
+//!   on fatal error (fenced...): close tasks, rebuild consumer and producer, rejoin
+//! ```
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::{Headers, Message};
+use rdkafka::ClientContext;
+
+use super::config::RuntimeConfig;
+use super::engine::Engine;
+use super::error::{ErrorClass, RuntimeError};
+use super::processor::{InputRecord, ProcessorSupplier};
+use super::topics::prepare_topics;
+use crate::state::rocks::RocksResources;
+
+/// Set to ask the runtime to stop: it finishes the commit cycle, closes the tasks, leaves the
+/// group and returns.
+#[derive(Clone, Default)]
+pub struct Shutdown(Arc<AtomicBool>);
+
+impl Shutdown {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn request(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    pub fn requested(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// Requests shutdown on SIGTERM and SIGINT.
+    pub fn on_signals(&self) -> std::io::Result<()> {
+        for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+            signal_hook::flag::register(signal, self.0.clone())?;
+        }
+        Ok(())
+    }
+}
+
+/// Records per poll round before the loop turns to processing.
+const POLL_BATCH: usize = 5_000;
+
+struct StreamsContext {
+    engine: Arc<Mutex<Engine>>,
+}
+
+impl ClientContext for StreamsContext {}
+
+fn lock(engine: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
+    engine
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl ConsumerContext for StreamsContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(revoked) = rebalance {
+            tracing::info!(
+                partitions = revoked.count(),
+                lost = consumer.assignment_lost(),
+                "partitions revoked"
+            );
+            lock(&self.engine).on_revoke(consumer, revoked, consumer.assignment_lost());
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(assigned) => {
+                tracing::info!(partitions = assigned.count(), "partitions assigned");
+                lock(&self.engine).on_assign(consumer, assigned);
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+            Rebalance::Revoke(_) => {}
+        }
+    }
+}
+
+/// Runs the application until `shutdown` is requested. Returns an error only for problems a
+/// restart cannot fix (configuration, topics); fenced or fatal Kafka errors rebuild the clients
+/// and rejoin.
+pub fn run(
+    config: RuntimeConfig,
+    supplier: ProcessorSupplier,
+    shutdown: Shutdown,
+) -> Result<(), RuntimeError> {
+    config.validate()?;
+    let partitions = prepare_topics(&config)?;
+    tracing::info!(
+        application_id = %config.application_id, instance_id = %config.instance_id, tasks = partitions,
+        guarantee = ?config.guarantee, "starting"
+    );
+    let config = Arc::new(config);
+    let resources = RocksResources::default();
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match run_generation(&config, &supplier, &resources, &shutdown) {
+            Ok(()) => return Ok(()),
+            Err(e @ (RuntimeError::Config(_) | RuntimeError::Topics(_))) => return Err(e),
+            Err(e) => {
+                tracing::error!(error = %e, "stream thread failed; rebuilding producer and consumer and rejoining");
+                if shutdown.requested() {
+                    return Ok(());
+                }
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// One life of the consumer and producer: from joining the group to shutdown or a fatal error.
+fn run_generation(
+    config: &Arc<RuntimeConfig>,
+    supplier: &ProcessorSupplier,
+    resources: &RocksResources,
+    shutdown: &Shutdown,
+) -> Result<(), RuntimeError> {
+    let engine = Arc::new(Mutex::new(Engine::new(
+        config.clone(),
+        supplier.clone(),
+        resources.clone(),
+    )?));
+    let consumer = build_consumer(config, engine.clone())?;
+    let topics: Vec<&str> = config.input_topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&topics)
+        .map_err(RuntimeError::kafka("subscribe"))?;
+
+    let result = poll_loop(config, &consumer, &engine, shutdown);
+    match &result {
+        Ok(()) => {
+            // Graceful: the last cycle commits, then closing the consumer leaves the group
+            // (its revoke callback finds nothing left to commit).
+            let mut guard = lock(&engine);
+            if let Err(e) = guard.commit(&consumer) {
+                tracing::warn!(error = %e, "final commit failed; the cycle is aborted");
+                let _ = guard.abort(&consumer);
+            }
+            guard.close_all();
+        }
+        Err(_) => {
+            let mut guard = lock(&engine);
+            guard.broken = true;
+            guard.close_all();
+        }
+    }
+    drop(consumer);
+    result
+}
+
+fn build_consumer(
+    config: &RuntimeConfig,
+    engine: Arc<Mutex<Engine>>,
+) -> Result<BaseConsumer<StreamsContext>, RuntimeError> {
+    let mut client = ClientConfig::new();
+    for (key, value) in &config.kafka {
+        client.set(key, value);
+    }
+    client
+        .set("bootstrap.servers", &config.bootstrap)
+        .set("group.id", &config.application_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", "read_committed")
+        .set("auto.offset.reset", "earliest")
+        .set("group.protocol", &config.group_protocol);
+    if config.group_protocol == "consumer" {
+        // The server-side range assignor keeps partition N of every input on one member.
+        client.set("group.remote.assignor", "range");
+    } else {
+        client.set("partition.assignment.strategy", "range");
+    }
+    client
+        .create_with_context(StreamsContext { engine })
+        .map_err(RuntimeError::kafka("create consumer"))
+}
+
+fn poll_loop(
+    config: &RuntimeConfig,
+    consumer: &BaseConsumer<StreamsContext>,
+    engine: &Mutex<Engine>,
+    shutdown: &Shutdown,
+) -> Result<(), RuntimeError> {
+    let mut batch: Vec<InputRecord> = Vec::with_capacity(POLL_BATCH);
+    let mut consecutive_aborts = 0u32;
+    while !shutdown.requested() {
+        // Poll without holding the engine: rebalance callbacks run in here and take it.
+        let wait = {
+            let guard = lock(engine);
+            if guard.tasks.values().any(|t| t.buffered() > 0) {
+                Duration::ZERO
+            } else {
+                config.commit_interval.min(Duration::from_millis(50))
+            }
+        };
+        poll_into(consumer, &mut batch, wait);
+
+        let mut guard = lock(engine);
+        if let Some(failure) = guard.failure.take() {
+            if failure.class() == ErrorClass::Fatal {
+                return Err(failure);
+            }
+            tracing::warn!(error = %failure, "cycle aborted during rebalance");
+        }
+        for record in batch.drain(..) {
+            match guard.tasks.get_mut(&record.partition) {
+                Some(task) => task.enqueue(record),
+                // A record of a partition whose task is not running: it is refetched from the
+                // committed offset when the task starts (start_ready_tasks seeks there).
+                None => {
+                    tracing::debug!(topic = %record.topic, partition = record.partition, "record for a task not running")
+                }
+            }
+        }
+        let step = guard
+            .start_ready_tasks(consumer)
+            .and_then(|_| guard.process_buffered(1_000))
+            .and_then(|_| {
+                if guard.commit_due() {
+                    guard.commit(consumer)
+                } else {
+                    Ok(())
+                }
+            });
+        match step {
+            Ok(()) => consecutive_aborts = 0,
+            Err(e) => match e.class() {
+                ErrorClass::Fatal => return Err(e),
+                ErrorClass::Retriable | ErrorClass::Abortable => {
+                    consecutive_aborts += 1;
+                    tracing::warn!(error = %e, "aborting the commit cycle and rewinding inputs");
+                    if let Err(abort_error) = guard.abort(consumer) {
+                        if abort_error.class() == ErrorClass::Fatal {
+                            return Err(abort_error);
+                        }
+                        tracing::warn!(error = %abort_error, "abort failed");
+                    }
+                    drop(guard);
+                    // Back off on repeated failures (a dependency down, a broker restarting).
+                    // No polling meanwhile: the inputs were just rewound and must not move.
+                    let pause = Duration::from_millis(100 * u64::from(consecutive_aborts.min(50)));
+                    let until = Instant::now() + pause;
+                    while Instant::now() < until && !shutdown.requested() {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            },
+        }
+    }
+    Ok(())
+}
+
+/// Polls up to [`POLL_BATCH`] records: waits up to `wait` for the first, then takes what is ready.
+fn poll_into(
+    consumer: &BaseConsumer<StreamsContext>,
+    batch: &mut Vec<InputRecord>,
+    wait: Duration,
+) {
+    let mut timeout = wait;
+    while batch.len() < POLL_BATCH {
+        match consumer.poll(timeout) {
+            Some(Ok(message)) => {
+                batch.push(InputRecord {
+                    topic: message.topic().to_string(),
+                    partition: message.partition(),
+                    offset: message.offset(),
+                    timestamp_ms: message.timestamp().to_millis().unwrap_or(0),
+                    key: message.key().map(<[u8]>::to_vec),
+                    value: message.payload().map(<[u8]>::to_vec),
+                    headers: message
+                        .headers()
+                        .map(|headers| {
+                            headers
+                                .iter()
+                                .map(|h| {
+                                    (
+                                        h.key.to_string(),
+                                        h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                                    )
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                });
+                timeout = Duration::ZERO;
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "consumer error");
+                return;
+            }
+            // Nothing ready, or a rebalance was just served.
+            None => return,
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! A task: the unit of parallelism, one partition number across all input topics. It owns the
+//! processor instance, the stores' backend and this cycle's pending writes, and a queue per input
+//! partition from which records are taken in timestamp order.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant, SystemTime};
+
+use super::processor::{
+    InputRecord, OutputRecord, Processor, ProcessorContext, ProcessorError, TaskStores,
+};
+use crate::state::{CommitBatch, PendingWrites, StateError, StoreBackend};
+
+pub struct Task {
+    pub partition: i32,
+    processor: Box<dyn Processor>,
+    backend: Box<dyn StoreBackend>,
+    /// This cycle's writes per store; empty maps for stores untouched.
+    pending: BTreeMap<String, PendingWrites>,
+    /// Fetched but not yet processed records, per input topic.
+    queues: BTreeMap<String, VecDeque<InputRecord>>,
+    /// Offset of the last record processed in this cycle, per input topic.
+    processed: BTreeMap<String, i64>,
+    /// Wall-clock punctuation asked for by the processor, and when it is next due.
+    punctuation: Option<Duration>,
+    next_punctuation: Option<Instant>,
+    /// Since when the task has held records while some input queue is empty.
+    idle_since: Option<Instant>,
+}
+
+impl Task {
+    /// Builds the task and calls the processor's `init`. `backend` must already be restored.
+    pub fn start(
+        partition: i32,
+        input_topics: &[String],
+        stores: &[String],
+        backend: Box<dyn StoreBackend>,
+        mut processor: Box<dyn Processor>,
+        outputs: &mut Vec<OutputRecord>,
+    ) -> Result<Self, ProcessorError> {
+        let mut pending: BTreeMap<String, PendingWrites> = stores
+            .iter()
+            .map(|s| (s.clone(), PendingWrites::default()))
+            .collect();
+        let mut punctuation = None;
+        {
+            let mut ctx = ProcessorContext {
+                partition,
+                stores: TaskStores {
+                    backend: backend.as_ref(),
+                    pending: &mut pending,
+                },
+                outputs,
+                punctuation: &mut punctuation,
+            };
+            processor.init(&mut ctx)?;
+        }
+        Ok(Self {
+            partition,
+            processor,
+            backend,
+            pending,
+            queues: input_topics
+                .iter()
+                .map(|t| (t.clone(), VecDeque::new()))
+                .collect(),
+            processed: BTreeMap::new(),
+            next_punctuation: punctuation.map(|p| Instant::now() + p),
+            punctuation,
+            idle_since: None,
+        })
+    }
+
+    pub fn enqueue(&mut self, record: InputRecord) {
+        if let Some(queue) = self.queues.get_mut(&record.topic) {
+            queue.push_back(record);
+        }
+    }
+
+    pub fn buffered(&self) -> usize {
+        self.queues.values().map(VecDeque::len).sum()
+    }
+
+    /// Takes the next record in timestamp order (ties: the topic listed first). When some input
+    /// queue is empty, waits up to `max_idle` for it to fill before going on without it.
+    pub fn next_record(&mut self, now: Instant, max_idle: Duration) -> Option<InputRecord> {
+        let any_empty = self.queues.values().any(VecDeque::is_empty);
+        if self.buffered() == 0 {
+            self.idle_since = None;
+            return None;
+        }
+        if any_empty && !max_idle.is_zero() {
+            let since = *self.idle_since.get_or_insert(now);
+            if now.duration_since(since) < max_idle {
+                return None;
+            }
+        }
+        self.idle_since = None;
+        let topic = self
+            .queues
+            .iter()
+            .filter_map(|(topic, queue)| queue.front().map(|r| (r.timestamp_ms, topic)))
+            .min_by_key(|(ts, _)| *ts)
+            .map(|(_, topic)| topic.clone())?;
+        self.queues.get_mut(&topic).and_then(VecDeque::pop_front)
+    }
+
+    /// Runs the processor on one record; the record counts as processed for the offset commit.
+    pub fn process(
+        &mut self,
+        record: &InputRecord,
+        outputs: &mut Vec<OutputRecord>,
+    ) -> Result<(), ProcessorError> {
+        let mut ctx = ProcessorContext {
+            partition: self.partition,
+            stores: TaskStores {
+                backend: self.backend.as_ref(),
+                pending: &mut self.pending,
+            },
+            outputs,
+            punctuation: &mut self.punctuation,
+        };
+        self.processor.process(&mut ctx, record)?;
+        self.processed.insert(record.topic.clone(), record.offset);
+        Ok(())
+    }
+
+    /// Fires the punctuation when due.
+    pub fn maybe_punctuate(
+        &mut self,
+        now: Instant,
+        outputs: &mut Vec<OutputRecord>,
+    ) -> Result<bool, ProcessorError> {
+        let (Some(interval), Some(due)) = (self.punctuation, self.next_punctuation) else {
+            return Ok(false);
+        };
+        if now < due {
+            return Ok(false);
+        }
+        let mut ctx = ProcessorContext {
+            partition: self.partition,
+            stores: TaskStores {
+                backend: self.backend.as_ref(),
+                pending: &mut self.pending,
+            },
+            outputs,
+            punctuation: &mut self.punctuation,
+        };
+        self.processor.punctuate(&mut ctx, SystemTime::now())?;
+        let interval = self.punctuation.unwrap_or(interval);
+        self.next_punctuation = Some(now + interval);
+        Ok(true)
+    }
+
+    /// Input offsets to commit (last processed + 1), per topic, for this cycle.
+    pub fn offsets_to_commit(&self) -> impl Iterator<Item = (&String, i64)> {
+        self.processed
+            .iter()
+            .map(|(topic, offset)| (topic, offset + 1))
+    }
+
+    /// This cycle's changed keys, per store (last value per key).
+    pub fn pending_changes(&self) -> impl Iterator<Item = (&String, &PendingWrites)> {
+        self.pending.iter().filter(|(_, p)| !p.is_empty())
+    }
+
+    pub fn has_work_in_cycle(&self) -> bool {
+        !self.processed.is_empty() || self.pending.values().any(|p| !p.is_empty())
+    }
+
+    /// After the transaction committed: writes the overlays and checkpoints to the backend.
+    pub fn apply_committed(
+        &mut self,
+        checkpoints: BTreeMap<String, i64>,
+    ) -> Result<(), StateError> {
+        let mut batch = CommitBatch {
+            checkpoints,
+            ..Default::default()
+        };
+        for (store, pending) in self.pending.iter_mut() {
+            if !pending.is_empty() {
+                batch.changes.insert(store.clone(), pending.take());
+            }
+        }
+        self.processed.clear();
+        if batch.changes.is_empty() && batch.checkpoints.is_empty() {
+            return Ok(());
+        }
+        self.backend.apply(batch)
+    }
+
+    /// After an abort: forgets this cycle's writes and every buffered record (inputs are
+    /// rewound to the committed offsets and fetched again).
+    pub fn discard_cycle(&mut self) {
+        for pending in self.pending.values_mut() {
+            pending.clear();
+        }
+        for queue in self.queues.values_mut() {
+            queue.clear();
+        }
+        self.processed.clear();
+        self.idle_since = None;
+    }
+
+    pub fn close(mut self) {
+        self.processor.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::memory::MemoryBackend;
+
+    struct Recorder;
+    impl Processor for Recorder {
+        fn process(
+            &mut self,
+            ctx: &mut ProcessorContext<'_>,
+            record: &InputRecord,
+        ) -> Result<(), ProcessorError> {
+            let mut store = ctx.store("seen")?;
+            store.put(
+                record.key.as_deref().unwrap_or_default(),
+                record.topic.as_bytes(),
+            );
+            Ok(())
+        }
+    }
+
+    fn record(topic: &str, offset: i64, ts: i64) -> InputRecord {
+        InputRecord {
+            topic: topic.into(),
+            partition: 0,
+            offset,
+            timestamp_ms: ts,
+            key: Some(format!("{topic}-{offset}").into_bytes()),
+            value: None,
+            headers: vec![],
+        }
+    }
+
+    fn task() -> Task {
+        Task::start(
+            0,
+            &["a".into(), "b".into()],
+            &["seen".into()],
+            Box::new(MemoryBackend::new()),
+            Box::new(Recorder),
+            &mut Vec::new(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn records_come_out_in_timestamp_order_across_inputs() {
+        let mut t = task();
+        t.enqueue(record("a", 0, 10));
+        t.enqueue(record("a", 1, 30));
+        t.enqueue(record("b", 0, 20));
+        let now = Instant::now();
+        let order: Vec<_> = std::iter::from_fn(|| t.next_record(now, Duration::ZERO))
+            .map(|r| (r.topic, r.offset))
+            .collect();
+        assert_eq!(
+            order,
+            vec![("a".into(), 0), ("b".into(), 0), ("a".into(), 1)]
+        );
+    }
+
+    #[test]
+    fn an_empty_input_delays_the_task_at_most_max_idle() {
+        let mut t = task();
+        t.enqueue(record("a", 0, 10));
+        let start = Instant::now();
+        let idle = Duration::from_millis(50);
+        assert!(t.next_record(start, idle).is_none());
+        assert!(t
+            .next_record(start + Duration::from_millis(10), idle)
+            .is_none());
+        assert!(t.next_record(start + idle, idle).is_some());
+    }
+
+    #[test]
+    fn commit_applies_writes_and_offsets_abort_discards_them() {
+        let mut t = task();
+        let mut out = Vec::new();
+        let r = record("a", 41, 1);
+        t.process(&r, &mut out).unwrap();
+        assert_eq!(
+            t.offsets_to_commit().collect::<Vec<_>>(),
+            vec![(&"a".to_string(), 42)]
+        );
+        t.discard_cycle();
+        assert!(!t.has_work_in_cycle());
+
+        t.process(&r, &mut out).unwrap();
+        t.apply_committed(BTreeMap::from([("seen".to_string(), 5)]))
+            .unwrap();
+        assert_eq!(t.backend.get("seen", b"a-41").unwrap(), Some(b"a".to_vec()));
+        assert_eq!(t.backend.checkpoint("seen").unwrap(), Some(5));
+        assert!(!t.has_work_in_cycle());
+    }
+}

@@ -1,0 +1,399 @@
+//! The streams runtime against the real broker, through the `counter` example run as a child
+//! process: exactly-once across SIGKILLs, restoration from the checkpoint, injected aborts.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use common::{
+    create_topic, kafka_bootstrap, produce_all, producer, unique, CounterArgs, CounterProcess,
+    TopicReader,
+};
+
+const PARTITIONS: i32 = 3;
+
+struct Setup {
+    args: CounterArgs,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup(name: &str, extra: &[&str]) -> Setup {
+    let bootstrap = kafka_bootstrap();
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = vec![
+        unique(&format!("{name}-in-a")),
+        unique(&format!("{name}-in-b")),
+    ];
+    let output = unique(&format!("{name}-out"));
+    for topic in inputs.iter().chain([&output]) {
+        create_topic(&bootstrap, topic, PARTITIONS).await;
+    }
+    Setup {
+        args: CounterArgs {
+            bootstrap,
+            application_id: unique(name),
+            instance_id: "i1".to_string(),
+            state_dir: dir.path().join("state"),
+            inputs,
+            output,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        },
+        _dir: dir,
+    }
+}
+
+/// Inputs: `n` records spread over both input topics and `keys` keys; values are unique.
+fn inputs(
+    args: &CounterArgs,
+    range: std::ops::Range<usize>,
+    keys: usize,
+) -> Vec<(String, String, String)> {
+    range
+        .map(|i| {
+            let topic = args.inputs[i % 2].clone();
+            (topic, format!("k{}", i % keys), format!("v{i}"))
+        })
+        .collect()
+}
+
+/// Reads the output read_committed until `expected` records arrived (or the deadline), then a
+/// little more to catch duplicates.
+fn read_outputs(
+    args: &CounterArgs,
+    expected: usize,
+    limit: Duration,
+) -> Vec<(String, i32, String, String)> {
+    let reader = TopicReader::new(&args.bootstrap, &[&args.output], "read_committed");
+    let mut records = Vec::new();
+    let deadline = Instant::now() + limit;
+    while records.len() < expected && Instant::now() < deadline {
+        reader.drain(&mut records, Duration::from_millis(500));
+    }
+    reader.drain(&mut records, Duration::from_secs(2));
+    records
+}
+
+/// Checks that each input value was counted exactly once and that, per key, the counts are
+/// exactly 1..=n in partition order. Returns the count per key.
+fn check_exactly_once(
+    outputs: &[(String, i32, String, String)],
+    sent: &[(String, String, String)],
+) -> BTreeMap<String, u64> {
+    let mut seen_values = BTreeMap::new();
+    let mut counts_per_key: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for (_, _, key, value) in outputs {
+        let (input_value, count) = value.rsplit_once(':').expect("value:count");
+        *seen_values.entry(input_value.to_string()).or_insert(0) += 1;
+        counts_per_key
+            .entry(key.clone())
+            .or_default()
+            .push(count.parse().expect("count"));
+    }
+    let duplicates: Vec<_> = seen_values.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        duplicates.is_empty(),
+        "inputs counted more than once: {duplicates:?}"
+    );
+    let expected: BTreeSet<String> = sent.iter().map(|(_, _, v)| v.clone()).collect();
+    let got: BTreeSet<String> = seen_values.keys().cloned().collect();
+    let missing: Vec<_> = expected.difference(&got).take(10).collect();
+    assert!(
+        missing.is_empty(),
+        "inputs never counted (first 10): {missing:?}"
+    );
+    let mut finals = BTreeMap::new();
+    for (key, counts) in counts_per_key {
+        let expected: Vec<u64> = (1..=counts.len() as u64).collect();
+        assert_eq!(counts, expected, "counts of {key} are not 1..=n in order");
+        finals.insert(key, *expected.last().unwrap());
+    }
+    finals
+}
+
+/// The last committed value per key of the counts changelog: the state Kafka holds.
+fn changelog_state(args: &CounterArgs) -> BTreeMap<String, u64> {
+    let topic = format!("{}-counts-changelog", args.application_id);
+    let reader = TopicReader::new(&args.bootstrap, &[&topic], "read_committed");
+    let mut records = Vec::new();
+    reader.drain(&mut records, Duration::from_secs(3));
+    records
+        .into_iter()
+        .map(|(_, _, k, v)| (k, v.parse().unwrap()))
+        .collect()
+}
+
+fn restored_records(process: &CounterProcess, store: &str) -> Vec<(Option<i64>, u64)> {
+    process
+        .log_lines()
+        .iter()
+        .filter(|l| l["message"] == "restore finished" && l["store"] == store)
+        .map(|l| {
+            let from = l["from_checkpoint"].as_str().and_then(|s| {
+                s.strip_prefix("Some(")
+                    .and_then(|s| s.strip_suffix(')'))
+                    .and_then(|s| s.parse().ok())
+            });
+            (from, l["records"].as_u64().unwrap_or(0))
+        })
+        .collect()
+}
+
+fn wait_running(process: &CounterProcess, tasks: usize, limit: Duration) {
+    let ok = common::poll_until(limit, || {
+        process
+            .log_lines()
+            .iter()
+            .filter(|l| l["message"] == "task running")
+            .count()
+            >= tasks
+    });
+    assert!(
+        ok,
+        "instance did not start {tasks} tasks; log:\n{}",
+        process.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_input_is_counted_exactly_once_across_sigkills() {
+    let setup = setup("crash", &[]).await;
+    let args = setup.args.clone();
+    let total = 6_000;
+    let sent = inputs(&args, 0..total, 40);
+
+    let feeder = {
+        let sent = sent.clone();
+        let bootstrap = args.bootstrap.clone();
+        std::thread::spawn(move || {
+            let producer = producer(&bootstrap);
+            for chunk in sent.chunks(100) {
+                produce_all(&producer, chunk);
+                std::thread::sleep(Duration::from_millis(60));
+            }
+        })
+    };
+
+    let mut rng_state = 0x2545F4914F6CDD1Du64;
+    let mut next_random = move |bound: u64| {
+        rng_state ^= rng_state << 13;
+        rng_state ^= rng_state >> 7;
+        rng_state ^= rng_state << 17;
+        rng_state % bound
+    };
+    for round in 0..10 {
+        let mut process = CounterProcess::spawn(&args, &format!("run-{round}"));
+        std::thread::sleep(Duration::from_millis(1_500 + next_random(2_000)));
+        process.sigkill();
+    }
+    feeder.join().unwrap();
+    let process = CounterProcess::spawn(&args, "final");
+    let outputs = read_outputs(&args, total, Duration::from_secs(120));
+    let finals = check_exactly_once(&outputs, &sent);
+    assert_eq!(finals.values().sum::<u64>(), total as u64);
+    // The state Kafka holds for the store agrees with what the outputs say.
+    let committed =
+        common::poll_until(Duration::from_secs(30), || changelog_state(&args) == finals);
+    assert!(
+        committed,
+        "changelog state differs from the counted outputs"
+    );
+    drop(process);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_after_sigkill_replays_only_the_changelog_tail() {
+    let setup = setup("tail", &[]).await;
+    let args = setup.args.clone();
+    let keys = 3_000;
+    let sent = inputs(&args, 0..keys, keys);
+    let mut process = CounterProcess::spawn(&args, "first");
+    produce_all(&producer(&args.bootstrap), &sent);
+    let outputs = read_outputs(&args, keys, Duration::from_secs(120));
+    check_exactly_once(&outputs, &sent);
+    // Let one more cycle commit state after the outputs, then crash.
+    std::thread::sleep(Duration::from_millis(500));
+    process.sigkill();
+
+    let restarted = CounterProcess::spawn(&args, "second");
+    wait_running(&restarted, PARTITIONS as usize, Duration::from_secs(120));
+    let restores = restored_records(&restarted, "counts");
+    assert_eq!(
+        restores.len(),
+        PARTITIONS as usize,
+        "one restore per task: {restores:?}"
+    );
+    let replayed: u64 = restores.iter().map(|(_, n)| n).sum();
+    assert!(
+        restores.iter().all(|(from, _)| from.is_some()),
+        "every task restarts from a checkpoint: {restores:?}"
+    );
+    assert!(
+        replayed < keys as u64 / 10,
+        "replayed {replayed} of {keys} records: not a tail"
+    );
+    drop(restarted);
+
+    // Without local state, everything is restored, and the counts go on from the same state.
+    std::fs::remove_dir_all(args.state_dir.join(&args.application_id)).unwrap();
+    let rebuilt = CounterProcess::spawn(&args, "third");
+    wait_running(&rebuilt, PARTITIONS as usize, Duration::from_secs(120));
+    let restores = restored_records(&rebuilt, "counts");
+    assert!(
+        restores.iter().all(|(from, _)| from.is_none()),
+        "full restore: {restores:?}"
+    );
+    let replayed: u64 = restores.iter().map(|(_, n)| n).sum();
+    assert!(
+        replayed >= keys as u64,
+        "full restore replayed only {replayed} records"
+    );
+    let more = inputs(&args, keys..keys + 300, keys);
+    produce_all(&producer(&args.bootstrap), &more);
+    let outputs = read_outputs(&args, keys + 300, Duration::from_secs(120));
+    let all: Vec<_> = sent.iter().chain(&more).cloned().collect();
+    let finals = check_exactly_once(&outputs, &all);
+    assert_eq!(finals.values().sum::<u64>(), (keys + 300) as u64);
+    drop(rebuilt);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_injected_abort_leaves_neither_outputs_nor_state_behind() {
+    let setup = setup("abort", &[]).await;
+    let args = setup.args.clone();
+    let process = CounterProcess::spawn(&args, "abort");
+    // The poison record sits in the middle of a stream on one key, so the aborted cycle had
+    // produced outputs and state writes before it failed.
+    let mut sent: Vec<(String, String, String)> = (0..200)
+        .map(|i| (args.inputs[0].clone(), "hot".to_string(), format!("v{i}")))
+        .collect();
+    sent.insert(
+        100,
+        (
+            args.inputs[0].clone(),
+            "hot".to_string(),
+            "fail-once:x".to_string(),
+        ),
+    );
+    produce_all(&producer(&args.bootstrap), &sent);
+
+    let outputs = read_outputs(&args, sent.len(), Duration::from_secs(120));
+    let finals = check_exactly_once(&outputs, &sent);
+    assert_eq!(finals["hot"], sent.len() as u64);
+    let failures = process
+        .log_lines()
+        .iter()
+        .filter(|l| l["message"] == "aborting the commit cycle and rewinding inputs")
+        .count();
+    assert!(
+        failures >= 1,
+        "no abort happened; log:\n{}",
+        process.log_text()
+    );
+    // Had the aborted cycle's state writes leaked, the counts after the retry would skip numbers
+    // (check_exactly_once demands 1..=n in order) and the changelog would run ahead.
+    assert_eq!(changelog_state(&args)["hot"], sent.len() as u64);
+    drop(process);
+}
+
+fn instance(args: &CounterArgs, instance_id: &str) -> CounterArgs {
+    let mut other = args.clone();
+    other.instance_id = instance_id.to_string();
+    other.state_dir = args
+        .state_dir
+        .with_file_name(format!("state-{instance_id}"));
+    other
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn instances_joining_and_leaving_under_load_lose_and_duplicate_nothing() {
+    let setup = setup("rebalance", &[]).await;
+    let args = setup.args.clone();
+    let total = 6_000;
+    let sent = inputs(&args, 0..total, 30);
+    let feeder = {
+        let sent = sent.clone();
+        let bootstrap = args.bootstrap.clone();
+        std::thread::spawn(move || {
+            let producer = producer(&bootstrap);
+            for chunk in sent.chunks(100) {
+                produce_all(&producer, chunk);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let (a, b, c) = (
+        instance(&args, "a"),
+        instance(&args, "b"),
+        instance(&args, "c"),
+    );
+    let mut first = CounterProcess::spawn(&a, "a");
+    let second = CounterProcess::spawn(&b, "b");
+    std::thread::sleep(Duration::from_secs(2));
+    let third = CounterProcess::spawn(&c, "c");
+    std::thread::sleep(Duration::from_secs(2));
+    let status = first
+        .sigterm(Duration::from_secs(30))
+        .expect("instance a stops within 30 s of SIGTERM");
+    assert!(
+        status.success(),
+        "instance a exited with {status}; log:\n{}",
+        first.log_text()
+    );
+    feeder.join().unwrap();
+
+    let outputs = read_outputs(&args, total, Duration::from_secs(120));
+    let finals = check_exactly_once(&outputs, &sent);
+    assert_eq!(finals.values().sum::<u64>(), total as u64);
+    // Tasks really moved: the instances that stayed ran more tasks than they first got.
+    let started = |p: &CounterProcess| {
+        p.log_lines()
+            .iter()
+            .filter(|l| l["message"] == "task running")
+            .count()
+    };
+    assert!(
+        started(&second) + started(&third) > PARTITIONS as usize,
+        "no task moved to the remaining instances"
+    );
+    drop((second, third));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_zombie_with_the_same_instance_id_is_fenced_and_adds_nothing() {
+    let setup = setup("zombie", &[]).await;
+    let args = setup.args.clone();
+    let total = 3_000;
+    let sent = inputs(&args, 0..total, 20);
+    let feeder = {
+        let sent = sent.clone();
+        let bootstrap = args.bootstrap.clone();
+        std::thread::spawn(move || {
+            let producer = producer(&bootstrap);
+            for chunk in sent.chunks(100) {
+                produce_all(&producer, chunk);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let old = instance(&args, "same");
+    let mut new = instance(&args, "same");
+    new.state_dir = args.state_dir.with_file_name("state-same-new");
+    let mut zombie = CounterProcess::spawn(&old, "zombie");
+    std::thread::sleep(Duration::from_secs(3));
+    let successor = CounterProcess::spawn(&new, "successor");
+    let fenced = common::poll_until(Duration::from_secs(120), || {
+        zombie.log_text().contains("fenced")
+    });
+    assert!(
+        fenced,
+        "the older instance was never fenced; log:\n{}",
+        zombie.log_text()
+    );
+    zombie.sigkill();
+    feeder.join().unwrap();
+    let outputs = read_outputs(&args, total, Duration::from_secs(120));
+    let finals = check_exactly_once(&outputs, &sent);
+    assert_eq!(finals.values().sum::<u64>(), total as u64);
+    drop(successor);
+}

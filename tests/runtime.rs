@@ -57,6 +57,24 @@ fn inputs(
         .collect()
 }
 
+/// Produces `sent` in chunks of 100 with a pause between them, on a thread of its own, so that
+/// input keeps flowing while the test kills, starts and stops instances.
+fn feed_slowly(
+    args: &CounterArgs,
+    sent: &[(String, String, String)],
+    pause: Duration,
+) -> std::thread::JoinHandle<()> {
+    let sent = sent.to_vec();
+    let bootstrap = args.bootstrap.clone();
+    std::thread::spawn(move || {
+        let producer = producer(&bootstrap);
+        for chunk in sent.chunks(100) {
+            produce_all(&producer, chunk);
+            std::thread::sleep(pause);
+        }
+    })
+}
+
 /// Reads the output read_committed until `expected` records arrived (or the deadline), then a
 /// little more to catch duplicates.
 fn read_outputs(
@@ -162,17 +180,7 @@ async fn every_input_is_counted_exactly_once_across_sigkills() {
     let total = 6_000;
     let sent = inputs(&args, 0..total, 40);
 
-    let feeder = {
-        let sent = sent.clone();
-        let bootstrap = args.bootstrap.clone();
-        std::thread::spawn(move || {
-            let producer = producer(&bootstrap);
-            for chunk in sent.chunks(100) {
-                produce_all(&producer, chunk);
-                std::thread::sleep(Duration::from_millis(60));
-            }
-        })
-    };
+    let feeder = feed_slowly(&args, &sent, Duration::from_millis(60));
 
     let mut rng_state = 0x2545F4914F6CDD1Du64;
     let mut next_random = move |bound: u64| {
@@ -311,17 +319,7 @@ async fn instances_joining_and_leaving_under_load_lose_and_duplicate_nothing() {
     let args = setup.args.clone();
     let total = 6_000;
     let sent = inputs(&args, 0..total, 30);
-    let feeder = {
-        let sent = sent.clone();
-        let bootstrap = args.bootstrap.clone();
-        std::thread::spawn(move || {
-            let producer = producer(&bootstrap);
-            for chunk in sent.chunks(100) {
-                produce_all(&producer, chunk);
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        })
-    };
+    let feeder = feed_slowly(&args, &sent, Duration::from_millis(100));
     let (a, b, c) = (
         instance(&args, "a"),
         instance(&args, "b"),
@@ -365,17 +363,7 @@ async fn a_zombie_with_the_same_instance_id_is_fenced_and_adds_nothing() {
     let args = setup.args.clone();
     let total = 3_000;
     let sent = inputs(&args, 0..total, 20);
-    let feeder = {
-        let sent = sent.clone();
-        let bootstrap = args.bootstrap.clone();
-        std::thread::spawn(move || {
-            let producer = producer(&bootstrap);
-            for chunk in sent.chunks(100) {
-                produce_all(&producer, chunk);
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        })
-    };
+    let feeder = feed_slowly(&args, &sent, Duration::from_millis(100));
     let old = instance(&args, "same");
     let mut new = instance(&args, "same");
     new.state_dir = args.state_dir.with_file_name("state-same-new");

@@ -19,7 +19,7 @@ use rdkafka::{ClientContext, Message};
 use super::config::{Guarantee, RuntimeConfig};
 use super::error::{ErrorClass, RuntimeError};
 use super::processor::{OutputRecord, ProcessorSupplier};
-use super::restore::{RestoreOutcome, Restorer};
+use super::restore::Restorer;
 use super::task::Task;
 use crate::state::rocks::{RocksBackend, RocksResources};
 
@@ -84,8 +84,6 @@ pub struct Engine {
     pub failure: Option<RuntimeError>,
     /// Set once the producer is fenced or fatally broken: no more commits from this engine.
     pub broken: bool,
-    /// Restorations done by this engine (for logs and tests).
-    pub restorations: Vec<(i32, RestoreOutcome)>,
 }
 
 impl Engine {
@@ -139,7 +137,6 @@ impl Engine {
             outputs: Vec::new(),
             failure: None,
             broken: false,
-            restorations: Vec::new(),
         })
     }
 
@@ -289,11 +286,12 @@ impl Engine {
                     .unwrap_or_else(|p| p.into_inner()),
             );
             if !failures.is_empty() {
+                // The offsets stay uncommitted: the cycle is aborted and its inputs processed again.
+                tracing::warn!(?failures, "deliveries failed");
                 return Err(RuntimeError::Kafka {
                     operation: "deliver",
                     source: KafkaError::MessageProduction(RDKafkaErrorCode::Fail),
-                })
-                .inspect_err(|_| tracing::warn!(?failures, "deliveries failed"));
+                });
             }
             if offsets.count() > 0 {
                 consumer
@@ -328,21 +326,7 @@ impl Engine {
         &mut self,
         consumer: &BaseConsumer<C>,
     ) -> Result<(), RuntimeError> {
-        self.outputs.clear();
-        for task in self.tasks.values_mut() {
-            task.discard_cycle();
-        }
-        self.records_in_cycle = 0;
-        self.cycle_started = Instant::now();
-        if let Ok(mut map) = self.deliveries.changelog.lock() {
-            map.clear();
-        }
-        if self.exactly_once() && self.in_transaction {
-            self.producer
-                .abort_transaction(Timeout::Never)
-                .map_err(RuntimeError::kafka("abort transaction"))?;
-            self.in_transaction = false;
-        }
+        self.abort_without_rewind()?;
         self.rewind(consumer)
     }
 
@@ -374,11 +358,9 @@ impl Engine {
         for partition in ready {
             let path = self.config.task_dir(partition);
             let mut backend = RocksBackend::open(&path, &self.config.stores, &self.resources)?;
-            let outcomes = self
-                .restorer
+            // Each store's restoration logs what it replayed ("restore finished").
+            self.restorer
                 .restore_task(&self.config, partition, &mut backend)?;
-            self.restorations
-                .extend(outcomes.into_iter().map(|o| (partition, o)));
             let processor = (self.supplier)(partition);
             let task = Task::start(
                 partition,
@@ -454,17 +436,23 @@ impl Engine {
         self.close_tasks(&partitions);
     }
 
+    /// Drops the open cycle (outputs, overlays, buffered records, delivery bookkeeping) and aborts
+    /// its transaction; the inputs are left where they are.
     fn abort_without_rewind(&mut self) -> Result<(), RuntimeError> {
         self.outputs.clear();
         for task in self.tasks.values_mut() {
             task.discard_cycle();
         }
         self.records_in_cycle = 0;
+        self.cycle_started = Instant::now();
+        if let Ok(mut map) = self.deliveries.changelog.lock() {
+            map.clear();
+        }
         if self.exactly_once() && self.in_transaction && !self.broken {
-            self.in_transaction = false;
             self.producer
                 .abort_transaction(Timeout::Never)
                 .map_err(RuntimeError::kafka("abort transaction"))?;
+            self.in_transaction = false;
         }
         Ok(())
     }

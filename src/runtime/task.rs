@@ -104,12 +104,12 @@ impl Task {
         self.queues.get_mut(&topic).and_then(VecDeque::pop_front)
     }
 
-    /// Runs the processor on one record; the record counts as processed for the offset commit.
-    pub fn process(
+    /// Calls the processor with a context over this task's stores and punctuation schedule.
+    fn with_context<R>(
         &mut self,
-        record: &InputRecord,
         outputs: &mut Vec<OutputRecord>,
-    ) -> Result<(), ProcessorError> {
+        call: impl FnOnce(&mut dyn Processor, &mut ProcessorContext<'_>) -> R,
+    ) -> R {
         let mut ctx = ProcessorContext {
             partition: self.partition,
             stores: TaskStores {
@@ -119,8 +119,23 @@ impl Task {
             outputs,
             punctuation: &mut self.punctuation,
         };
-        self.processor.process(&mut ctx, record)?;
-        self.processed.insert(record.topic.clone(), record.offset);
+        call(self.processor.as_mut(), &mut ctx)
+    }
+
+    /// Runs the processor on one record; the record counts as processed for the offset commit.
+    pub fn process(
+        &mut self,
+        record: &InputRecord,
+        outputs: &mut Vec<OutputRecord>,
+    ) -> Result<(), ProcessorError> {
+        self.with_context(outputs, |processor, ctx| processor.process(ctx, record))?;
+        // Updated in place: no allocation per record once the topic has been seen in the cycle.
+        match self.processed.get_mut(&record.topic) {
+            Some(offset) => *offset = record.offset,
+            None => {
+                self.processed.insert(record.topic.clone(), record.offset);
+            }
+        }
         Ok(())
     }
 
@@ -136,16 +151,9 @@ impl Task {
         if now < due {
             return Ok(false);
         }
-        let mut ctx = ProcessorContext {
-            partition: self.partition,
-            stores: TaskStores {
-                backend: self.backend.as_ref(),
-                pending: &mut self.pending,
-            },
-            outputs,
-            punctuation: &mut self.punctuation,
-        };
-        self.processor.punctuate(&mut ctx, SystemTime::now())?;
+        self.with_context(outputs, |processor, ctx| {
+            processor.punctuate(ctx, SystemTime::now())
+        })?;
         let interval = self.punctuation.unwrap_or(interval);
         self.next_punctuation = Some(now + interval);
         Ok(true)

@@ -385,3 +385,90 @@ async fn a_zombie_with_the_same_instance_id_is_fenced_and_adds_nothing() {
     assert_eq!(finals.values().sum::<u64>(), total as u64);
     drop(successor);
 }
+
+/// Waits for a process that should refuse to start; returns its log.
+fn refused(mut process: CounterProcess) -> String {
+    let exited = common::poll_until(Duration::from_secs(60), || {
+        matches!(process.child.try_wait(), Ok(Some(_)))
+    });
+    assert!(
+        exited,
+        "the instance did not refuse to start; log:\n{}",
+        process.log_text()
+    );
+    let status = process.child.wait().unwrap();
+    assert!(!status.success(), "refusing to start must exit non-zero");
+    process.log_text()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn start_up_refuses_topics_that_do_not_fit_and_creates_compacted_changelogs() {
+    let setup = setup("topics", &[]).await;
+    let args = setup.args.clone();
+
+    let mut missing = args.clone();
+    missing.inputs = vec![args.inputs[0].clone(), unique("no-such-topic")];
+    let log = refused(CounterProcess::spawn(&missing, "missing"));
+    assert!(
+        log.contains(&format!(
+            "input topic '{}' does not exist",
+            missing.inputs[1]
+        )),
+        "{log}"
+    );
+
+    let narrow = unique("topics-narrow");
+    create_topic(&args.bootstrap, &narrow, 2).await;
+    let mut uneven = args.clone();
+    uneven.inputs = vec![args.inputs[0].clone(), narrow.clone()];
+    let log = refused(CounterProcess::spawn(&uneven, "uneven"));
+    assert!(log.contains("same partition count"), "{log}");
+    assert!(
+        log.contains(&format!("{narrow}: 2")) && log.contains(&format!("{}: 3", args.inputs[0])),
+        "{log}"
+    );
+
+    let mut wrong_changelog = args.clone();
+    wrong_changelog.application_id = unique("topics-wrong");
+    let counts_changelog = format!("{}-counts-changelog", wrong_changelog.application_id);
+    create_topic(&args.bootstrap, &counts_changelog, 1).await;
+    let log = refused(CounterProcess::spawn(&wrong_changelog, "wrong-changelog"));
+    assert!(
+        log.contains(&format!(
+            "changelog topic '{counts_changelog}' has 1 partitions"
+        )),
+        "{log}"
+    );
+
+    // A fitting topology starts and creates its changelogs: compacted, one partition per task.
+    let process = CounterProcess::spawn(&args, "fits");
+    wait_running(&process, PARTITIONS as usize, Duration::from_secs(120));
+    for store in ["counts", "meta"] {
+        let topic = format!("{}-{store}-changelog", args.application_id);
+        let admin = common::admin(&args.bootstrap);
+        let described = admin
+            .describe_configs(
+                &[rdkafka::admin::ResourceSpecifier::Topic(&topic)],
+                &rdkafka::admin::AdminOptions::new(),
+            )
+            .await
+            .unwrap();
+        let resource = described
+            .into_iter()
+            .next()
+            .unwrap()
+            .expect("changelog exists");
+        let policy = resource.get("cleanup.policy").and_then(|e| e.value.clone());
+        assert_eq!(policy.as_deref(), Some("compact"), "{topic}");
+        let metadata = admin
+            .inner()
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(
+            metadata.topics()[0].partitions().len(),
+            PARTITIONS as usize,
+            "{topic}"
+        );
+    }
+    drop(process);
+}

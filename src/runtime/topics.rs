@@ -95,10 +95,13 @@ pub fn prepare_topics(config: &RuntimeConfig) -> Result<i32, RuntimeError> {
         }
     }
 
+    // Topics created just now are compacted by construction (and the broker may not serve their
+    // configuration yet): only the ones that already existed are checked.
     let changelogs: Vec<String> = config
         .stores
         .iter()
         .map(|s| config.changelog_topic(s))
+        .filter(|t| !missing.contains(t))
         .collect();
     let specifiers: Vec<ResourceSpecifier> = changelogs
         .iter()

@@ -49,6 +49,38 @@ struct Args {
     guarantee: Guarantee,
     #[arg(long, default_value = "consumer")]
     group_protocol: String,
+    /// `count` (the keyed counter) or `passthrough` (forward each record unchanged, no state):
+    /// the stateless transactional ceiling the benchmark compares against.
+    #[arg(long, value_enum, default_value = "count")]
+    mode: Mode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Mode {
+    Count,
+    Passthrough,
+}
+
+/// Forwards each record to the output topic, same key, value, headers and partition.
+struct PassThrough {
+    output: String,
+}
+
+impl Processor for PassThrough {
+    fn process(
+        &mut self,
+        ctx: &mut ProcessorContext<'_>,
+        record: &InputRecord,
+    ) -> Result<(), ProcessorError> {
+        ctx.send(OutputRecord {
+            topic: self.output.clone(),
+            partition: Some(record.partition),
+            key: record.key.clone(),
+            value: record.value.clone(),
+            headers: record.headers.clone(),
+        });
+        Ok(())
+    }
 }
 
 struct Counter {
@@ -140,20 +172,27 @@ fn main() -> std::process::ExitCode {
         &args.state_dir,
     );
     config.input_topics = args.input.clone();
-    config.stores = vec!["counts".to_string(), "meta".to_string()];
+    config.stores = match args.mode {
+        Mode::Count => vec!["counts".to_string(), "meta".to_string()],
+        Mode::Passthrough => Vec::new(),
+    };
     config.commit_interval = Duration::from_millis(args.commit_interval_ms);
     config.guarantee = args.guarantee;
     config.group_protocol = args.group_protocol.clone();
     let output = args.output.clone();
     let stats = args.stats.clone();
     let punctuate = Duration::from_millis(args.punctuate_ms);
-    let supplier = Arc::new(move |_partition: i32| {
-        Box::new(Counter {
+    let mode = args.mode;
+    let supplier = Arc::new(move |_partition: i32| match mode {
+        Mode::Count => Box::new(Counter {
             output: output.clone(),
             stats: stats.clone(),
             punctuate,
             failed_once: HashSet::new(),
-        }) as Box<dyn Processor>
+        }) as Box<dyn Processor>,
+        Mode::Passthrough => Box::new(PassThrough {
+            output: output.clone(),
+        }),
     });
     let shutdown = Shutdown::new();
     if let Err(e) = shutdown.on_signals() {

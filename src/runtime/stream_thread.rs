@@ -155,6 +155,7 @@ fn run_generation(
                 let _ = guard.abort(&consumer);
             }
             guard.close_all();
+            guard.log_commit_summary();
         }
         Err(_) => {
             let mut guard = lock(&engine);

@@ -35,6 +35,9 @@ pub struct RuntimeConfig {
     pub state_dir: PathBuf,
     /// Co-partitioned input topics (same partition count, checked at start-up).
     pub input_topics: Vec<String>,
+    /// Topics the processor writes to. They must exist at start-up (checked with the inputs, every
+    /// missing one listed): a send to a missing topic would fail every transaction.
+    pub output_topics: Vec<String>,
     /// Named state stores of every task; each gets `<application_id>-<store>-changelog`.
     pub stores: Vec<String>,
     /// How often a commit cycle ends (Kafka Streams' `commit.interval.ms` under EOS: 100 ms).
@@ -53,6 +56,8 @@ pub struct RuntimeConfig {
     pub group_protocol: String,
     /// Extra librdkafka settings for both clients; settings the runtime owns are refused.
     pub kafka: BTreeMap<String, String>,
+    /// Where the instance reports its assigned and running tasks (clone it before `run`).
+    pub status: super::RuntimeStatus,
 }
 
 /// librdkafka settings the runtime sets itself; overriding them would break its guarantees.
@@ -82,6 +87,7 @@ impl RuntimeConfig {
             bootstrap: bootstrap.into(),
             state_dir: state_dir.into(),
             input_topics: Vec::new(),
+            output_topics: Vec::new(),
             stores: Vec::new(),
             commit_interval: Duration::from_millis(100),
             commit_max_records: 10_000,
@@ -90,6 +96,7 @@ impl RuntimeConfig {
             transaction_timeout: Duration::from_secs(10),
             group_protocol: "consumer".to_string(),
             kafka: BTreeMap::new(),
+            status: super::RuntimeStatus::default(),
         }
     }
 

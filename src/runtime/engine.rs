@@ -424,6 +424,7 @@ impl Engine {
                 .resume(&inputs)
                 .map_err(RuntimeError::kafka("resume inputs"))?;
             tracing::info!(task = partition, "task running");
+            self.report_status();
         }
         Ok(())
     }
@@ -436,6 +437,13 @@ impl Engine {
                 tracing::info!(task = partition, "task closed");
             }
         }
+        self.report_status();
+    }
+
+    fn report_status(&self) {
+        self.config
+            .status
+            .set(self.assigned.len(), self.tasks.len());
     }
 
     /// Closes everything without committing (the open transaction is left to abort or time out).
@@ -524,6 +532,7 @@ impl Engine {
         if let Err(e) = consumer.pause(assigned) {
             self.record_failure(RuntimeError::kafka("pause new partitions")(e));
         }
+        self.report_status();
     }
 }
 

@@ -5,6 +5,7 @@
 //! - [`engine`]: the tasks, the transactional producer and the commit cycle.
 //! - [`stream_thread`]: the poll loop, rebalance callbacks, shutdown, rebuild after fatal errors.
 //! - [`restore`]: changelog replay from a store's checkpoint.
+//! - [`status`]: assigned and running task counts, readable from any thread.
 //! - [`topics`]: start-up checks of input and changelog topics.
 //! - [`config`], [`error`]: settings, and the fatal/abortable/retriable decision table.
 
@@ -13,6 +14,7 @@ pub mod engine;
 pub mod error;
 pub mod processor;
 pub mod restore;
+pub mod status;
 pub mod stream_thread;
 pub mod task;
 pub mod topics;
@@ -23,4 +25,5 @@ pub use processor::{
     InputRecord, OutputRecord, Processor, ProcessorContext, ProcessorError, ProcessorSupplier,
     Store,
 };
+pub use status::RuntimeStatus;
 pub use stream_thread::{run, Shutdown};

@@ -110,6 +110,11 @@ pub trait Processor: Send {
         Ok(())
     }
 
+    /// Called when the open commit cycle was aborted: its state writes and outputs are gone, and
+    /// the records since the last commit will be processed again. A processor that keeps anything
+    /// in memory derived from this cycle's work drops it here.
+    fn cycle_aborted(&mut self) {}
+
     /// Called when the task is closed (revoked, or the instance stops).
     fn close(&mut self) {}
 }

@@ -100,13 +100,34 @@ impl Restorer {
         assignment
             .add_partition_offset(&topic, partition, start)
             .map_err(RuntimeError::kafka("restore assignment"))?;
-        self.consumer
-            .assign(&assignment)
-            .map_err(RuntimeError::kafka("assign changelog"))?;
         let (_, high) = self
             .consumer
             .fetch_watermarks(&topic, partition, Duration::from_secs(30))
             .map_err(RuntimeError::kafka("changelog watermarks"))?;
+        if high <= checkpoint.unwrap_or(0) {
+            // Nothing after the checkpoint, or an empty changelog: no need to wait for the
+            // consumer to report the end (an offset lookup and a fetch round, ~2 s per task).
+            let to_offset = checkpoint.unwrap_or(0);
+            if checkpoint != Some(to_offset) {
+                let mut batch = CommitBatch::default();
+                batch.changes.insert(store.to_string(), BTreeMap::new());
+                batch.checkpoints.insert(store.to_string(), to_offset);
+                backend.apply(batch)?;
+            }
+            tracing::info!(
+                store, partition, from_checkpoint = ?checkpoint, records = 0, to_offset,
+                seconds = 0.0, "restore finished"
+            );
+            return Ok(RestoreOutcome {
+                store: store.to_string(),
+                from_checkpoint: checkpoint,
+                records: 0,
+                to_offset,
+            });
+        }
+        self.consumer
+            .assign(&assignment)
+            .map_err(RuntimeError::kafka("assign changelog"))?;
 
         let started = Instant::now();
         let mut last_report = started;

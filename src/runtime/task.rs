@@ -207,6 +207,7 @@ impl Task {
         }
         self.processed.clear();
         self.idle_since = None;
+        self.processor.cycle_aborted();
     }
 
     pub fn close(mut self) {

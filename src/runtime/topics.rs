@@ -1,4 +1,5 @@
 //! Start-up checks of the topics a topology needs: input topics exist and are co-partitioned,
+//! output topics exist,
 //! changelog topics exist (created when missing: compacted, same partition count) and fit.
 
 use std::time::Duration;
@@ -42,6 +43,11 @@ pub fn prepare_topics(config: &RuntimeConfig) -> Result<i32, RuntimeError> {
         match partitions_of(topic) {
             Some(n) => counts.push((topic.clone(), n)),
             None => problems.push(format!("input topic '{topic}' does not exist")),
+        }
+    }
+    for topic in &config.output_topics {
+        if partitions_of(topic).is_none() {
+            problems.push(format!("output topic '{topic}' does not exist"));
         }
     }
     let partitions = counts.first().map(|(_, n)| *n).unwrap_or(0);

@@ -9,11 +9,16 @@
 //!   commit cycle, rebalance and restoration.
 //! - [`state`]: the state-store backend trait, its RocksDB and in-memory implementations, and the
 //!   uncommitted overlay that gives read-your-writes.
+//! - [`saga`]: topology files, the pure saga state machine, and the saga processor.
+//! - [`codec`]: the message contract (JSON envelope, wrapped or flat bodies, headers).
+//! - [`sim`]: demo participants, the load generator and the auditor.
 //!
-//! The saga (`saga/`), the codecs (`codec/`) and the demo participants (`sim/`) join this map as
-//! they land; `ARCHITECTURE.md` at the repository root keeps the code map and the invariants.
+//! `ARCHITECTURE.md` at the repository root keeps the code map and the invariants.
 
 pub mod cli;
+pub mod codec;
 pub mod runtime;
+pub mod saga;
+pub mod sim;
 pub mod state;
 pub mod telemetry;

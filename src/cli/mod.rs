@@ -1,17 +1,24 @@
-//! The command line. Each subcommand lives in a file of its own here and is listed only once it
-//! works end to end.
+//! The command line. Each subcommand lives in a file of its own here.
+
+mod args;
+mod audit;
+mod demo;
+mod describe;
+mod load;
+mod run;
+mod simulate;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
-use crate::telemetry::{init_logging, LogFormat};
+use crate::telemetry::{init_logging_with_default, LogFormat};
 
 /// saga-streams: a Kafka Streams-style saga orchestrator with exactly-once state and outputs.
 #[derive(Debug, Parser)]
 #[command(name = "saga-streams", version, about)]
 pub struct Cli {
-    /// Log line format on stderr; the level comes from RUST_LOG (default info).
+    /// Log line format on stderr; the level comes from RUST_LOG (default info; warn for `demo`).
     #[arg(
         long,
         global = true,
@@ -20,11 +27,47 @@ pub struct Cli {
         env = "SAGA_STREAMS_LOG_FORMAT"
     )]
     pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the saga orchestrator (one instance of a consumer group).
+    Run(run::RunArgs),
+    /// Print a topology's state machine as text and as a Mermaid diagram.
+    Describe(describe::DescribeArgs),
+    /// Run a simulated participant that answers one step's commands.
+    Simulate(simulate::SimulateArgs),
+    /// Produce start events (OrderCreated) at a steady rate.
+    Load(load::LoadArgs),
+    /// Check a saga's topics read_committed; exits 1 on any violation.
+    Audit(audit::AuditArgs),
+    /// The whole story on a local stack: topics, orchestrator, participants, load, audit.
+    Demo(demo::DemoArgs),
 }
 
 /// Parses the command line, runs the command and maps its result to the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
-    ExitCode::SUCCESS
+    let default_filter = match cli.command {
+        Command::Demo(_) => "warn",
+        _ => "info",
+    };
+    init_logging_with_default(cli.log_format, default_filter);
+    let result = match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Describe(args) => describe::run(args),
+        Command::Simulate(args) => simulate::run(args),
+        Command::Load(args) => load::run(args),
+        Command::Audit(args) => audit::run(args),
+        Command::Demo(args) => demo::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -326,3 +326,68 @@ pub fn produce_in_one_transaction(bootstrap: &str, records: &[(String, String, S
         .commit_transaction(Duration::from_secs(30))
         .expect("committing the inputs");
 }
+
+/// A child process of the `saga-streams` binary, its stderr (JSON log lines) captured to a file.
+/// Dropping it kills the process.
+pub struct BinProcess {
+    pub child: std::process::Child,
+    pub log: std::path::PathBuf,
+}
+
+impl BinProcess {
+    pub fn spawn(args: &[String], log: std::path::PathBuf) -> Self {
+        if let Some(dir) = log.parent() {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_saga-streams"))
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("SAGA_STREAMS_LOG_FORMAT", "json")
+            .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawning saga-streams");
+        Self { child, log }
+    }
+
+    pub fn sigkill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and waits up to `limit` for the exit; returns the exit status.
+    pub fn sigterm(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        unsafe_free_sigterm(self.child.id());
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Fails the test if the process exited (with its log in the message).
+    pub fn assert_alive(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("saga-streams exited ({status}):\n{}", self.log_text());
+        }
+    }
+}
+
+impl Drop for BinProcess {
+    fn drop(&mut self) {
+        self.sigkill();
+    }
+}

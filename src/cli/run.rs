@@ -1,0 +1,88 @@
+//! `saga-streams run`: the orchestrator.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::args::{default_instance_id, parse_duration, KafkaArgs, TopologyArgs};
+use crate::runtime::{self, Guarantee, RuntimeConfig, Shutdown};
+use crate::saga::{SagaDefinition, SagaProcessor, SAGA_STORE};
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub topology: TopologyArgs,
+    /// Consumer group id, prefix of changelog topics and transactional ids. Instances with the same
+    /// id share the work. Default: the topic prefix followed by the saga's name.
+    #[arg(long)]
+    pub application_id: Option<String>,
+    /// Stable identity of this instance (transactional id suffix); must differ between live
+    /// instances. Default: the host name.
+    #[arg(long)]
+    pub instance_id: Option<String>,
+    /// Where the RocksDB state lives.
+    #[arg(long, default_value = "state")]
+    pub state_dir: PathBuf,
+    /// Where Prometheus scrapes the metrics.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    pub metrics_addr: SocketAddr,
+    /// Commit cycle length.
+    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    pub commit_interval: Duration,
+    #[arg(long, value_enum, default_value = "exactly-once")]
+    pub guarantee: Guarantee,
+}
+
+/// The runtime configuration of a saga.
+pub fn saga_runtime_config(
+    def: &SagaDefinition,
+    application_id: &str,
+    instance_id: &str,
+    bootstrap: &str,
+    state_dir: PathBuf,
+) -> RuntimeConfig {
+    let mut config = RuntimeConfig::new(application_id, instance_id, bootstrap, state_dir);
+    config.input_topics = def.input_topics();
+    config.output_topics = def.output_topics();
+    config.stores = vec![SAGA_STORE.to_string()];
+    config
+}
+
+/// Runs a saga until `shutdown` is requested.
+pub fn run_saga(
+    def: Arc<SagaDefinition>,
+    config: RuntimeConfig,
+    shutdown: Shutdown,
+) -> Result<(), runtime::RuntimeError> {
+    let tick = SagaProcessor::default_tick(&def);
+    let supplier: runtime::ProcessorSupplier =
+        Arc::new(move |_partition| Box::new(SagaProcessor::new(def.clone(), tick)));
+    runtime::run(config, supplier, shutdown)
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let def = args.topology.load()?;
+    let application_id = args
+        .application_id
+        .unwrap_or_else(|| format!("{}{}", args.topology.topic_prefix, def.name));
+    let instance_id = args.instance_id.unwrap_or_else(default_instance_id);
+    let mut config = saga_runtime_config(
+        &def,
+        &application_id,
+        &instance_id,
+        &args.kafka.bootstrap,
+        args.state_dir,
+    );
+    config.commit_interval = args.commit_interval;
+    config.guarantee = args.guarantee;
+    crate::telemetry::install_metrics(args.metrics_addr).map_err(anyhow::Error::msg)?;
+    let shutdown = Shutdown::new();
+    shutdown.on_signals()?;
+    tracing::info!(saga = %def.name, topology = %args.topology.topology.display(), "running the saga");
+    run_saga(def, config, shutdown)?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,122 @@
+//! `saga-streams simulate <step>`: a participant service that answers one step's commands.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::anyhow;
+
+use super::args::{
+    default_instance_id, parse_duration, parse_share, parse_stock, KafkaArgs, TopologyArgs,
+};
+use crate::runtime::{self, RuntimeConfig, Shutdown};
+use crate::saga::SagaDefinition;
+use crate::sim::participant::{Behaviour, Participant, PARTICIPANT_STORE};
+
+#[derive(Debug, clap::Args)]
+pub struct SimulateArgs {
+    /// The step to play: its name in the topology (`payment`, `inventory`); a plural works too.
+    pub step: String,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub topology: TopologyArgs,
+    #[command(flatten)]
+    pub behaviour: BehaviourArgs,
+    /// Consumer group id. Default: `<topic prefix>sim-<step>`.
+    #[arg(long)]
+    pub application_id: Option<String>,
+    #[arg(long)]
+    pub instance_id: Option<String>,
+    #[arg(long, default_value = "state")]
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BehaviourArgs {
+    /// Share of commands answered with the failure reply.
+    #[arg(long, default_value = "0", value_parser = parse_share)]
+    pub failure_share: f64,
+    /// Fail commands whose `amount` is above this.
+    #[arg(long)]
+    pub decline_above: Option<f64>,
+    /// Stock per SKU (per partition), e.g. `sku-1=100,sku-2=5`; other SKUs are unlimited.
+    #[arg(long, value_parser = parse_stock)]
+    pub stock: Option<Vec<(String, i64)>>,
+    /// Delay before each reply.
+    #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+    pub latency: Duration,
+    /// Share of commands never answered (compensations are always answered).
+    #[arg(long, default_value = "0", value_parser = parse_share)]
+    pub no_reply_share: f64,
+}
+
+impl BehaviourArgs {
+    pub fn behaviour(&self) -> Behaviour {
+        Behaviour {
+            failure_share: self.failure_share,
+            decline_above: self.decline_above,
+            stock: self.stock.clone().unwrap_or_default().into_iter().collect(),
+            latency: self.latency,
+            no_reply_share: self.no_reply_share,
+        }
+    }
+}
+
+/// The index of a step named `name` (or its plural).
+pub fn step_index(def: &SagaDefinition, name: &str) -> anyhow::Result<usize> {
+    def.steps
+        .iter()
+        .position(|s| s.name == name || format!("{}s", s.name) == name)
+        .ok_or_else(|| {
+            anyhow!(
+                "no step named '{name}' in saga {} (steps: {})",
+                def.name,
+                def.steps
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+}
+
+/// The runtime configuration and processor supplier of a participant.
+pub fn participant(
+    def: Arc<SagaDefinition>,
+    step: usize,
+    behaviour: Behaviour,
+    mut config: RuntimeConfig,
+) -> (RuntimeConfig, runtime::ProcessorSupplier) {
+    let spec = &def.steps[step];
+    config.input_topics = vec![spec.command.topic.clone()];
+    if spec.compensation.topic != spec.command.topic {
+        config.input_topics.push(spec.compensation.topic.clone());
+    }
+    config.output_topics = vec![spec.reply_topic.clone()];
+    config.stores = vec![PARTICIPANT_STORE.to_string()];
+    let behaviour = Arc::new(behaviour);
+    let supplier: runtime::ProcessorSupplier =
+        Arc::new(move |_| Box::new(Participant::new(def.clone(), step, behaviour.clone())));
+    (config, supplier)
+}
+
+pub fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
+    let def = args.topology.load()?;
+    let step = step_index(&def, &args.step)?;
+    let application_id = args
+        .application_id
+        .unwrap_or_else(|| format!("{}sim-{}", args.topology.topic_prefix, def.steps[step].name));
+    let config = RuntimeConfig::new(
+        application_id,
+        args.instance_id.unwrap_or_else(default_instance_id),
+        args.kafka.bootstrap,
+        args.state_dir,
+    );
+    let (config, supplier) = participant(def, step, args.behaviour.behaviour(), config);
+    let shutdown = Shutdown::new();
+    shutdown.on_signals()?;
+    runtime::run(config, supplier, shutdown)?;
+    Ok(ExitCode::SUCCESS)
+}

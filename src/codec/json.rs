@@ -1,0 +1,409 @@
+//! The JSON message contract: reading events (flat, or wrapped as `{"event": {...}}` the way
+//! junges/laravel-kafka services publish them) and writing the saga's messages.
+//!
+//! Decoding checks everything a saga relies on and reports the first problem as [`BadInput`], which
+//! the processor dead-letters: a record is either fully valid or never reaches the state machine.
+
+use serde_json::{Map, Value};
+
+use crate::runtime::InputRecord;
+use crate::saga::machine::SagaOutput;
+use crate::saga::topology::{EventRole, SagaDefinition, ENVELOPE};
+
+/// Header carrying the saga's correlation id on every message.
+pub const CORRELATION_HEADER: &str = "X-Correlation-ID";
+/// W3C trace context header, carried from inputs to the outputs they cause.
+pub const TRACEPARENT_HEADER: &str = "traceparent";
+
+/// An event that passed every check.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodedEvent {
+    pub event_id: String,
+    pub event_type: String,
+    pub event_version: i64,
+    pub role: EventRole,
+    /// The saga key (`order_id` by default).
+    pub saga_id: String,
+    pub correlation_id: Option<String>,
+    pub occurred_at: Option<String>,
+    /// Every field that is not part of the envelope.
+    pub payload: Map<String, Value>,
+}
+
+/// Why a record can never be processed. The `as_str` names are the DLQ `reason` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BadInputKind {
+    /// A tombstone or empty value.
+    MissingValue,
+    /// The bytes are not a JSON object.
+    InvalidJson,
+    /// The saga key field is missing or empty.
+    MissingSagaId,
+    /// `event_id` is missing or empty.
+    MissingEventId,
+    /// An event type the topology does not expect on this topic.
+    UnknownEventType,
+    /// A field has the wrong type, or a required one is missing.
+    InvalidField,
+    /// The record's key differs from the saga id in its body.
+    KeyMismatch,
+    /// A reply for a saga that does not exist (never started, or expired).
+    UnknownSaga,
+}
+
+impl BadInputKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MissingValue => "missing_value",
+            Self::InvalidJson => "invalid_json",
+            Self::MissingSagaId => "missing_saga_id",
+            Self::MissingEventId => "missing_event_id",
+            Self::UnknownEventType => "unknown_event_type",
+            Self::InvalidField => "invalid_field",
+            Self::KeyMismatch => "key_mismatch",
+            Self::UnknownSaga => "unknown_saga",
+        }
+    }
+}
+
+/// A record that cannot be processed, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadInput {
+    pub kind: BadInputKind,
+    pub message: String,
+}
+
+impl BadInput {
+    pub fn new(kind: BadInputKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// The event object of a message body: the value of `event` when the body is wrapped, else the
+/// body itself.
+pub fn unwrap_body(body: Value) -> Option<Map<String, Value>> {
+    match body {
+        Value::Object(mut map) => {
+            if !map.contains_key("event_type") {
+                if let Some(Value::Object(inner)) = map.remove("event") {
+                    return Some(inner);
+                }
+            }
+            Some(map)
+        }
+        _ => None,
+    }
+}
+
+fn string_field(
+    map: &Map<String, Value>,
+    name: &str,
+    missing: BadInputKind,
+) -> Result<String, BadInput> {
+    match map.get(name) {
+        None | Some(Value::Null) => Err(BadInput::new(missing, format!("'{name}' is missing"))),
+        Some(Value::String(s)) if s.trim().is_empty() => {
+            Err(BadInput::new(missing, format!("'{name}' is empty")))
+        }
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(other) => Err(BadInput::new(
+            BadInputKind::InvalidField,
+            format!("'{name}' must be a string, got {}", type_name(other)),
+        )),
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Decodes and checks one input record against the topology.
+pub fn decode(def: &SagaDefinition, record: &InputRecord) -> Result<DecodedEvent, BadInput> {
+    let bytes = match record.value.as_deref() {
+        Some(b) if !b.is_empty() => b,
+        _ => {
+            return Err(BadInput::new(
+                BadInputKind::MissingValue,
+                "the record has no value",
+            ))
+        }
+    };
+    let body: Value = serde_json::from_slice(bytes)
+        .map_err(|e| BadInput::new(BadInputKind::InvalidJson, format!("not JSON: {e}")))?;
+    let mut map = unwrap_body(body)
+        .ok_or_else(|| BadInput::new(BadInputKind::InvalidJson, "the body is not a JSON object"))?;
+
+    let event_type = string_field(&map, "event_type", BadInputKind::InvalidField)?;
+    let event_id = string_field(&map, "event_id", BadInputKind::MissingEventId)?;
+    // Integer ids are common in PHP services: accept them as their decimal string.
+    let saga_id = match map.get(&def.key_field) {
+        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
+        _ => string_field(&map, &def.key_field, BadInputKind::MissingSagaId)?,
+    };
+    let event_version = match map.get("event_version") {
+        None | Some(Value::Null) => 1,
+        Some(v) => v.as_i64().ok_or_else(|| {
+            BadInput::new(
+                BadInputKind::InvalidField,
+                format!("'event_version' must be an integer, got {}", type_name(v)),
+            )
+        })?,
+    };
+    let correlation_id = match map.get("correlation_id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.is_empty() => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(v) => {
+            return Err(BadInput::new(
+                BadInputKind::InvalidField,
+                format!("'correlation_id' must be a string, got {}", type_name(v)),
+            ))
+        }
+    };
+    let occurred_at = match map.get("occurred_at") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => {
+            humantime::parse_rfc3339_weak(s).map_err(|e| {
+                BadInput::new(
+                    BadInputKind::InvalidField,
+                    format!("'occurred_at' is not an RFC 3339 time: {e}"),
+                )
+            })?;
+            Some(s.clone())
+        }
+        Some(v) => {
+            return Err(BadInput::new(
+                BadInputKind::InvalidField,
+                format!("'occurred_at' must be a string, got {}", type_name(v)),
+            ))
+        }
+    };
+    let role = def.role_of(&record.topic, &event_type).ok_or_else(|| {
+        BadInput::new(
+            BadInputKind::UnknownEventType,
+            format!(
+                "event type '{event_type}' is not expected on topic '{}'",
+                record.topic
+            ),
+        )
+    })?;
+    if let Some(key) = record.key.as_deref() {
+        if key != saga_id.as_bytes() {
+            return Err(BadInput::new(
+                BadInputKind::KeyMismatch,
+                format!(
+                    "the record key '{}' differs from {} '{saga_id}': the saga lives on the partition of its key",
+                    String::from_utf8_lossy(key),
+                    def.key_field
+                ),
+            ));
+        }
+    }
+    for field in def.events.get(&event_type).into_iter().flatten() {
+        match map.get(&field.name) {
+            None | Some(Value::Null) if field.optional => {}
+            None | Some(Value::Null) => {
+                return Err(BadInput::new(
+                    BadInputKind::InvalidField,
+                    format!("{event_type}: required field '{}' is missing", field.name),
+                ))
+            }
+            Some(v) if !field.kind.accepts(v) => {
+                return Err(BadInput::new(
+                    BadInputKind::InvalidField,
+                    format!(
+                        "{event_type}: field '{}' must be {}, got {}",
+                        field.name,
+                        field.kind.name(),
+                        type_name(v)
+                    ),
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    for name in ENVELOPE {
+        map.remove(*name);
+    }
+    map.remove(&def.key_field);
+    Ok(DecodedEvent {
+        event_id,
+        event_type,
+        event_version,
+        role,
+        saga_id,
+        correlation_id,
+        occurred_at,
+        payload: map,
+    })
+}
+
+/// RFC 3339 with milliseconds, UTC.
+pub fn rfc3339(ms: i64) -> String {
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(time).to_string()
+}
+
+/// The envelope and payload of a message the saga emits, as a JSON object.
+pub fn message_body(
+    def: &SagaDefinition,
+    saga_id: &str,
+    correlation_id: &str,
+    output: &SagaOutput,
+    now_ms: i64,
+) -> Map<String, Value> {
+    let mut map = output.payload.clone();
+    map.insert("event_id".into(), Value::String(output.event_id.clone()));
+    map.insert(
+        "event_type".into(),
+        Value::String(output.event_type.clone()),
+    );
+    map.insert("event_version".into(), Value::from(1));
+    map.insert(def.key_field.clone(), Value::String(saga_id.to_string()));
+    map.insert(
+        "correlation_id".into(),
+        Value::String(correlation_id.to_string()),
+    );
+    map.insert("occurred_at".into(), Value::String(rfc3339(now_ms)));
+    map
+}
+
+/// Serialises a message body, wrapped as `{"event": {...}}` when `wrap` is set.
+pub fn encode_body(map: Map<String, Value>, wrap: bool) -> Vec<u8> {
+    let value = if wrap {
+        let mut outer = Map::new();
+        outer.insert("event".into(), Value::Object(map));
+        Value::Object(outer)
+    } else {
+        Value::Object(map)
+    };
+    // A `Value` made of maps, strings and numbers always serialises.
+    serde_json::to_vec(&value).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn def() -> SagaDefinition {
+        SagaDefinition::load(std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/topologies/order_saga.yaml"
+        )))
+        .unwrap()
+    }
+
+    fn record(topic: &str, key: Option<&str>, value: &str) -> InputRecord {
+        InputRecord {
+            topic: topic.into(),
+            partition: 0,
+            offset: 0,
+            timestamp_ms: 0,
+            key: key.map(|k| k.as_bytes().to_vec()),
+            value: Some(value.as_bytes().to_vec()),
+            headers: vec![],
+        }
+    }
+
+    const CREATED: &str = r#"{"event_id":"e1","event_type":"OrderCreated","event_version":1,"order_id":"o1","occurred_at":"2026-11-26T10:00:00Z","user_id":"u1","total":12.5,"currency":"EUR","items":[{"sku":"a","quantity":1}]}"#;
+
+    #[test]
+    fn wrapped_and_flat_bodies_decode_alike() {
+        let d = def();
+        let flat = decode(&d, &record("orders.created", Some("o1"), CREATED)).unwrap();
+        let wrapped = decode(
+            &d,
+            &record(
+                "orders.created",
+                Some("o1"),
+                &format!(r#"{{"event":{CREATED}}}"#),
+            ),
+        )
+        .unwrap();
+        assert_eq!(flat, wrapped);
+        assert_eq!(flat.role, EventRole::Start);
+        assert_eq!(flat.saga_id, "o1");
+        assert!(flat.payload.contains_key("total") && !flat.payload.contains_key("event_id"));
+        let numeric = CREATED.replace(r#""order_id":"o1""#, r#""order_id":42"#);
+        assert_eq!(
+            decode(&d, &record("orders.created", None, &numeric))
+                .unwrap()
+                .saga_id,
+            "42"
+        );
+    }
+
+    #[test]
+    fn each_kind_of_bad_input_is_named() {
+        let d = def();
+        let kind = |topic: &str, key: Option<&str>, v: &str| {
+            decode(&d, &record(topic, key, v)).unwrap_err().kind
+        };
+        use BadInputKind::*;
+        assert_eq!(kind("orders.created", None, "{not json"), InvalidJson);
+        assert_eq!(kind("orders.created", None, "[1,2]"), InvalidJson);
+        assert_eq!(
+            kind(
+                "orders.created",
+                None,
+                &CREATED.replace(r#""order_id":"o1""#, r#""order_id":"""#)
+            ),
+            MissingSagaId
+        );
+        assert_eq!(
+            kind(
+                "orders.created",
+                None,
+                &CREATED.replace(r#""event_id":"e1""#, r#""x":1"#)
+            ),
+            MissingEventId
+        );
+        assert_eq!(
+            kind(
+                "orders.created",
+                None,
+                &CREATED.replace("OrderCreated", "OrderShipped")
+            ),
+            UnknownEventType
+        );
+        assert_eq!(kind("payments.events", None, CREATED), UnknownEventType);
+        assert_eq!(
+            kind(
+                "orders.created",
+                None,
+                &CREATED.replace("12.5", r#""12.5""#)
+            ),
+            InvalidField
+        );
+        assert_eq!(
+            kind(
+                "orders.created",
+                None,
+                &CREATED.replace(r#""currency":"EUR","#, "")
+            ),
+            InvalidField
+        );
+        assert_eq!(
+            kind(
+                "orders.created",
+                None,
+                &CREATED.replace("2026-11-26T10:00:00Z", "yesterday")
+            ),
+            InvalidField
+        );
+        assert_eq!(kind("orders.created", Some("o2"), CREATED), KeyMismatch);
+        let mut empty = record("orders.created", None, "");
+        empty.value = None;
+        assert_eq!(decode(&d, &empty).unwrap_err().kind, MissingValue);
+    }
+}

@@ -1,0 +1,377 @@
+//! The saga processor: the state machine on the streams runtime.
+//!
+//! Per task it keeps one store, `sagas`, holding two kinds of keys:
+//! - `s/<saga id>`: the [`SagaRecord`] as JSON;
+//! - `t/<deadline ms, 8 bytes big-endian><saga id>`: an index of each saga's next timer, so a
+//!   punctuation finds the due ones with one range scan, even when no input arrives.
+//!
+//! Decoding, dedupe, the state change, the timer index, the outputs and any dead letter all belong
+//! to the record's commit cycle: they become visible together or not at all.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::codec::json::{
+    self, BadInput, BadInputKind, DecodedEvent, CORRELATION_HEADER, TRACEPARENT_HEADER,
+};
+use crate::runtime::{
+    InputRecord, OutputRecord, Processor, ProcessorContext, ProcessorError, Store,
+};
+use crate::saga::machine::{
+    self, Applied, OutputKind, SagaEvent, SagaInput, SagaOutput, SagaRecord,
+};
+use crate::saga::topology::{dlq_topic, EventRole, SagaDefinition};
+
+/// The store of saga records and timers.
+pub const SAGA_STORE: &str = "sagas";
+const SAGA_PREFIX: &[u8] = b"s/";
+const TIMER_PREFIX: &[u8] = b"t/";
+/// Timers fired per punctuation at most, so one cycle stays bounded after a long outage.
+const TIMERS_PER_PUNCTUATION: usize = 5_000;
+
+/// Header names on dead letters.
+pub mod dlq_headers {
+    pub const TOPIC: &str = "dlq.source.topic";
+    pub const PARTITION: &str = "dlq.source.partition";
+    pub const OFFSET: &str = "dlq.source.offset";
+    pub const KIND: &str = "dlq.error.kind";
+    pub const MESSAGE: &str = "dlq.error.message";
+}
+
+pub fn saga_key(saga_id: &str) -> Vec<u8> {
+    [SAGA_PREFIX, saga_id.as_bytes()].concat()
+}
+
+fn timer_key(at_ms: i64, saga_id: &str) -> Vec<u8> {
+    [
+        TIMER_PREFIX,
+        &(at_ms.max(0) as u64).to_be_bytes(),
+        saga_id.as_bytes(),
+    ]
+    .concat()
+}
+
+fn now_ms(now: SystemTime) -> i64 {
+    now.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Decodes a stored saga record.
+pub fn decode_record(bytes: &[u8]) -> Result<SagaRecord, ProcessorError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ProcessorError(format!("saga store: undecodable saga record: {e}")))
+}
+
+/// Runs one saga definition; one instance per task.
+pub struct SagaProcessor {
+    def: Arc<SagaDefinition>,
+    /// How often due timers are looked for.
+    tick: Duration,
+    /// Timers before this time (ms) were all fired by committed-or-open punctuations, so scans
+    /// start here instead of at the beginning of the index, skipping the deleted entries of past
+    /// timers. New timers always lie in the future. Forgotten when a cycle aborts (the fired
+    /// timers come back) and at start-up.
+    scanned_to: Option<i64>,
+}
+
+impl SagaProcessor {
+    pub fn new(def: Arc<SagaDefinition>, tick: Duration) -> Self {
+        Self {
+            def,
+            tick,
+            scanned_to: None,
+        }
+    }
+
+    /// How often timers are checked: a tenth of the shortest step timeout, within 20 ms..1 s.
+    pub fn default_tick(def: &SagaDefinition) -> Duration {
+        let shortest = def
+            .steps
+            .iter()
+            .map(|s| s.timeout)
+            .min()
+            .unwrap_or(Duration::from_secs(1));
+        (shortest / 10).clamp(Duration::from_millis(20), Duration::from_secs(1))
+    }
+
+    fn dead_letter(&self, ctx: &mut ProcessorContext<'_>, record: &InputRecord, bad: &BadInput) {
+        tracing::warn!(
+            topic = %record.topic, partition = record.partition, offset = record.offset,
+            kind = bad.kind.as_str(), error = %bad.message, "dead-lettered a record"
+        );
+        metrics::counter!("saga_streams_dlq_records_total", "topic" => record.topic.clone(), "reason" => bad.kind.as_str())
+            .increment(1);
+        let mut headers = record.headers.clone();
+        headers.push((dlq_headers::TOPIC.into(), record.topic.clone().into_bytes()));
+        headers.push((
+            dlq_headers::PARTITION.into(),
+            record.partition.to_string().into_bytes(),
+        ));
+        headers.push((
+            dlq_headers::OFFSET.into(),
+            record.offset.to_string().into_bytes(),
+        ));
+        headers.push((
+            dlq_headers::KIND.into(),
+            bad.kind.as_str().as_bytes().to_vec(),
+        ));
+        headers.push((
+            dlq_headers::MESSAGE.into(),
+            bad.message.clone().into_bytes(),
+        ));
+        ctx.send(OutputRecord {
+            topic: dlq_topic(&record.topic),
+            partition: None,
+            key: record.key.clone(),
+            value: record.value.clone(),
+            headers,
+        });
+    }
+
+    fn handle(
+        &self,
+        ctx: &mut ProcessorContext<'_>,
+        record: &InputRecord,
+        event: DecodedEvent,
+        now: i64,
+    ) -> Result<(), ProcessorError> {
+        let traceparent = record
+            .header(TRACEPARENT_HEADER)
+            .map(|v| String::from_utf8_lossy(v).into_owned());
+        let span = tracing::debug_span!(
+            "record", saga_id = %event.saga_id, event_type = %event.event_type,
+            topic = %record.topic, partition = record.partition, offset = record.offset
+        );
+        let _entered = span.enter();
+        let key = saga_key(&event.saga_id);
+        let mut store = ctx.store(SAGA_STORE)?;
+        let existing = match store.get(&key)? {
+            Some(bytes) => Some(decode_record(&bytes)?),
+            None => None,
+        };
+        let saga_event = SagaEvent {
+            event_id: event.event_id.clone(),
+            event_type: event.event_type.clone(),
+            role: event.role,
+            payload: event.payload,
+            traceparent,
+        };
+        let (record_after, outputs) = match (existing, event.role) {
+            (None, EventRole::Start) => {
+                let correlation_id = event
+                    .correlation_id
+                    .or_else(|| {
+                        record
+                            .header(CORRELATION_HEADER)
+                            .map(|v| String::from_utf8_lossy(v).into_owned())
+                            .filter(|s| !s.is_empty())
+                    })
+                    // Derived from the event id, so a cycle processed again gets the same one.
+                    .unwrap_or_else(|| {
+                        uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, event.event_id.as_bytes())
+                            .to_string()
+                    });
+                metrics::counter!("saga_streams_sagas_started_total").increment(1);
+                let (started, outputs) =
+                    machine::start(&self.def, &event.saga_id, &saga_event, correlation_id, now);
+                save(&mut store, None, &started)?;
+                (started, outputs)
+            }
+            (None, _) => {
+                drop(store);
+                let bad = BadInput::new(
+                    BadInputKind::UnknownSaga,
+                    format!(
+                        "{} for {} '{}', which has no saga (never started, or expired)",
+                        event.event_type, self.def.key_field, event.saga_id
+                    ),
+                );
+                self.dead_letter(ctx, record, &bad);
+                return Ok(());
+            }
+            (Some(current), _) => {
+                match machine::apply(&self.def, &current, SagaInput::Event(&saga_event), now) {
+                    Applied::Changed { record, outputs } => {
+                        save(&mut store, Some(&current), &record)?;
+                        (*record, outputs)
+                    }
+                    Applied::Ignored(why) => {
+                        tracing::debug!(reason = why.as_str(), event_id = %saga_event.event_id, "ignored an event");
+                        metrics::counter!("saga_streams_events_ignored_total", "reason" => why.as_str())
+                            .increment(1);
+                        return Ok(());
+                    }
+                    Applied::Expired => return Ok(()),
+                }
+            }
+        };
+        drop(store);
+        self.emit(ctx, &record_after, outputs, now);
+        Ok(())
+    }
+
+    fn emit(
+        &self,
+        ctx: &mut ProcessorContext<'_>,
+        saga: &SagaRecord,
+        outputs: Vec<SagaOutput>,
+        now: i64,
+    ) {
+        for output in outputs {
+            count_output(&self.def, saga, &output, now);
+            let body =
+                json::message_body(&self.def, &saga.saga_id, &saga.correlation_id, &output, now);
+            let mut record = OutputRecord::new(
+                output.topic.clone(),
+                saga.saga_id.as_bytes(),
+                json::encode_body(body, self.def.wrap_outputs),
+            )
+            .with_header(CORRELATION_HEADER, saga.correlation_id.as_bytes());
+            if let Some(tp) = &saga.traceparent {
+                record = record.with_header(TRACEPARENT_HEADER, tp.as_bytes());
+            }
+            ctx.send(record);
+        }
+    }
+}
+
+fn count_output(def: &SagaDefinition, saga: &SagaRecord, output: &SagaOutput, now: i64) {
+    let duration = || (now - saga.started_at_ms).max(0) as f64 / 1000.0;
+    match &output.kind {
+        OutputKind::Command { .. } => {}
+        OutputKind::Compensation { step, late } => {
+            metrics::counter!("saga_streams_compensations_total", "step" => def.steps[*step].name.clone(), "late" => late.to_string())
+                .increment(1);
+        }
+        OutputKind::Completed => {
+            metrics::counter!("saga_streams_saga_outcomes_total", "outcome" => "completed", "reason" => "")
+                .increment(1);
+            metrics::histogram!("saga_streams_saga_duration_seconds", "outcome" => "completed")
+                .record(duration());
+        }
+        OutputKind::Cancelled { reason } => {
+            metrics::counter!("saga_streams_saga_outcomes_total", "outcome" => "cancelled", "reason" => reason.clone())
+                .increment(1);
+            metrics::histogram!("saga_streams_saga_duration_seconds", "outcome" => "cancelled")
+                .record(duration());
+        }
+    }
+}
+
+/// Writes a saga record and moves its entry in the timer index.
+fn save(
+    store: &mut Store<'_>,
+    before: Option<&SagaRecord>,
+    after: &SagaRecord,
+) -> Result<(), ProcessorError> {
+    store.put_json(&saga_key(&after.saga_id), after)?;
+    let old = before.and_then(SagaRecord::next_timer_ms);
+    let new = after.next_timer_ms();
+    if old != new {
+        if let Some(at) = old {
+            store.delete(&timer_key(at, &after.saga_id));
+        }
+        if let Some(at) = new {
+            store.put(&timer_key(at, &after.saga_id), b"");
+        }
+    }
+    Ok(())
+}
+
+impl Processor for SagaProcessor {
+    fn init(&mut self, ctx: &mut ProcessorContext<'_>) -> Result<(), ProcessorError> {
+        ctx.schedule_punctuation(self.tick);
+        Ok(())
+    }
+
+    fn cycle_aborted(&mut self) {
+        self.scanned_to = None;
+    }
+
+    fn process(
+        &mut self,
+        ctx: &mut ProcessorContext<'_>,
+        record: &InputRecord,
+    ) -> Result<(), ProcessorError> {
+        let now = now_ms(SystemTime::now());
+        match json::decode(&self.def, record) {
+            Ok(event) => self.handle(ctx, record, event, now),
+            Err(bad) => {
+                self.dead_letter(ctx, record, &bad);
+                Ok(())
+            }
+        }
+    }
+
+    fn punctuate(
+        &mut self,
+        ctx: &mut ProcessorContext<'_>,
+        now: SystemTime,
+    ) -> Result<(), ProcessorError> {
+        let now = now_ms(now);
+        let mut store = ctx.store(SAGA_STORE)?;
+        let end = timer_key(now.saturating_add(1), "");
+        let start = match self.scanned_to {
+            Some(at) => timer_key(at, ""),
+            None => TIMER_PREFIX.to_vec(),
+        };
+        let due = store.range(&start, Some(&end))?;
+        // All due timers are handled, unless there are more than one punctuation takes.
+        let mut complete = due.len() <= TIMERS_PER_PUNCTUATION;
+        let mut fired = Vec::new();
+        for (key, _) in due.into_iter().take(TIMERS_PER_PUNCTUATION) {
+            let saga_id = String::from_utf8_lossy(&key[TIMER_PREFIX.len() + 8..]).into_owned();
+            let Some(bytes) = store.get(&saga_key(&saga_id))? else {
+                store.delete(&key);
+                continue;
+            };
+            let current = decode_record(&bytes)?;
+            match machine::apply(&self.def, &current, SagaInput::Timer, now) {
+                Applied::Changed { record, outputs } => {
+                    if let Some(step) = current.step_awaited.as_ref() {
+                        metrics::counter!("saga_streams_timeouts_total", "step" => step.clone())
+                            .increment(1);
+                    }
+                    tracing::debug!(saga_id = %saga_id, status = %record.status, "timer fired");
+                    save(&mut store, Some(&current), &record)?;
+                    fired.push((*record, outputs));
+                }
+                Applied::Expired => {
+                    store.delete(&key);
+                    store.delete(&saga_key(&saga_id));
+                }
+                Applied::Ignored(_) => {
+                    // An index entry that does not match the record (it cannot happen through
+                    // `save`): drop it and index the record's real timer.
+                    store.delete(&key);
+                    if let Some(at) = current.next_timer_ms() {
+                        store.put(&timer_key(at, &saga_id), b"");
+                        complete = false;
+                    }
+                }
+            }
+        }
+        self.scanned_to = complete.then(|| now.saturating_add(1));
+        drop(store);
+        for (record, outputs) in fired {
+            self.emit(ctx, &record, outputs, now);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timer_keys_sort_by_time_then_saga() {
+        let a = timer_key(5, "zz");
+        let b = timer_key(6, "aa");
+        let c = timer_key(256, "aa");
+        assert!(a < b && b < c);
+        assert!(timer_key(7, "x") < timer_key(8, ""));
+        assert_eq!(&a[TIMER_PREFIX.len() + 8..], b"zz");
+    }
+}

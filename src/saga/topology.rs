@@ -1,0 +1,880 @@
+//! Topology files: the YAML that declares a saga (`topologies/*.yaml`), and the validated
+//! [`SagaDefinition`] the state machine and the processor run on.
+//!
+//! Loading happens in two passes. The YAML is first read into the raw file structs, each value
+//! carrying its line (`marked_yaml::Spanned`); a structural error (a wrong type, an unknown key)
+//! stops there with its line. Then every semantic rule is checked and all problems are reported at
+//! once, each as `file:line: message`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::Duration;
+
+use marked_yaml::Spanned;
+use serde::Deserialize;
+
+/// Statuses the machine itself uses; a step may not take one of these names as its own.
+pub const PENDING: &str = "PENDING";
+pub const COMPENSATING: &str = "COMPENSATING";
+pub const COMPLETED: &str = "COMPLETED";
+pub const FAILED: &str = "FAILED";
+
+/// A topology that cannot be used, with every problem found.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid topology:\n  {}", .problems.join("\n  "))]
+pub struct TopologyError {
+    pub problems: Vec<String>,
+}
+
+// ---- the file as written -------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTopology {
+    name: Spanned<String>,
+    #[serde(default)]
+    key: Option<Spanned<String>>,
+    #[serde(default)]
+    retention: Option<Spanned<String>>,
+    #[serde(default)]
+    compensated_state: Option<Spanned<String>>,
+    #[serde(default)]
+    wrap_outputs: Option<Spanned<bool>>,
+    topics: BTreeMap<String, RawTopic>,
+    start: RawStart,
+    events: BTreeMap<String, BTreeMap<String, Spanned<String>>>,
+    steps: Vec<RawStep>,
+    outcomes: RawOutcomes,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTopic {
+    #[serde(default)]
+    format: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStart {
+    event: Spanned<String>,
+    topic: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    name: Spanned<String>,
+    state: Spanned<String>,
+    command: RawCommand,
+    replies: RawReplies,
+    #[serde(default)]
+    compensation: Option<RawCompensation>,
+    timeout: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCommand {
+    topic: Spanned<String>,
+    #[serde(rename = "type")]
+    event_type: Spanned<String>,
+    #[serde(default)]
+    fields: BTreeMap<String, Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReplies {
+    topic: Spanned<String>,
+    success: Spanned<String>,
+    failure: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCompensation {
+    topic: Spanned<String>,
+    #[serde(rename = "type")]
+    event_type: Spanned<String>,
+    #[serde(default)]
+    fields: BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    confirmed_by: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutcomes {
+    completed: RawCommand,
+    cancelled: RawCommand,
+}
+
+// ---- the validated definition -----------------------------------------------------------------
+
+/// Wire format of a topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Json,
+}
+
+/// Type of a payload field an event must carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldKind {
+    String,
+    Number,
+    Integer,
+    Boolean,
+    List,
+    Object,
+}
+
+impl FieldKind {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "string" => Self::String,
+            "number" => Self::Number,
+            "integer" => Self::Integer,
+            "boolean" => Self::Boolean,
+            "list" => Self::List,
+            "object" => Self::Object,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::String => "string",
+            Self::Number => "number",
+            Self::Integer => "integer",
+            Self::Boolean => "boolean",
+            Self::List => "list",
+            Self::Object => "object",
+        }
+    }
+
+    /// Whether `value` has this type.
+    pub fn accepts(self, value: &serde_json::Value) -> bool {
+        use serde_json::Value as V;
+        match self {
+            Self::String => matches!(value, V::String(_)),
+            Self::Number => matches!(value, V::Number(_)),
+            Self::Integer => value.as_i64().is_some() || value.as_u64().is_some(),
+            Self::Boolean => matches!(value, V::Bool(_)),
+            Self::List => matches!(value, V::Array(_)),
+            Self::Object => matches!(value, V::Object(_)),
+        }
+    }
+}
+
+/// One payload field of an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldSpec {
+    pub name: String,
+    pub kind: FieldKind,
+    pub optional: bool,
+}
+
+/// A message the saga emits: its topic, type, and payload fields taken from the saga's context
+/// (`payload field -> context field`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageSpec {
+    pub topic: String,
+    pub event_type: String,
+    pub fields: Vec<(String, String)>,
+}
+
+/// One step: a command, the replies that end it, and the compensation that undoes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepSpec {
+    pub name: String,
+    /// The saga's status once this step succeeded (e.g. PAYMENT_COMPLETED).
+    pub state: String,
+    pub command: MessageSpec,
+    pub reply_topic: String,
+    pub success: String,
+    pub failure: String,
+    pub compensation: MessageSpec,
+    /// The reply that confirms the compensation.
+    pub confirmed_by: String,
+    /// How long the step (or its compensation) may wait for a reply.
+    pub timeout: Duration,
+}
+
+/// What an incoming event type means to the saga.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventRole {
+    /// Starts a saga.
+    Start,
+    /// Step `n` succeeded.
+    Success(usize),
+    /// Step `n` failed.
+    Failure(usize),
+    /// Step `n`'s compensation was carried out.
+    Compensated(usize),
+}
+
+/// A validated saga definition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SagaDefinition {
+    pub name: String,
+    /// The envelope field that identifies a saga and keys every message (default `order_id`).
+    pub key_field: String,
+    /// How long a finished saga stays in the store: queryable, and deduplicating late replies.
+    pub retention: Duration,
+    /// Status of a cancelled saga whose compensations ran (default REFUNDED).
+    pub compensated_state: String,
+    /// Outputs are written as `{"event": {...}}` (the Laravel shape; default) or flat.
+    pub wrap_outputs: bool,
+    pub topics: BTreeMap<String, Format>,
+    pub start_event: String,
+    pub start_topic: String,
+    pub events: BTreeMap<String, Vec<FieldSpec>>,
+    pub steps: Vec<StepSpec>,
+    pub completed: MessageSpec,
+    pub cancelled: MessageSpec,
+}
+
+impl SagaDefinition {
+    /// Loads and validates a topology file.
+    pub fn load(path: &Path) -> Result<Self, TopologyError> {
+        let text = std::fs::read_to_string(path).map_err(|e| TopologyError {
+            problems: vec![format!("{}: cannot read: {e}", path.display())],
+        })?;
+        Self::parse(&path.display().to_string(), &text)
+    }
+
+    /// Parses and validates topology text; `file` names it in problems.
+    pub fn parse(file: &str, text: &str) -> Result<Self, TopologyError> {
+        let raw: RawTopology = marked_yaml::from_yaml(0, text).map_err(|e| {
+            let problem = match &e {
+                marked_yaml::FromYamlError::FromNode(inner) => {
+                    let line = inner.start_mark().map(|m| m.line()).or_else(|| {
+                        // Unknown keys come without a position: find the key in the text.
+                        match &**inner {
+                            marked_yaml::Error::UnknownFieldError(key, _, _) => text
+                                .lines()
+                                .position(|l| {
+                                    let l = l.trim_start().trim_start_matches(['-', '{', ' ']);
+                                    l.starts_with(&format!("{key}:"))
+                                })
+                                .map(|i| i + 1),
+                            _ => None,
+                        }
+                    });
+                    match line {
+                        Some(line) => format!("{file}:{line}: {inner}"),
+                        None => format!("{file}: {inner}"),
+                    }
+                }
+                marked_yaml::FromYamlError::ParseYaml(inner) => format!("{file}: {inner}"),
+            };
+            TopologyError {
+                problems: vec![problem],
+            }
+        })?;
+        Validator {
+            file,
+            problems: Vec::new(),
+        }
+        .validate(raw)
+    }
+
+    /// Topics the saga consumes: the start topic and every step's reply topic, without repeats.
+    pub fn input_topics(&self) -> Vec<String> {
+        let mut topics = vec![self.start_topic.clone()];
+        for step in &self.steps {
+            if !topics.contains(&step.reply_topic) {
+                topics.push(step.reply_topic.clone());
+            }
+        }
+        topics
+    }
+
+    /// Topics the saga writes: commands, compensations, outcomes and each input's DLQ.
+    pub fn output_topics(&self) -> Vec<String> {
+        let mut topics: Vec<String> = Vec::new();
+        let mut add = |t: &str| {
+            if !topics.iter().any(|x| x == t) {
+                topics.push(t.to_string());
+            }
+        };
+        for step in &self.steps {
+            add(&step.command.topic);
+            add(&step.compensation.topic);
+        }
+        add(&self.completed.topic);
+        add(&self.cancelled.topic);
+        for input in self.input_topics() {
+            add(&dlq_topic(&input));
+        }
+        topics
+    }
+
+    /// What `event_type` means when it arrives on `topic`; `None` when it has no business there.
+    pub fn role_of(&self, topic: &str, event_type: &str) -> Option<EventRole> {
+        if topic == self.start_topic && event_type == self.start_event {
+            return Some(EventRole::Start);
+        }
+        self.steps.iter().enumerate().find_map(|(i, s)| {
+            if s.reply_topic != topic {
+                return None;
+            }
+            if s.success == event_type {
+                Some(EventRole::Success(i))
+            } else if s.failure == event_type {
+                Some(EventRole::Failure(i))
+            } else if s.confirmed_by == event_type {
+                Some(EventRole::Compensated(i))
+            } else {
+                None
+            }
+        })
+    }
+
+    /// Renames every topic to `<prefix><topic>` (an environment or test namespace).
+    pub fn with_topic_prefix(mut self, prefix: &str) -> Self {
+        if prefix.is_empty() {
+            return self;
+        }
+        let p = |t: &mut String| *t = format!("{prefix}{t}");
+        self.topics = std::mem::take(&mut self.topics)
+            .into_iter()
+            .map(|(t, f)| (format!("{prefix}{t}"), f))
+            .collect();
+        p(&mut self.start_topic);
+        for step in &mut self.steps {
+            p(&mut step.command.topic);
+            p(&mut step.compensation.topic);
+            p(&mut step.reply_topic);
+        }
+        p(&mut self.completed.topic);
+        p(&mut self.cancelled.topic);
+        self
+    }
+
+    /// Overrides the timeout of the named step.
+    pub fn set_step_timeout(&mut self, step: &str, timeout: Duration) -> Result<(), String> {
+        if timeout.is_zero() {
+            return Err(format!("step '{step}': the timeout must be greater than 0"));
+        }
+        match self.steps.iter_mut().find(|s| s.name == step) {
+            Some(s) => {
+                s.timeout = timeout;
+                Ok(())
+            }
+            None => Err(format!(
+                "no step named '{step}' (steps: {})",
+                self.steps
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        }
+    }
+}
+
+/// The dead-letter topic of an input topic.
+pub fn dlq_topic(input: &str) -> String {
+    format!("{input}.dlq")
+}
+
+struct Validator<'a> {
+    file: &'a str,
+    problems: Vec<String>,
+}
+
+fn line<T>(s: &Spanned<T>) -> usize {
+    s.span().start().map(|m| m.line()).unwrap_or(0)
+}
+
+impl Validator<'_> {
+    fn problem<T>(&mut self, at: &Spanned<T>, message: impl std::fmt::Display) {
+        self.problems
+            .push(format!("{}:{}: {message}", self.file, line(at)));
+    }
+
+    fn duration(&mut self, at: &Spanned<String>, what: &str) -> Duration {
+        match humantime::parse_duration(at.trim()) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                self.problem(at, format!("{what} must be greater than 0"));
+                Duration::from_secs(1)
+            }
+            Err(e) => {
+                self.problem(
+                    at,
+                    format!("{what} '{}' is not a duration like 30s or 5m: {e}", **at),
+                );
+                Duration::from_secs(1)
+            }
+        }
+    }
+
+    fn topic(&mut self, topics: &BTreeMap<String, RawTopic>, at: &Spanned<String>) -> String {
+        if !topics.contains_key(at.as_str()) {
+            self.problem(
+                at,
+                format!("unknown topic '{}' (declare it under `topics:`)", **at),
+            );
+        }
+        at.to_string()
+    }
+
+    fn event<'e>(
+        &mut self,
+        events: &'e BTreeMap<String, Vec<FieldSpec>>,
+        at: &Spanned<String>,
+    ) -> Option<&'e Vec<FieldSpec>> {
+        let found = events.get(at.as_str());
+        if found.is_none() {
+            self.problem(
+                at,
+                format!(
+                    "unknown event type '{}' (declare its fields under `events:`)",
+                    **at
+                ),
+            );
+        }
+        found
+    }
+
+    /// Checks that every field of a message is taken from a context field known at that point.
+    fn message(
+        &mut self,
+        topics: &BTreeMap<String, RawTopic>,
+        raw: &RawCommand,
+        context: &BTreeSet<String>,
+        reserved: &[&str],
+    ) -> MessageSpec {
+        let topic = self.topic(topics, &raw.topic);
+        let mut fields = Vec::new();
+        for (name, source) in &raw.fields {
+            if reserved.contains(&name.as_str()) || ENVELOPE.contains(&name.as_str()) {
+                self.problem(
+                    source,
+                    format!(
+                        "field '{name}' of {} is set by saga-streams itself",
+                        *raw.event_type
+                    ),
+                );
+            }
+            if !context.contains(source.as_str()) {
+                self.problem(
+                    source,
+                    format!(
+                        "field '{name}' of {} takes '{}', which no earlier event provides (known: {})",
+                        *raw.event_type,
+                        **source,
+                        context.iter().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                );
+            }
+            fields.push((name.clone(), source.to_string()));
+        }
+        MessageSpec {
+            topic,
+            event_type: raw.event_type.to_string(),
+            fields,
+        }
+    }
+
+    fn validate(mut self, raw: RawTopology) -> Result<SagaDefinition, TopologyError> {
+        let file = self.file;
+        let name = raw.name.to_string();
+        if name.trim().is_empty() {
+            self.problem(&raw.name, "the saga needs a name");
+        }
+        let key_field = raw
+            .key
+            .as_ref()
+            .map(|k| k.to_string())
+            .unwrap_or_else(|| "order_id".into());
+        let retention = match &raw.retention {
+            Some(r) => self.duration(r, "retention"),
+            None => Duration::from_secs(7 * 24 * 3600),
+        };
+        let compensated_state = raw
+            .compensated_state
+            .as_ref()
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "REFUNDED".into());
+
+        let mut topics = BTreeMap::new();
+        for (topic, spec) in &raw.topics {
+            let format = match &spec.format {
+                None => Format::Json,
+                Some(f) if f.as_str() == "json" => Format::Json,
+                Some(f) => {
+                    self.problem(
+                        f,
+                        format!("topic '{topic}': unknown format '{}' (json)", **f),
+                    );
+                    Format::Json
+                }
+            };
+            topics.insert(topic.clone(), format);
+        }
+
+        let mut events = BTreeMap::new();
+        for (event, fields) in &raw.events {
+            let mut specs = Vec::new();
+            for (field, kind) in fields {
+                let (kind_name, optional) = match kind.strip_suffix('?') {
+                    Some(k) => (k, true),
+                    None => (kind.as_str(), false),
+                };
+                if ENVELOPE.contains(&field.as_str()) || *field == key_field {
+                    self.problem(
+                        kind,
+                        format!("event {event}: '{field}' is an envelope field, always present"),
+                    );
+                }
+                match FieldKind::parse(kind_name) {
+                    Some(k) => specs.push(FieldSpec {
+                        name: field.clone(),
+                        kind: k,
+                        optional,
+                    }),
+                    None => self.problem(
+                        kind,
+                        format!(
+                            "event {event}: field '{field}' has unknown type '{}' (string, number, integer, boolean, list, object; `?` for optional)",
+                            **kind
+                        ),
+                    ),
+                }
+            }
+            events.insert(event.clone(), specs);
+        }
+
+        let start_topic = self.topic(&raw.topics, &raw.start.topic);
+        let mut context: BTreeSet<String> = BTreeSet::new();
+        if let Some(fields) = self.event(&events, &raw.start.event) {
+            context.extend(fields.iter().map(|f| f.name.clone()));
+        }
+        context.insert(key_field.clone());
+
+        if raw.steps.is_empty() {
+            self.problems
+                .push(format!("{file}: a saga needs at least one step"));
+        }
+        let reserved_states = [PENDING, COMPENSATING, COMPLETED, FAILED];
+        if reserved_states.contains(&compensated_state.as_str()) {
+            if let Some(at) = &raw.compensated_state {
+                self.problem(at, format!("'{compensated_state}' is a status of its own"));
+            }
+        }
+        // Every event type the saga consumes, with where it was first named: each may play
+        // one role only, or a reply could not be told apart.
+        let mut replies_seen: BTreeMap<String, usize> = BTreeMap::new();
+        replies_seen.insert(raw.start.event.to_string(), line(&raw.start.event));
+        let mut outputs_seen: BTreeMap<String, usize> = BTreeMap::new();
+        let mut names = BTreeSet::new();
+        let mut states: BTreeSet<String> = BTreeSet::new();
+        let mut steps = Vec::new();
+        let mut output_topics = BTreeSet::new();
+
+        for raw_step in &raw.steps {
+            let step_name = raw_step.name.to_string();
+            if !names.insert(step_name.clone()) {
+                self.problem(
+                    &raw_step.name,
+                    format!("step name '{step_name}' is used twice"),
+                );
+            }
+            let state = raw_step.state.to_string();
+            if reserved_states.contains(&state.as_str()) || state == compensated_state {
+                self.problem(
+                    &raw_step.state,
+                    format!("step '{step_name}': state '{state}' is a status of its own"),
+                );
+            } else if !states.insert(state.clone()) {
+                self.problem(
+                    &raw_step.state,
+                    format!("state '{state}' is used by two steps: the second is unreachable"),
+                );
+            }
+            let timeout = self.duration(&raw_step.timeout, &format!("step '{step_name}': timeout"));
+            let command = self.message(&raw.topics, &raw_step.command, &context, &[]);
+            output_topics.insert(command.topic.clone());
+            let reply_topic = self.topic(&raw.topics, &raw_step.replies.topic);
+            for reply in [&raw_step.replies.success, &raw_step.replies.failure] {
+                self.event(&events, reply);
+            }
+            let mut success_fields = Vec::new();
+            if let Some(fields) = events.get(raw_step.replies.success.as_str()) {
+                success_fields = fields.iter().map(|f| f.name.clone()).collect();
+            }
+            let mut with_success = context.clone();
+            with_success.extend(success_fields.iter().cloned());
+
+            let (compensation, confirmed_by) = match &raw_step.compensation {
+                None => {
+                    self.problem(
+                        &raw_step.name,
+                        format!(
+                            "step '{step_name}' has no compensation: a later failure, or its own success after a timeout, could not be undone"
+                        ),
+                    );
+                    (
+                        MessageSpec {
+                            topic: String::new(),
+                            event_type: String::new(),
+                            fields: Vec::new(),
+                        },
+                        String::new(),
+                    )
+                }
+                Some(c) => {
+                    let raw_message = RawCommand {
+                        topic: c.topic.clone(),
+                        event_type: c.event_type.clone(),
+                        fields: c.fields.clone(),
+                    };
+                    let message = self.message(&raw.topics, &raw_message, &with_success, &[]);
+                    output_topics.insert(message.topic.clone());
+                    let confirmed = match &c.confirmed_by {
+                        Some(confirmed) => {
+                            self.event(&events, confirmed);
+                            Some(confirmed.clone())
+                        }
+                        None => {
+                            self.problem(
+                                &c.event_type,
+                                format!(
+                                    "compensation {} of step '{step_name}' needs `confirmed_by`: the reply that says it was carried out",
+                                    *c.event_type
+                                ),
+                            );
+                            None
+                        }
+                    };
+                    (
+                        message,
+                        confirmed.map(|c| c.to_string()).unwrap_or_default(),
+                    )
+                }
+            };
+
+            let mut consumed = vec![&raw_step.replies.success, &raw_step.replies.failure];
+            if let Some(confirmed) = raw_step
+                .compensation
+                .as_ref()
+                .and_then(|c| c.confirmed_by.as_ref())
+            {
+                consumed.push(confirmed);
+            }
+            for reply in consumed {
+                if let Some(first) = replies_seen.get(reply.as_str()) {
+                    self.problem(
+                        reply,
+                        format!(
+                            "reply type '{}' is used twice (first at line {first}): the saga could not tell which step it answers",
+                            **reply
+                        ),
+                    );
+                } else {
+                    replies_seen.insert(reply.to_string(), line(reply));
+                }
+            }
+            for out in [&raw_step.command.event_type]
+                .into_iter()
+                .chain(raw_step.compensation.as_ref().map(|c| &c.event_type))
+            {
+                if let Some(first) = outputs_seen.get(out.as_str()) {
+                    self.problem(
+                        out,
+                        format!(
+                            "command type '{}' is used twice (first at line {first})",
+                            **out
+                        ),
+                    );
+                } else {
+                    outputs_seen.insert(out.to_string(), line(out));
+                }
+            }
+
+            context = with_success;
+            steps.push(StepSpec {
+                name: step_name,
+                state,
+                command,
+                reply_topic,
+                success: raw_step.replies.success.to_string(),
+                failure: raw_step.replies.failure.to_string(),
+                compensation,
+                confirmed_by,
+                timeout,
+            });
+        }
+
+        let completed = self.message(&raw.topics, &raw.outcomes.completed, &context, &["reason"]);
+        let cancelled = self.message(&raw.topics, &raw.outcomes.cancelled, &context, &["reason"]);
+        output_topics.insert(completed.topic.clone());
+        output_topics.insert(cancelled.topic.clone());
+
+        let mut input_topics = BTreeSet::from([start_topic.clone()]);
+        input_topics.extend(steps.iter().map(|s| s.reply_topic.clone()));
+        for topic in input_topics.intersection(&output_topics) {
+            self.problems.push(format!(
+                "{file}: topic '{topic}' is both read and written by the saga: it would consume its own outputs"
+            ));
+        }
+        for topic in raw.topics.keys() {
+            if !input_topics.contains(topic) && !output_topics.contains(topic) {
+                self.problems.push(format!(
+                    "{file}: topic '{topic}' is declared but never used"
+                ));
+            }
+        }
+        for (event, fields) in &raw.events {
+            if !replies_seen.contains_key(event) && !outputs_seen.contains_key(event) {
+                let at = fields.values().next().map(line).unwrap_or(0);
+                self.problems.push(format!(
+                    "{file}:{at}: event {event} is declared but no step consumes it"
+                ));
+            }
+        }
+
+        if !self.problems.is_empty() {
+            return Err(TopologyError {
+                problems: self.problems,
+            });
+        }
+        Ok(SagaDefinition {
+            name,
+            key_field,
+            retention,
+            compensated_state,
+            wrap_outputs: raw.wrap_outputs.map(|w| *w).unwrap_or(true),
+            topics,
+            start_event: raw.start.event.to_string(),
+            start_topic,
+            events,
+            steps,
+            completed,
+            cancelled,
+        })
+    }
+}
+
+/// Fields every message carries; the saga writes them itself.
+pub const ENVELOPE: &[&str] = &[
+    "event_id",
+    "event_type",
+    "event_version",
+    "correlation_id",
+    "occurred_at",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn order_saga() -> String {
+        std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/topologies/order_saga.yaml"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_shipped_topologies_load() {
+        let def = SagaDefinition::parse("order_saga.yaml", &order_saga()).unwrap();
+        assert_eq!(def.steps.len(), 2);
+        assert_eq!(def.steps[0].command.event_type, "ProcessPayment");
+        assert_eq!(
+            def.input_topics(),
+            vec!["orders.created", "payments.events", "inventory.events"]
+        );
+        assert_eq!(
+            def.role_of("payments.events", "PaymentRefunded"),
+            Some(EventRole::Compensated(0))
+        );
+        assert_eq!(def.role_of("inventory.events", "PaymentRefunded"), None);
+        let shipping = SagaDefinition::load(Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/topologies/order_with_shipping.yaml"
+        )))
+        .unwrap();
+        assert_eq!(shipping.steps.len(), 3);
+    }
+
+    #[test]
+    fn every_semantic_problem_is_reported_at_once_with_its_line() {
+        let text = order_saga()
+            .replace(
+                "topic: inventory.commands, type: ReserveInventory",
+                "topic: inventory.cmds, type: ReserveInventory",
+            )
+            .replace(
+                "failure: InventoryReservationFailed",
+                "failure: PaymentFailed",
+            )
+            .replace(
+                "timeout: 30s\n    compensation",
+                "timeout: soon\n    compensation",
+            );
+        let err = SagaDefinition::parse("t.yaml", &text).unwrap_err();
+        let all = err.problems.join("\n");
+        assert!(all.contains("unknown topic 'inventory.cmds'"), "{all}");
+        assert!(
+            all.contains("reply type 'PaymentFailed' is used twice"),
+            "{all}"
+        );
+        for p in &err.problems {
+            let line: usize = p.split(':').nth(1).unwrap().parse().unwrap_or(0);
+            assert!(line > 0 || p.contains("declared but"), "no line in: {p}");
+        }
+        let line_of = |needle: &str| text.lines().position(|l| l.contains(needle)).unwrap() + 1;
+        assert!(
+            all.contains(&format!(
+                "t.yaml:{}: unknown topic",
+                line_of("inventory.cmds")
+            )),
+            "{all}"
+        );
+    }
+
+    #[test]
+    fn a_step_without_compensation_and_a_structural_error_are_refused() {
+        let text = order_saga();
+        let mut lines: Vec<&str> = text.lines().collect::<Vec<_>>();
+        let cut = text.find("    compensation:").unwrap();
+        let end = cut + text[cut..].find("confirmed_by").unwrap();
+        let end = end + text[end..].find('\n').unwrap() + 1;
+        let without = format!("{}{}", &text[..cut], &text[end..]);
+        let err = SagaDefinition::parse("t.yaml", &without).unwrap_err();
+        assert!(
+            err.problems
+                .iter()
+                .any(|p| p.contains("has no compensation")),
+            "{err}"
+        );
+
+        lines.insert(1, "bogus_key: 1");
+        let err = SagaDefinition::parse("t.yaml", &lines.join("\n")).unwrap_err();
+        assert!(err.problems[0].starts_with("t.yaml:2:"), "{err}");
+    }
+
+    #[test]
+    fn prefix_and_timeout_overrides() {
+        let mut def = SagaDefinition::parse("t", &order_saga())
+            .unwrap()
+            .with_topic_prefix("x.");
+        assert!(def.input_topics().iter().all(|t| t.starts_with("x.")));
+        assert!(def
+            .output_topics()
+            .contains(&"x.orders.created.dlq".to_string()));
+        def.set_step_timeout("payment", Duration::from_secs(5))
+            .unwrap();
+        assert_eq!(def.steps[0].timeout, Duration::from_secs(5));
+        assert!(def
+            .set_step_timeout("shipping", Duration::from_secs(5))
+            .is_err());
+    }
+}

@@ -1,0 +1,238 @@
+//! The saga's surroundings, for demos and for users testing their own services: participants that
+//! answer commands ([`participant`]), an order generator ([`load`]), an auditor that checks the
+//! outputs ([`audit`]), and the Kafka plumbing they share (topic creation, reading topics to their
+//! end).
+
+pub mod audit;
+pub mod load;
+pub mod participant;
+
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+use crate::saga::SagaDefinition;
+
+/// A failure talking to Kafka from the tools in this module.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error("{operation}: {source}")]
+    Kafka {
+        operation: &'static str,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+impl SimError {
+    pub fn kafka(operation: &'static str) -> impl FnOnce(KafkaError) -> Self {
+        move |source| Self::Kafka { operation, source }
+    }
+}
+
+/// Creates every topic of a topology (inputs, outputs and DLQs) with `partitions` partitions;
+/// topics that exist already are left as they are. Returns the names created.
+pub fn create_topics(
+    bootstrap: &str,
+    def: &SagaDefinition,
+    partitions: i32,
+) -> Result<Vec<String>, SimError> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .map_err(SimError::kafka("create admin client"))?;
+    let mut names = def.input_topics();
+    names.extend(def.output_topics());
+    let topics: Vec<NewTopic> = names
+        .iter()
+        .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(-1)))
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = futures::executor::block_on(admin.create_topics(&topics, &options))
+        .map_err(SimError::kafka("create topics"))?;
+    let mut created = Vec::new();
+    for result in results {
+        match result {
+            Ok(topic) => created.push(topic),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(SimError::Other(format!(
+                    "creating topic '{topic}' failed: {code}"
+                )))
+            }
+        }
+    }
+    Ok(created)
+}
+
+/// One record read back from Kafka.
+#[derive(Debug, Clone)]
+pub struct ReadRecord {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp_ms: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl ReadRecord {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    }
+}
+
+/// Client context of the scanner: end-of-partition is what it waits for, not an error to log.
+struct ScanContext;
+
+impl ClientContext for ScanContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::error!(error = %error, reason, "kafka client error");
+        }
+    }
+}
+
+impl ConsumerContext for ScanContext {}
+
+/// Reads topics from the beginning, `read_committed`: only what committed transactions wrote.
+pub struct TopicScanner {
+    consumer: BaseConsumer<ScanContext>,
+    partitions: usize,
+}
+
+impl TopicScanner {
+    pub fn new(bootstrap: &str, topics: &[String]) -> Result<Self, SimError> {
+        let consumer: BaseConsumer<ScanContext> = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set(
+                "group.id",
+                format!("saga-streams-scan-{}", uuid::Uuid::new_v4()),
+            )
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "true")
+            .create_with_context(ScanContext)
+            .map_err(SimError::kafka("create consumer"))?;
+        let metadata = consumer
+            .fetch_metadata(None, Duration::from_secs(10))
+            .map_err(SimError::kafka("fetch metadata"))?;
+        let mut assignment = TopicPartitionList::new();
+        for topic in topics {
+            let found = metadata
+                .topics()
+                .iter()
+                .find(|t| t.name() == topic && t.error().is_none())
+                .ok_or_else(|| SimError::Other(format!("topic '{topic}' does not exist")))?;
+            for p in found.partitions() {
+                assignment
+                    .add_partition_offset(topic, p.id(), Offset::Beginning)
+                    .map_err(SimError::kafka("assign"))?;
+            }
+        }
+        consumer
+            .assign(&assignment)
+            .map_err(SimError::kafka("assign"))?;
+        Ok(Self {
+            consumer,
+            partitions: assignment.count(),
+        })
+    }
+
+    /// Appends the records that are available, waiting at most `wait` when there are none.
+    pub fn poll_batch(&self, wait: Duration, into: &mut Vec<ReadRecord>) -> Result<(), SimError> {
+        let mut timeout = wait;
+        loop {
+            match self.consumer.poll(timeout) {
+                Some(Ok(m)) => into.push(read(&m)),
+                Some(Err(KafkaError::PartitionEOF(_))) => {}
+                Some(Err(e)) => {
+                    return Err(SimError::Kafka {
+                        operation: "read",
+                        source: e,
+                    })
+                }
+                None => return Ok(()),
+            }
+            timeout = Duration::ZERO;
+        }
+    }
+
+    /// Reads every partition of one topic to its end: the last stable offset when it is reached,
+    /// which is where librdkafka reports end-of-partition under `read_committed`.
+    fn read_topic_to_end(self, deadline: Instant) -> Result<Vec<ReadRecord>, SimError> {
+        let mut done = std::collections::HashSet::new();
+        let mut records = Vec::new();
+        while done.len() < self.partitions {
+            if Instant::now() >= deadline {
+                return Err(SimError::Other(format!(
+                    "reading to the end timed out ({} of {} partitions done)",
+                    done.len(),
+                    self.partitions
+                )));
+            }
+            match self.consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) => records.push(read(&m)),
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    done.insert(p);
+                }
+                Some(Err(e)) => {
+                    return Err(SimError::Kafka {
+                        operation: "read",
+                        source: e,
+                    })
+                }
+                None => {}
+            }
+        }
+        Ok(records)
+    }
+}
+
+/// Reads topics from the beginning to their current end, `read_committed`.
+pub fn read_to_end(
+    bootstrap: &str,
+    topics: &[String],
+    timeout: Duration,
+) -> Result<Vec<ReadRecord>, SimError> {
+    let deadline = Instant::now() + timeout;
+    let mut all = Vec::new();
+    // One consumer per topic: end-of-partition events name the partition, not the topic.
+    for topic in topics {
+        let scanner = TopicScanner::new(bootstrap, std::slice::from_ref(topic))?;
+        all.extend(scanner.read_topic_to_end(deadline)?);
+    }
+    Ok(all)
+}
+
+fn read<M: Message>(m: &M) -> ReadRecord {
+    let headers = m
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                .collect()
+        })
+        .unwrap_or_default();
+    ReadRecord {
+        topic: m.topic().to_string(),
+        partition: m.partition(),
+        offset: m.offset(),
+        timestamp_ms: m.timestamp().to_millis().unwrap_or(0),
+        key: m.key().map(<[u8]>::to_vec),
+        value: m.payload().map(<[u8]>::to_vec),
+        headers,
+    }
+}

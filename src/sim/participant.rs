@@ -1,0 +1,354 @@
+//! A simulated participant service (`saga-streams simulate <step>`): it consumes one step's
+//! commands and compensations and replies the way the topology expects, with configurable
+//! outcomes.
+//!
+//! It runs on the streams runtime like the orchestrator, so it is exactly-once too: each command
+//! `event_id` is answered once, even across crashes and redeliveries. Outcomes are decided from a
+//! hash of the saga id, so a run is reproducible and a redelivered command gets the same answer.
+//!
+//! Store `participant`:
+//! - `c/<command event_id>`: answered already;
+//! - `d/<due ms, 8 bytes big-endian><command event_id>`: a reply held back by `--latency`;
+//! - `k/<sku>`: the remaining stock of a SKU in this task (stock is per partition, since orders are
+//!   spread over partitions by id).
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::codec::json::{self, CORRELATION_HEADER, TRACEPARENT_HEADER};
+use crate::runtime::{InputRecord, OutputRecord, Processor, ProcessorContext, ProcessorError};
+use crate::saga::topology::{FieldKind, SagaDefinition, StepSpec};
+
+/// The participant's store.
+pub const PARTICIPANT_STORE: &str = "participant";
+
+/// How a participant answers.
+#[derive(Debug, Clone, Default)]
+pub struct Behaviour {
+    /// Share of commands (0..=1) answered with the failure reply.
+    pub failure_share: f64,
+    /// Commands whose `amount` is above this are answered with the failure reply.
+    pub decline_above: Option<f64>,
+    /// Stock per SKU (per task); a command whose `items` ask for more than is left fails.
+    /// SKUs not listed are unlimited.
+    pub stock: BTreeMap<String, i64>,
+    /// Delay before each reply.
+    pub latency: Duration,
+    /// Share of commands (0..=1) never answered (compensations are always answered).
+    pub no_reply_share: f64,
+}
+
+/// A value in `[0, 1)` derived from `text` and `salt`: the same inputs always give the same value.
+pub fn share_of(text: &str, salt: &str) -> f64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    salt.hash(&mut hasher);
+    text.hash(&mut hasher);
+    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct HeldReply {
+    topic: String,
+    key: String,
+    value: Vec<u8>,
+    headers: Vec<(String, Vec<u8>)>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A reply's event type and payload.
+type ReplyContent = (String, Map<String, Value>);
+
+/// Answers one step's commands.
+pub struct Participant {
+    def: Arc<SagaDefinition>,
+    step: usize,
+    behaviour: Arc<Behaviour>,
+}
+
+impl Participant {
+    pub fn new(def: Arc<SagaDefinition>, step: usize, behaviour: Arc<Behaviour>) -> Self {
+        Self {
+            def,
+            step,
+            behaviour,
+        }
+    }
+
+    fn spec(&self) -> &StepSpec {
+        &self.def.steps[self.step]
+    }
+
+    /// The reply's event type and payload for a command, or `None` to stay silent.
+    fn decide(
+        &self,
+        ctx: &mut ProcessorContext<'_>,
+        command_type: &str,
+        saga_id: &str,
+        body: &Map<String, Value>,
+    ) -> Result<Option<ReplyContent>, ProcessorError> {
+        let spec = self.spec().clone();
+        let b = &self.behaviour;
+        if command_type == spec.compensation.event_type {
+            let mut store = ctx.store(PARTICIPANT_STORE)?;
+            for (sku, quantity) in items(body) {
+                if b.stock.contains_key(&sku) {
+                    let key = format!("k/{sku}");
+                    let left: i64 = store.get_json(key.as_bytes())?.unwrap_or(b.stock[&sku]);
+                    store.put_json(key.as_bytes(), &(left + quantity))?;
+                }
+            }
+            let payload = self.fill(&spec.confirmed_by, body, saga_id, None);
+            return Ok(Some((spec.confirmed_by.clone(), payload)));
+        }
+        if command_type != spec.command.event_type {
+            return Ok(None);
+        }
+        if share_of(saga_id, &format!("{}/no-reply", spec.name)) < b.no_reply_share {
+            tracing::debug!(%saga_id, "staying silent");
+            return Ok(None);
+        }
+        let mut failure = None;
+        if let (Some(limit), Some(amount)) =
+            (b.decline_above, body.get("amount").and_then(Value::as_f64))
+        {
+            if amount > limit {
+                failure = Some(format!("amount {amount} above the limit {limit}"));
+            }
+        }
+        if failure.is_none() && share_of(saga_id, &format!("{}/fail", spec.name)) < b.failure_share
+        {
+            failure = Some("declined".to_string());
+        }
+        if failure.is_none() && !b.stock.is_empty() {
+            let mut store = ctx.store(PARTICIPANT_STORE)?;
+            let wanted: Vec<(String, i64)> = items(body)
+                .into_iter()
+                .filter(|(sku, _)| b.stock.contains_key(sku))
+                .collect();
+            let mut left = Vec::new();
+            for (sku, quantity) in &wanted {
+                let key = format!("k/{sku}");
+                let have: i64 = store.get_json(key.as_bytes())?.unwrap_or(b.stock[sku]);
+                if have < *quantity {
+                    failure = Some(format!("out of stock: {sku}"));
+                    break;
+                }
+                left.push((key, have - quantity));
+            }
+            if failure.is_none() {
+                for (key, rest) in left {
+                    store.put_json(key.as_bytes(), &rest)?;
+                }
+            }
+        }
+        Ok(Some(match failure {
+            Some(reason) => (
+                spec.failure.clone(),
+                self.fill(&spec.failure, body, saga_id, Some(reason)),
+            ),
+            None => (
+                spec.success.clone(),
+                self.fill(&spec.success, body, saga_id, None),
+            ),
+        }))
+    }
+
+    /// The payload of a reply: each field the topology declares for it, taken from the command
+    /// when it carries one of that name, else made up from its type.
+    fn fill(
+        &self,
+        event_type: &str,
+        command: &Map<String, Value>,
+        saga_id: &str,
+        reason: Option<String>,
+    ) -> Map<String, Value> {
+        let mut payload = Map::new();
+        for field in self.def.events.get(event_type).into_iter().flatten() {
+            let value = if field.name == "reason" {
+                Value::String(reason.clone().unwrap_or_else(|| "simulated".into()))
+            } else if let Some(v) = command.get(&field.name).filter(|v| !v.is_null()) {
+                v.clone()
+            } else {
+                match field.kind {
+                    FieldKind::String => Value::String(format!(
+                        "{}-{}",
+                        field.name.trim_end_matches("_id"),
+                        uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, saga_id.as_bytes())
+                    )),
+                    FieldKind::Number | FieldKind::Integer => Value::from(0),
+                    FieldKind::Boolean => Value::Bool(true),
+                    FieldKind::List => Value::Array(vec![]),
+                    FieldKind::Object => Value::Object(Map::new()),
+                }
+            };
+            payload.insert(field.name.clone(), value);
+        }
+        payload
+    }
+}
+
+/// `items: [{sku, quantity}]` of a command.
+fn items(body: &Map<String, Value>) -> Vec<(String, i64)> {
+    body.get("items")
+        .and_then(Value::as_array)
+        .map(|list| {
+            list.iter()
+                .filter_map(|item| {
+                    Some((
+                        item.get("sku")?.as_str()?.to_string(),
+                        item.get("quantity").and_then(Value::as_i64).unwrap_or(1),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl Processor for Participant {
+    fn init(&mut self, ctx: &mut ProcessorContext<'_>) -> Result<(), ProcessorError> {
+        if !self.behaviour.latency.is_zero() {
+            ctx.schedule_punctuation((self.behaviour.latency / 4).max(Duration::from_millis(10)));
+        }
+        Ok(())
+    }
+
+    fn process(
+        &mut self,
+        ctx: &mut ProcessorContext<'_>,
+        record: &InputRecord,
+    ) -> Result<(), ProcessorError> {
+        let body = record
+            .value
+            .as_deref()
+            .and_then(|v| serde_json::from_slice::<Value>(v).ok())
+            .and_then(json::unwrap_body);
+        let Some(body) = body else {
+            tracing::warn!(topic = %record.topic, offset = record.offset, "ignoring a command that is not a JSON object");
+            return Ok(());
+        };
+        let field = |name: &str| body.get(name).and_then(Value::as_str).map(str::to_string);
+        let (Some(command_id), Some(command_type)) = (field("event_id"), field("event_type"))
+        else {
+            tracing::warn!(topic = %record.topic, offset = record.offset, "ignoring a command without event_id or event_type");
+            return Ok(());
+        };
+        let saga_id = match body.get(&self.def.key_field) {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Number(n)) => n.to_string(),
+            _ => String::from_utf8_lossy(record.key.as_deref().unwrap_or_default()).into_owned(),
+        };
+        let seen_key = format!("c/{command_id}");
+        {
+            let mut store = ctx.store(PARTICIPANT_STORE)?;
+            if store.get(seen_key.as_bytes())?.is_some() {
+                tracing::debug!(%command_id, "command answered already");
+                return Ok(());
+            }
+            store.put(seen_key.as_bytes(), b"");
+        }
+        let Some((reply_type, payload)) = self.decide(ctx, &command_type, &saga_id, &body)? else {
+            return Ok(());
+        };
+        let now = now_ms();
+        let correlation_id = field("correlation_id").unwrap_or_default();
+        let mut reply_body = payload;
+        reply_body.insert(
+            "event_id".into(),
+            Value::String(
+                uuid::Uuid::new_v5(
+                    &uuid::Uuid::NAMESPACE_OID,
+                    format!("reply/{command_id}").as_bytes(),
+                )
+                .to_string(),
+            ),
+        );
+        reply_body.insert("event_type".into(), Value::String(reply_type));
+        reply_body.insert("event_version".into(), Value::from(1));
+        reply_body.insert(self.def.key_field.clone(), Value::String(saga_id.clone()));
+        reply_body.insert("correlation_id".into(), Value::String(correlation_id));
+        reply_body.insert("occurred_at".into(), Value::String(json::rfc3339(now)));
+        let mut headers = Vec::new();
+        for name in [CORRELATION_HEADER, TRACEPARENT_HEADER] {
+            if let Some(v) = record.header(name) {
+                headers.push((name.to_string(), v.to_vec()));
+            }
+        }
+        let reply = HeldReply {
+            topic: self.spec().reply_topic.clone(),
+            key: saga_id,
+            value: json::encode_body(reply_body, true),
+            headers,
+        };
+        if self.behaviour.latency.is_zero() {
+            send(ctx, reply);
+        } else {
+            let due = now + self.behaviour.latency.as_millis() as i64;
+            let key = [
+                b"d/".as_slice(),
+                &(due as u64).to_be_bytes(),
+                command_id.as_bytes(),
+            ]
+            .concat();
+            ctx.store(PARTICIPANT_STORE)?.put_json(&key, &reply)?;
+        }
+        Ok(())
+    }
+
+    fn punctuate(
+        &mut self,
+        ctx: &mut ProcessorContext<'_>,
+        now: SystemTime,
+    ) -> Result<(), ProcessorError> {
+        let now = now
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let end = [b"d/".as_slice(), &(now + 1).to_be_bytes()].concat();
+        let mut due = Vec::new();
+        {
+            let mut store = ctx.store(PARTICIPANT_STORE)?;
+            for (key, value) in store.range(b"d/", Some(&end))? {
+                store.delete(&key);
+                match serde_json::from_slice::<HeldReply>(&value) {
+                    Ok(reply) => due.push(reply),
+                    Err(e) => return Err(ProcessorError(format!("undecodable held reply: {e}"))),
+                }
+            }
+        }
+        for reply in due {
+            send(ctx, reply);
+        }
+        Ok(())
+    }
+}
+
+fn send(ctx: &mut ProcessorContext<'_>, reply: HeldReply) {
+    let mut record = OutputRecord::new(reply.topic, reply.key.into_bytes(), reply.value);
+    record.headers = reply.headers;
+    ctx.send(record);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_are_stable_and_spread() {
+        assert_eq!(share_of("o-1", "x"), share_of("o-1", "x"));
+        let below = (0..10_000)
+            .filter(|i| share_of(&format!("o-{i}"), "payment/fail") < 0.1)
+            .count();
+        assert!((800..1200).contains(&below), "{below}");
+    }
+}

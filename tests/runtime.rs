@@ -343,17 +343,28 @@ async fn instances_joining_and_leaving_under_load_lose_and_duplicate_nothing() {
     let outputs = read_outputs(&args, total, Duration::from_secs(120));
     let finals = check_exactly_once(&outputs, &sent);
     assert_eq!(finals.values().sum::<u64>(), total as u64);
-    // Tasks really moved: the instances that stayed ran more tasks than they first got.
-    let started = |p: &CounterProcess| {
+    // Tasks really moved: every task the leaving instance closed at its shutdown was started
+    // again, afterwards, by one of the instances that stayed.
+    let lines = |p: &CounterProcess, message: &str| -> Vec<(String, i64)> {
         p.log_lines()
             .iter()
-            .filter(|l| l["message"] == "task running")
-            .count()
+            .filter(|l| l["message"] == message)
+            .filter_map(|l| Some((l["timestamp"].as_str()?.to_string(), l["task"].as_i64()?)))
+            .collect()
     };
-    assert!(
-        started(&second) + started(&third) > PARTITIONS as usize,
-        "no task moved to the remaining instances"
-    );
+    let handed_over = lines(&first, "task closed");
+    assert!(!handed_over.is_empty(), "the leaving instance ran no task");
+    let restarted: Vec<(String, i64)> = [
+        lines(&second, "task running"),
+        lines(&third, "task running"),
+    ]
+    .concat();
+    for (closed_at, task) in &handed_over {
+        assert!(
+            restarted.iter().any(|(at, t)| t == task && at > closed_at),
+            "task {task}, closed by the leaving instance at {closed_at}, never started elsewhere after that: {restarted:?}"
+        );
+    }
     drop((second, third));
 }
 

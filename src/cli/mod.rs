@@ -4,6 +4,7 @@ mod args;
 mod audit;
 mod demo;
 mod describe;
+mod lag;
 mod load;
 mod run;
 mod simulate;
@@ -12,7 +13,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::telemetry::{init_logging_with_default, LogFormat};
+use crate::telemetry::{init_tracing, shutdown_tracing, LogFormat};
 
 /// saga-streams: a Kafka Streams-style saga orchestrator with exactly-once state and outputs.
 #[derive(Debug, Parser)]
@@ -27,6 +28,10 @@ pub struct Cli {
         env = "SAGA_STREAMS_LOG_FORMAT"
     )]
     pub log_format: LogFormat,
+    /// Export spans over OTLP/HTTP to this URL (e.g. http://127.0.0.1:4318/v1/traces); off when
+    /// unset.
+    #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -43,6 +48,8 @@ pub enum Command {
     Load(load::LoadArgs),
     /// Check a saga's topics read_committed; exits 1 on any violation.
     Audit(audit::AuditArgs),
+    /// Consumer lag of any consumer group, per partition, against the last stable offset.
+    Lag(lag::LagArgs),
     /// The whole story on a local stack: topics, orchestrator, participants, load, audit.
     Demo(demo::DemoArgs),
 }
@@ -54,15 +61,20 @@ pub fn main() -> ExitCode {
         Command::Demo(_) => "warn",
         _ => "info",
     };
-    init_logging_with_default(cli.log_format, default_filter);
+    if let Err(e) = init_tracing(cli.log_format, default_filter, cli.otlp_endpoint.as_deref()) {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Describe(args) => describe::run(args),
         Command::Simulate(args) => simulate::run(args),
         Command::Load(args) => load::run(args),
         Command::Audit(args) => audit::run(args),
+        Command::Lag(args) => lag::run(args),
         Command::Demo(args) => demo::run(args),
     };
+    shutdown_tracing();
     match result {
         Ok(code) => code,
         Err(e) => {

@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use super::args::{default_instance_id, parse_duration, KafkaArgs, TopologyArgs};
 use crate::runtime::{self, Guarantee, RuntimeConfig, Shutdown};
+use crate::saga::query::{Partitioner, SagaQuery};
 use crate::saga::{SagaDefinition, SagaProcessor, SAGA_STORE};
+use crate::telemetry::http;
+use crate::telemetry::metrics::install_recorder;
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -35,6 +38,10 @@ pub struct RunArgs {
     pub commit_interval: Duration,
     #[arg(long, value_enum, default_value = "exactly-once")]
     pub guarantee: Guarantee,
+    /// How keys map to partitions, for the outputs and for finding a saga's task in
+    /// `/sagas/{id}`. Every producer of the input topics must use the same one.
+    #[arg(long, value_enum, default_value = "consistent-random")]
+    pub partitioner: Partitioner,
 }
 
 /// The runtime configuration of a saga.
@@ -79,7 +86,19 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     );
     config.commit_interval = args.commit_interval;
     config.guarantee = args.guarantee;
-    crate::telemetry::install_metrics(args.metrics_addr).map_err(anyhow::Error::msg)?;
+    config.partitioner = args.partitioner.setting().to_string();
+    let metrics = install_recorder().map_err(anyhow::Error::msg)?;
+    let query = SagaQuery {
+        status: config.status.clone(),
+        partitioner: args.partitioner,
+    };
+    http::serve(
+        args.metrics_addr,
+        Some(metrics),
+        config.status.clone(),
+        Some(Arc::new(query)),
+    )
+    .map_err(anyhow::Error::msg)?;
     let shutdown = Shutdown::new();
     shutdown.on_signals()?;
     tracing::info!(saga = %def.name, topology = %args.topology.topology.display(), "running the saga");

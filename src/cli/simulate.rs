@@ -31,6 +31,9 @@ pub struct SimulateArgs {
     pub instance_id: Option<String>,
     #[arg(long, default_value = "state")]
     pub state_dir: PathBuf,
+    /// Serve /metrics, /health and /ready here; off when unset.
+    #[arg(long)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -115,6 +118,11 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
         args.state_dir,
     );
     let (config, supplier) = participant(def, step, args.behaviour.behaviour(), config);
+    if let Some(addr) = args.metrics_addr {
+        let metrics = crate::telemetry::metrics::install_recorder().map_err(anyhow::Error::msg)?;
+        crate::telemetry::http::serve(addr, Some(metrics), config.status.clone(), None)
+            .map_err(anyhow::Error::msg)?;
+    }
     let shutdown = Shutdown::new();
     shutdown.on_signals()?;
     runtime::run(config, supplier, shutdown)?;

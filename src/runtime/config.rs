@@ -56,6 +56,9 @@ pub struct RuntimeConfig {
     pub group_protocol: String,
     /// Extra librdkafka settings for both clients; settings the runtime owns are refused.
     pub kafka: BTreeMap<String, String>,
+    /// librdkafka `partitioner` of the producer: how output keys map to partitions
+    /// (`consistent_random`, librdkafka's default, or `murmur2_random`, the Java client's).
+    pub partitioner: String,
     /// Where the instance reports its assigned and running tasks (clone it before `run`).
     pub status: super::RuntimeStatus,
 }
@@ -71,6 +74,7 @@ const OWNED_SETTINGS: &[&str] = &[
     "group.protocol",
     "partition.assignment.strategy",
     "transaction.timeout.ms",
+    "partitioner",
 ];
 
 impl RuntimeConfig {
@@ -96,6 +100,7 @@ impl RuntimeConfig {
             transaction_timeout: Duration::from_secs(10),
             group_protocol: "consumer".to_string(),
             kafka: BTreeMap::new(),
+            partitioner: "consistent_random".to_string(),
             status: super::RuntimeStatus::default(),
         }
     }

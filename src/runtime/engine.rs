@@ -22,6 +22,8 @@ use super::processor::{OutputRecord, ProcessorSupplier};
 use super::restore::Restorer;
 use super::task::Task;
 use crate::state::rocks::{RocksBackend, RocksResources};
+use crate::state::StoreBackend;
+use crate::telemetry::metrics as m;
 
 /// Commit latency samples kept for the shutdown summary (hours of commits at 10 per second).
 const MAX_COMMIT_SAMPLES: usize = 100_000;
@@ -89,6 +91,23 @@ pub struct Engine {
     pub broken: bool,
     /// Durations of the commits that carried work (bounded), summarised in the log at shutdown.
     commit_latencies: Vec<Duration>,
+    /// Metric handles by topic, so the hot path does not build labels per record.
+    consumed: HashMap<String, metrics::Counter>,
+    produced: HashMap<String, metrics::Counter>,
+    process_latency: metrics::Histogram,
+}
+
+fn topic_counter<'a>(
+    cache: &'a mut HashMap<String, metrics::Counter>,
+    name: &'static str,
+    topic: &str,
+) -> &'a metrics::Counter {
+    if !cache.contains_key(topic) {
+        let counter = metrics::counter!(name, "topic" => topic.to_string());
+        cache.insert(topic.to_string(), counter);
+    }
+    // Inserted just above when missing.
+    &cache[topic]
 }
 
 impl Engine {
@@ -106,7 +125,8 @@ impl Engine {
             .set("bootstrap.servers", &config.bootstrap)
             .set("enable.idempotence", "true")
             .set("linger.ms", "5")
-            .set("queue.buffering.max.messages", "1000000");
+            .set("queue.buffering.max.messages", "1000000")
+            .set("partitioner", &config.partitioner);
         if config.guarantee == Guarantee::ExactlyOnce {
             client
                 .set("transactional.id", config.transactional_id())
@@ -143,6 +163,9 @@ impl Engine {
             failure: None,
             broken: false,
             commit_latencies: Vec::new(),
+            consumed: HashMap::new(),
+            produced: HashMap::new(),
+            process_latency: metrics::histogram!(m::PROCESS_LATENCY),
         })
     }
 
@@ -162,7 +185,11 @@ impl Engine {
 
     fn send(&mut self, record: &OutputRecord, opaque: usize) -> Result<(), RuntimeError> {
         self.ensure_transaction()?;
-        send_record(&self.producer, record, opaque)
+        send_record(&self.producer, record, opaque)?;
+        if opaque == 0 {
+            topic_counter(&mut self.produced, m::RECORDS_PRODUCED, &record.topic).increment(1);
+        }
+        Ok(())
     }
 
     fn flush_outputs(&mut self) -> Result<(), RuntimeError> {
@@ -195,8 +222,11 @@ impl Engine {
                 };
                 let span = tracing::debug_span!("record", topic = %record.topic, partition, offset = record.offset);
                 let _entered = span.enter();
+                let started = Instant::now();
                 task.process(&record, &mut self.outputs)
                     .map_err(|e| RuntimeError::Processor(format!("task {partition}: {e}")))?;
+                self.process_latency.record(started.elapsed().as_secs_f64());
+                topic_counter(&mut self.consumed, m::RECORDS_CONSUMED, &record.topic).increment(1);
                 processed += 1;
                 self.flush_outputs()?;
             }
@@ -326,6 +356,8 @@ impl Engine {
             task.apply_committed(checkpoints)?;
         }
         self.records_in_cycle = 0;
+        metrics::histogram!(m::COMMIT_LATENCY).record(started.elapsed().as_secs_f64());
+        metrics::counter!(m::TRANSACTIONS, "result" => "committed").increment(1);
         if self.commit_latencies.len() < MAX_COMMIT_SAMPLES {
             self.commit_latencies.push(started.elapsed());
         }
@@ -403,6 +435,7 @@ impl Engine {
             // Each store's restoration logs what it replayed ("restore finished").
             self.restorer
                 .restore_task(&self.config, partition, &mut backend)?;
+            let reader = backend.reader();
             let processor = (self.supplier)(partition);
             let task = Task::start(
                 partition,
@@ -414,6 +447,7 @@ impl Engine {
             )
             .map_err(|e| RuntimeError::Processor(format!("task {partition} init: {e}")))?;
             self.tasks.insert(partition, task);
+            self.config.status.task_started(partition, reader);
             self.flush_outputs()?;
             let mut inputs = TopicPartitionList::new();
             for topic in &self.config.input_topics {
@@ -433,6 +467,7 @@ impl Engine {
     pub fn close_tasks(&mut self, partitions: &BTreeSet<i32>) {
         for partition in partitions {
             if let Some(task) = self.tasks.remove(partition) {
+                self.config.status.task_closed(*partition);
                 task.close();
                 tracing::info!(task = partition, "task closed");
             }
@@ -489,6 +524,7 @@ impl Engine {
     /// Drops the open cycle (outputs, overlays, buffered records, delivery bookkeeping) and aborts
     /// its transaction; the inputs are left where they are.
     fn abort_without_rewind(&mut self) -> Result<(), RuntimeError> {
+        metrics::counter!(m::TRANSACTIONS, "result" => "aborted").increment(1);
         self.outputs.clear();
         for task in self.tasks.values_mut() {
             task.discard_cycle();

@@ -15,6 +15,7 @@ use rdkafka::ClientContext;
 use super::config::RuntimeConfig;
 use super::error::RuntimeError;
 use crate::state::{CommitBatch, StoreBackend};
+use crate::telemetry::metrics as m;
 
 /// Records per RocksDB write batch during restoration.
 const RESTORE_BATCH: usize = 20_000;
@@ -104,7 +105,10 @@ impl Restorer {
             .consumer
             .fetch_watermarks(&topic, partition, Duration::from_secs(30))
             .map_err(RuntimeError::kafka("changelog watermarks"))?;
+        let remaining_gauge = metrics::gauge!(m::RESTORE_REMAINING, "store" => store.to_string(), "partition" => partition.to_string());
+        let restored_counter = metrics::counter!(m::RESTORED_RECORDS, "store" => store.to_string());
         if high <= checkpoint.unwrap_or(0) {
+            remaining_gauge.set(0.0);
             // Nothing after the checkpoint, or an empty changelog: no need to wait for the
             // consumer to report the end (an offset lookup and a fetch round, ~2 s per task).
             let to_offset = checkpoint.unwrap_or(0);
@@ -128,6 +132,7 @@ impl Restorer {
         self.consumer
             .assign(&assignment)
             .map_err(RuntimeError::kafka("assign changelog"))?;
+        remaining_gauge.set((high - checkpoint.unwrap_or(0)).max(0) as f64);
 
         let started = Instant::now();
         let mut last_report = started;
@@ -153,6 +158,7 @@ impl Restorer {
                         changes.insert(key.to_vec(), message.payload().map(<[u8]>::to_vec));
                     }
                     records += 1;
+                    restored_counter.increment(1);
                     next_offset = message.offset() + 1;
                     if changes.len() >= RESTORE_BATCH {
                         flush(&mut changes, next_offset, backend)?;
@@ -163,6 +169,9 @@ impl Restorer {
                     tracing::warn!(%topic, partition, error = %e, "changelog read error; retrying");
                 }
                 None => {}
+            }
+            if records.is_multiple_of(1024) {
+                remaining_gauge.set((high - next_offset).max(0) as f64);
             }
             if last_report.elapsed() >= PROGRESS_EVERY {
                 last_report = Instant::now();
@@ -189,6 +198,7 @@ impl Restorer {
         if records > 0 || checkpoint != Some(next_offset) {
             flush(&mut changes, next_offset, backend)?;
         }
+        remaining_gauge.set(0.0);
         self.consumer
             .unassign()
             .map_err(RuntimeError::kafka("unassign changelog"))?;

@@ -1,23 +1,59 @@
-//! What a running instance reports about itself: how many tasks it was assigned and how many run.
-//! A cheap handle: clone it before handing the configuration to [`crate::runtime::run`] and read
-//! it from any thread (readiness endpoints, the demo waiting for its components).
+//! What a running instance reports about itself: its tasks, whether they are restored, and read
+//! access to their committed stores. A cheap handle: clone it before handing the configuration to
+//! [`crate::runtime::run`] and read it from any thread (the HTTP endpoints, the demo waiting for its
+//! components).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 
-#[derive(Debug, Clone, Default)]
-pub struct RuntimeStatus(Arc<Counts>);
+use crate::state::ReadStore;
 
-#[derive(Debug, Default)]
-struct Counts {
+#[derive(Clone, Default)]
+pub struct RuntimeStatus(Arc<Inner>);
+
+#[derive(Default)]
+struct Inner {
     assigned: AtomicUsize,
     running: AtomicUsize,
+    /// Partition count of the inputs (= number of tasks of the application); 0 before start-up.
+    partitions: AtomicI32,
+    /// Committed-data readers of the running tasks, by partition number.
+    readers: RwLock<BTreeMap<i32, Arc<dyn ReadStore>>>,
+}
+
+impl std::fmt::Debug for RuntimeStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeStatus")
+            .field("assigned", &self.assigned_tasks())
+            .field("running", &self.running_tasks())
+            .field("partitions", &self.partitions())
+            .finish()
+    }
 }
 
 impl RuntimeStatus {
     pub(crate) fn set(&self, assigned: usize, running: usize) {
         self.0.assigned.store(assigned, Ordering::Relaxed);
         self.0.running.store(running, Ordering::Relaxed);
+        metrics::gauge!(crate::telemetry::metrics::ASSIGNED_TASKS).set(assigned as f64);
+        metrics::gauge!(crate::telemetry::metrics::RUNNING_TASKS).set(running as f64);
+    }
+
+    pub(crate) fn set_partitions(&self, partitions: i32) {
+        self.0.partitions.store(partitions, Ordering::Relaxed);
+    }
+
+    pub(crate) fn task_started(&self, partition: i32, reader: Option<Arc<dyn ReadStore>>) {
+        if let (Some(reader), Ok(mut readers)) = (reader, self.0.readers.write()) {
+            readers.insert(partition, reader);
+        }
+    }
+
+    pub(crate) fn task_closed(&self, partition: i32) {
+        if let Ok(mut readers) = self.0.readers.write() {
+            readers.remove(&partition);
+        }
     }
 
     /// Tasks (partition numbers) assigned to this instance.
@@ -30,9 +66,19 @@ impl RuntimeStatus {
         self.0.running.load(Ordering::Relaxed)
     }
 
+    /// The inputs' partition count, once start-up checked the topics.
+    pub fn partitions(&self) -> i32 {
+        self.0.partitions.load(Ordering::Relaxed)
+    }
+
     /// Assigned tasks exist and every one of them is restored and running.
     pub fn ready(&self) -> bool {
         let assigned = self.assigned_tasks();
         assigned > 0 && self.running_tasks() >= assigned
+    }
+
+    /// Committed-data reader of the task of `partition`, when it runs here.
+    pub fn reader(&self, partition: i32) -> Option<Arc<dyn ReadStore>> {
+        self.0.readers.read().ok()?.get(&partition).cloned()
     }
 }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::{Headers, Message};
-use rdkafka::ClientContext;
+use rdkafka::{ClientContext, Statistics};
 
 use super::config::RuntimeConfig;
 use super::engine::Engine;
@@ -26,6 +26,7 @@ use super::error::{ErrorClass, RuntimeError};
 use super::processor::{InputRecord, ProcessorSupplier};
 use super::topics::prepare_topics;
 use crate::state::rocks::RocksResources;
+use crate::telemetry::metrics as m;
 
 /// Set to ask the runtime to stop: it finishes the commit cycle, closes the tasks, leaves the
 /// group and returns.
@@ -61,7 +62,11 @@ struct StreamsContext {
     engine: Arc<Mutex<Engine>>,
 }
 
-impl ClientContext for StreamsContext {}
+impl ClientContext for StreamsContext {
+    fn stats(&self, statistics: Statistics) {
+        self.report_lag(&statistics);
+    }
+}
 
 fn lock(engine: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
     engine
@@ -69,9 +74,48 @@ fn lock(engine: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+impl StreamsContext {
+    /// Lag per assigned input partition, counted to the last stable offset: records the consumer
+    /// has not delivered yet, plus records buffered in the task. Once the fetcher has reached the
+    /// last stable offset and nothing waits in its queue, every committed record was delivered, so
+    /// transaction markers before that offset count for nothing.
+    fn report_lag(&self, statistics: &Statistics) {
+        let engine = lock(&self.engine);
+        for (topic, stats) in &statistics.topics {
+            if !engine.config.input_topics.contains(topic) {
+                continue;
+            }
+            for (partition, p) in &stats.partitions {
+                let assigned = engine
+                    .assigned
+                    .get(partition)
+                    .is_some_and(|topics| topics.contains(topic));
+                if *partition < 0 || !assigned || p.ls_offset < 0 {
+                    continue;
+                }
+                let undelivered = if p.next_offset >= p.ls_offset && p.fetchq_cnt == 0 {
+                    0
+                } else if p.app_offset >= 0 {
+                    p.ls_offset - p.app_offset
+                } else {
+                    p.ls_offset - p.next_offset + p.fetchq_cnt
+                };
+                let buffered = engine.tasks.get(partition).map_or(0, |t| t.queued(topic)) as i64;
+                metrics::gauge!(m::CONSUMER_LAG, "topic" => topic.clone(), "partition" => partition.to_string())
+                    .set((undelivered.max(0) + buffered) as f64);
+            }
+        }
+    }
+}
+
 impl ConsumerContext for StreamsContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(revoked) = rebalance {
+            metrics::counter!(m::REBALANCES, "kind" => "revoke").increment(1);
+            for e in revoked.elements() {
+                metrics::gauge!(m::CONSUMER_LAG, "topic" => e.topic().to_string(), "partition" => e.partition().to_string())
+                    .set(0.0);
+            }
             tracing::info!(
                 partitions = revoked.count(),
                 lost = consumer.assignment_lost(),
@@ -84,6 +128,7 @@ impl ConsumerContext for StreamsContext {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(assigned) => {
+                metrics::counter!(m::REBALANCES, "kind" => "assign").increment(1);
                 tracing::info!(partitions = assigned.count(), "partitions assigned");
                 lock(&self.engine).on_assign(consumer, assigned);
             }
@@ -103,6 +148,7 @@ pub fn run(
 ) -> Result<(), RuntimeError> {
     config.validate()?;
     let partitions = prepare_topics(&config)?;
+    config.status.set_partitions(partitions);
     tracing::info!(
         application_id = %config.application_id, instance_id = %config.instance_id, tasks = partitions,
         guarantee = ?config.guarantee, "starting"
@@ -183,6 +229,10 @@ fn build_consumer(
         .set("isolation.level", "read_committed")
         .set("auto.offset.reset", "earliest")
         .set("group.protocol", &config.group_protocol);
+    if !config.kafka.contains_key("statistics.interval.ms") {
+        // Statistics carry the last stable offsets the lag gauge is computed from.
+        client.set("statistics.interval.ms", "1000");
+    }
     if config.group_protocol == "consumer" {
         // The server-side range assignor keeps partition N of every input on one member.
         client.set("group.remote.assignor", "range");

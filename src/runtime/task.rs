@@ -80,6 +80,11 @@ impl Task {
         self.queues.values().map(VecDeque::len).sum()
     }
 
+    /// Records of `topic` buffered and not yet processed.
+    pub fn queued(&self, topic: &str) -> usize {
+        self.queues.get(topic).map_or(0, VecDeque::len)
+    }
+
     /// Takes the next record in timestamp order (ties: the topic listed first). When some input
     /// queue is empty, waits up to `max_idle` for it to fill before going on without it.
     pub fn next_record(&mut self, now: Instant, max_idle: Duration) -> Option<InputRecord> {

@@ -21,6 +21,8 @@ use crate::saga::machine::{
     self, Applied, OutputKind, SagaEvent, SagaInput, SagaOutput, SagaRecord,
 };
 use crate::saga::topology::{dlq_topic, EventRole, SagaDefinition};
+use crate::telemetry::metrics as m;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// The store of saga records and timers.
 pub const SAGA_STORE: &str = "sagas";
@@ -57,6 +59,85 @@ fn now_ms(now: SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
+const COUNT_PREFIX: &[u8] = b"c/";
+
+fn count_key(status: &str) -> Vec<u8> {
+    [COUNT_PREFIX, status.as_bytes()].concat()
+}
+
+/// Sagas per status in this task, kept in the store beside the sagas (`c/<status>`, so they
+/// survive restarts and moves) and mirrored into the `saga_streams_sagas` gauge, which sums the
+/// tasks of the instance.
+#[derive(Default)]
+struct StatusCounts {
+    local: BTreeMap<String, i64>,
+    /// Set when a cycle aborted: the in-memory counts may include its changes.
+    stale: bool,
+}
+
+impl StatusCounts {
+    /// Reads the committed counts and moves the gauge by the difference from what it had.
+    fn load(&mut self, store: &Store<'_>) -> Result<(), ProcessorError> {
+        let mut fresh: BTreeMap<String, i64> = BTreeMap::new();
+        for (key, value) in store.prefix(COUNT_PREFIX)? {
+            let status = String::from_utf8_lossy(&key[COUNT_PREFIX.len()..]).into_owned();
+            let n: i64 = serde_json::from_slice(&value)
+                .map_err(|e| ProcessorError(format!("saga store: undecodable count: {e}")))?;
+            fresh.insert(status, n);
+        }
+        let statuses: BTreeSet<String> = fresh.keys().chain(self.local.keys()).cloned().collect();
+        for status in statuses {
+            let delta = fresh.get(&status).copied().unwrap_or(0)
+                - self.local.get(&status).copied().unwrap_or(0);
+            if delta != 0 {
+                metrics::gauge!(m::SAGAS, "status" => status).increment(delta as f64);
+            }
+        }
+        self.local = fresh;
+        self.stale = false;
+        Ok(())
+    }
+
+    fn change(
+        &mut self,
+        store: &mut Store<'_>,
+        status: &str,
+        delta: i64,
+    ) -> Result<(), ProcessorError> {
+        let key = count_key(status);
+        let n: i64 = store.get_json(&key)?.unwrap_or(0);
+        store.put_json(&key, &(n + delta))?;
+        *self.local.entry(status.to_string()).or_default() += delta;
+        metrics::gauge!(m::SAGAS, "status" => status.to_string()).increment(delta as f64);
+        Ok(())
+    }
+
+    /// Writes a saga, moves its timer entry and counts its status change.
+    fn save(
+        &mut self,
+        store: &mut Store<'_>,
+        before: Option<&SagaRecord>,
+        after: &SagaRecord,
+    ) -> Result<(), ProcessorError> {
+        save(store, before, after)?;
+        let old = before.map(|b| b.status.as_str());
+        if old != Some(after.status.as_str()) {
+            if let Some(old) = old {
+                self.change(store, old, -1)?;
+            }
+            self.change(store, &after.status, 1)?;
+        }
+        Ok(())
+    }
+
+    /// The task leaves this instance: its sagas leave the gauge.
+    fn release(&mut self) {
+        for (status, n) in std::mem::take(&mut self.local) {
+            metrics::gauge!(m::SAGAS, "status" => status).decrement(n as f64);
+        }
+    }
+}
+
 /// Decodes a stored saga record.
 pub fn decode_record(bytes: &[u8]) -> Result<SagaRecord, ProcessorError> {
     serde_json::from_slice(bytes)
@@ -73,6 +154,7 @@ pub struct SagaProcessor {
     /// timers. New timers always lie in the future. Forgotten when a cycle aborts (the fired
     /// timers come back) and at start-up.
     scanned_to: Option<i64>,
+    counts: StatusCounts,
 }
 
 impl SagaProcessor {
@@ -81,6 +163,7 @@ impl SagaProcessor {
             def,
             tick,
             scanned_to: None,
+            counts: StatusCounts::default(),
         }
     }
 
@@ -100,7 +183,7 @@ impl SagaProcessor {
             topic = %record.topic, partition = record.partition, offset = record.offset,
             kind = bad.kind.as_str(), error = %bad.message, "dead-lettered a record"
         );
-        metrics::counter!("saga_streams_dlq_records_total", "topic" => record.topic.clone(), "reason" => bad.kind.as_str())
+        metrics::counter!(m::DLQ_RECORDS, "topic" => record.topic.clone(), "reason" => bad.kind.as_str())
             .increment(1);
         let mut headers = record.headers.clone();
         headers.push((dlq_headers::TOPIC.into(), record.topic.clone().into_bytes()));
@@ -130,7 +213,7 @@ impl SagaProcessor {
     }
 
     fn handle(
-        &self,
+        &mut self,
         ctx: &mut ProcessorContext<'_>,
         record: &InputRecord,
         event: DecodedEvent,
@@ -139,9 +222,10 @@ impl SagaProcessor {
         let traceparent = record
             .header(TRACEPARENT_HEADER)
             .map(|v| String::from_utf8_lossy(v).into_owned());
-        let span = tracing::debug_span!(
-            "record", saga_id = %event.saga_id, event_type = %event.event_type,
-            topic = %record.topic, partition = record.partition, offset = record.offset
+        let span = tracing::info_span!(
+            "saga", saga_id = %event.saga_id, correlation_id = tracing::field::Empty,
+            event_type = %event.event_type, topic = %record.topic, partition = record.partition,
+            offset = record.offset
         );
         let _entered = span.enter();
         let key = saga_key(&event.saga_id);
@@ -172,10 +256,10 @@ impl SagaProcessor {
                         uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, event.event_id.as_bytes())
                             .to_string()
                     });
-                metrics::counter!("saga_streams_sagas_started_total").increment(1);
+                metrics::counter!(m::SAGAS_STARTED).increment(1);
                 let (started, outputs) =
                     machine::start(&self.def, &event.saga_id, &saga_event, correlation_id, now);
-                save(&mut store, None, &started)?;
+                self.counts.save(&mut store, None, &started)?;
                 (started, outputs)
             }
             (None, _) => {
@@ -191,15 +275,15 @@ impl SagaProcessor {
                 return Ok(());
             }
             (Some(current), _) => {
+                span.record("correlation_id", current.correlation_id.as_str());
                 match machine::apply(&self.def, &current, SagaInput::Event(&saga_event), now) {
                     Applied::Changed { record, outputs } => {
-                        save(&mut store, Some(&current), &record)?;
+                        self.counts.save(&mut store, Some(&current), &record)?;
                         (*record, outputs)
                     }
                     Applied::Ignored(why) => {
                         tracing::debug!(reason = why.as_str(), event_id = %saga_event.event_id, "ignored an event");
-                        metrics::counter!("saga_streams_events_ignored_total", "reason" => why.as_str())
-                            .increment(1);
+                        metrics::counter!(m::EVENTS_IGNORED, "reason" => why.as_str()).increment(1);
                         return Ok(());
                     }
                     Applied::Expired => return Ok(()),
@@ -207,6 +291,11 @@ impl SagaProcessor {
             }
         };
         drop(store);
+        span.record("correlation_id", record_after.correlation_id.as_str());
+        tracing::debug!(
+            status = %record_after.status, step_awaited = ?record_after.step_awaited,
+            outputs = outputs.len(), "saga transition"
+        );
         self.emit(ctx, &record_after, outputs, now);
         Ok(())
     }
@@ -241,20 +330,18 @@ fn count_output(def: &SagaDefinition, saga: &SagaRecord, output: &SagaOutput, no
     match &output.kind {
         OutputKind::Command { .. } => {}
         OutputKind::Compensation { step, late } => {
-            metrics::counter!("saga_streams_compensations_total", "step" => def.steps[*step].name.clone(), "late" => late.to_string())
+            metrics::counter!(m::COMPENSATIONS, "step" => def.steps[*step].name.clone(), "late" => late.to_string())
                 .increment(1);
         }
         OutputKind::Completed => {
-            metrics::counter!("saga_streams_saga_outcomes_total", "outcome" => "completed", "reason" => "")
+            metrics::counter!(m::SAGA_OUTCOMES, "outcome" => "completed", "reason" => "")
                 .increment(1);
-            metrics::histogram!("saga_streams_saga_duration_seconds", "outcome" => "completed")
-                .record(duration());
+            metrics::histogram!(m::SAGA_DURATION, "outcome" => "completed").record(duration());
         }
         OutputKind::Cancelled { reason } => {
-            metrics::counter!("saga_streams_saga_outcomes_total", "outcome" => "cancelled", "reason" => reason.clone())
+            metrics::counter!(m::SAGA_OUTCOMES, "outcome" => "cancelled", "reason" => reason.clone())
                 .increment(1);
-            metrics::histogram!("saga_streams_saga_duration_seconds", "outcome" => "cancelled")
-                .record(duration());
+            metrics::histogram!(m::SAGA_DURATION, "outcome" => "cancelled").record(duration());
         }
     }
 }
@@ -282,11 +369,16 @@ fn save(
 impl Processor for SagaProcessor {
     fn init(&mut self, ctx: &mut ProcessorContext<'_>) -> Result<(), ProcessorError> {
         ctx.schedule_punctuation(self.tick);
-        Ok(())
+        self.counts.load(&ctx.store(SAGA_STORE)?)
     }
 
     fn cycle_aborted(&mut self) {
         self.scanned_to = None;
+        self.counts.stale = true;
+    }
+
+    fn close(&mut self) {
+        self.counts.release();
     }
 
     fn process(
@@ -295,6 +387,9 @@ impl Processor for SagaProcessor {
         record: &InputRecord,
     ) -> Result<(), ProcessorError> {
         let now = now_ms(SystemTime::now());
+        if self.counts.stale {
+            self.counts.load(&ctx.store(SAGA_STORE)?)?;
+        }
         match json::decode(&self.def, record) {
             Ok(event) => self.handle(ctx, record, event, now),
             Err(bad) => {
@@ -311,6 +406,9 @@ impl Processor for SagaProcessor {
     ) -> Result<(), ProcessorError> {
         let now = now_ms(now);
         let mut store = ctx.store(SAGA_STORE)?;
+        if self.counts.stale {
+            self.counts.load(&store)?;
+        }
         let end = timer_key(now.saturating_add(1), "");
         let start = match self.scanned_to {
             Some(at) => timer_key(at, ""),
@@ -330,16 +428,16 @@ impl Processor for SagaProcessor {
             match machine::apply(&self.def, &current, SagaInput::Timer, now) {
                 Applied::Changed { record, outputs } => {
                     if let Some(step) = current.step_awaited.as_ref() {
-                        metrics::counter!("saga_streams_timeouts_total", "step" => step.clone())
-                            .increment(1);
+                        metrics::counter!(m::TIMEOUTS, "step" => step.clone()).increment(1);
                     }
                     tracing::debug!(saga_id = %saga_id, status = %record.status, "timer fired");
-                    save(&mut store, Some(&current), &record)?;
+                    self.counts.save(&mut store, Some(&current), &record)?;
                     fired.push((*record, outputs));
                 }
                 Applied::Expired => {
                     store.delete(&key);
                     store.delete(&saga_key(&saga_id));
+                    self.counts.change(&mut store, &current.status, -1)?;
                 }
                 Applied::Ignored(_) => {
                     // An index entry that does not match the record (it cannot happen through

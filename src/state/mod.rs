@@ -59,7 +59,17 @@ pub struct CommitBatch {
 }
 
 /// The committed data of one task: every store of the task and their checkpoints.
+/// Read access to committed store data from another thread.
+pub trait ReadStore: Send + Sync {
+    fn get(&self, store: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StateError>;
+}
+
 pub trait StoreBackend: Send {
+    /// A handle that reads committed data from other threads, when the backend offers one.
+    fn reader(&self) -> Option<std::sync::Arc<dyn ReadStore>> {
+        None
+    }
+
     /// The committed value of `key` in `store`.
     fn get(&self, store: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StateError>;
     /// Committed entries of `store` with `from <= key` (and `key < to` when given), in key order.

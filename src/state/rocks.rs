@@ -8,13 +8,14 @@
 //! on one instance stay within a fixed memory budget.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, Direction, IteratorMode, Options,
     ReadOptions, WriteBatch, WriteBufferManager, WriteOptions, DB,
 };
 
-use super::{CommitBatch, Entries, StateError, StoreBackend};
+use super::{CommitBatch, Entries, ReadStore, StateError, StoreBackend};
 
 const CHECKPOINTS: &str = "checkpoints";
 
@@ -53,7 +54,8 @@ impl Default for RocksResources {
 }
 
 pub struct RocksBackend {
-    db: DB,
+    /// Shared with the [`RocksReader`]s handed out for queries.
+    db: Arc<DB>,
     path: PathBuf,
     write_options: WriteOptions,
 }
@@ -93,7 +95,7 @@ impl RocksBackend {
             }
         })?;
         Ok(Self {
-            db,
+            db: Arc::new(db),
             path: path.to_path_buf(),
             write_options: WriteOptions::default(),
         })
@@ -113,7 +115,31 @@ impl RocksBackend {
     }
 }
 
+/// Reads committed data of a task's stores from another thread (the query endpoints).
+pub struct RocksReader {
+    db: Arc<DB>,
+}
+
+impl ReadStore for RocksReader {
+    fn get(&self, store: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
+        let cf = self
+            .db
+            .cf_handle(&store_cf(store))
+            .ok_or_else(|| StateError::UnknownStore(store.to_string()))?;
+        self.db.get_cf(cf, key).map_err(|source| StateError::Rocks {
+            context: format!("query get from '{store}'"),
+            source,
+        })
+    }
+}
+
 impl StoreBackend for RocksBackend {
+    fn reader(&self) -> Option<Arc<dyn ReadStore>> {
+        Some(Arc::new(RocksReader {
+            db: self.db.clone(),
+        }))
+    }
+
     fn get(&self, store: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
         let cf = self.cf(&store_cf(store))?;
         self.db

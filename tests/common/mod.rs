@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod saga_env;
+
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -336,6 +338,11 @@ pub struct BinProcess {
 
 impl BinProcess {
     pub fn spawn(args: &[String], log: std::path::PathBuf) -> Self {
+        Self::spawn_with_log_filter(args, log, "info,librdkafka=warn,rdkafka=warn")
+    }
+
+    /// Like [`BinProcess::spawn`], with `RUST_LOG` set to `filter`.
+    pub fn spawn_with_log_filter(args: &[String], log: std::path::PathBuf, filter: &str) -> Self {
         if let Some(dir) = log.parent() {
             std::fs::create_dir_all(dir).unwrap();
         }
@@ -348,7 +355,7 @@ impl BinProcess {
             .args(args)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .env("SAGA_STREAMS_LOG_FORMAT", "json")
-            .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
+            .env("RUST_LOG", filter)
             .stdout(std::process::Stdio::null())
             .stderr(stderr)
             .spawn()
@@ -390,4 +397,53 @@ impl Drop for BinProcess {
     fn drop(&mut self) {
         self.sigkill();
     }
+}
+
+impl BinProcess {
+    /// The JSON log lines written so far.
+    pub fn log_lines(&self) -> Vec<serde_json::Value> {
+        self.log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// The address of the HTTP endpoints, from the "http endpoints listening" log line.
+    pub fn http_addr(&mut self, limit: Duration) -> String {
+        let mut found = None;
+        let ok = poll_until(limit, || {
+            found = self
+                .log_lines()
+                .iter()
+                .find(|l| {
+                    l["message"]
+                        .as_str()
+                        .is_some_and(|m| m.starts_with("http endpoints listening"))
+                })
+                .and_then(|l| l["addr"].as_str().map(str::to_string));
+            found.is_some()
+        });
+        self.assert_alive();
+        assert!(ok, "no HTTP address in the log:\n{}", self.log_text());
+        found.unwrap_or_default()
+    }
+}
+
+/// A blocking HTTP GET on loopback: (status, body).
+pub fn http_get(url: &str) -> (u16, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "5", "-w", "\n%{http_code}", url])
+        .output()
+        .expect("running curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }

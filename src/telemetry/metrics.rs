@@ -1,0 +1,111 @@
+//! The metrics catalogue in code: every name `docs/METRICS.md` lists, with its description and
+//! unit, and the Prometheus recorder that renders them.
+//!
+//! Histograms are exported with buckets (`_bucket`, `_sum`, `_count`), so dashboards can take
+//! quantiles across instances with `histogram_quantile`.
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const CONSUMER_LAG: &str = "saga_streams_consumer_lag";
+pub const RECORDS_CONSUMED: &str = "saga_streams_records_consumed_total";
+pub const RECORDS_PRODUCED: &str = "saga_streams_records_produced_total";
+pub const PROCESS_LATENCY: &str = "saga_streams_process_latency_seconds";
+pub const COMMIT_LATENCY: &str = "saga_streams_commit_latency_seconds";
+pub const TRANSACTIONS: &str = "saga_streams_transactions_total";
+pub const SAGAS: &str = "saga_streams_sagas";
+pub const SAGAS_STARTED: &str = "saga_streams_sagas_started_total";
+pub const SAGA_OUTCOMES: &str = "saga_streams_saga_outcomes_total";
+pub const SAGA_DURATION: &str = "saga_streams_saga_duration_seconds";
+pub const COMPENSATIONS: &str = "saga_streams_compensations_total";
+pub const TIMEOUTS: &str = "saga_streams_timeouts_total";
+pub const DLQ_RECORDS: &str = "saga_streams_dlq_records_total";
+pub const EVENTS_IGNORED: &str = "saga_streams_events_ignored_total";
+pub const RESTORE_REMAINING: &str = "saga_streams_restore_remaining_records";
+pub const RESTORED_RECORDS: &str = "saga_streams_restored_records_total";
+pub const REBALANCES: &str = "saga_streams_rebalances_total";
+pub const ASSIGNED_TASKS: &str = "saga_streams_assigned_tasks";
+pub const RUNNING_TASKS: &str = "saga_streams_running_tasks";
+
+/// Every metric name of the catalogue.
+pub const CATALOGUE: &[&str] = &[
+    CONSUMER_LAG,
+    RECORDS_CONSUMED,
+    RECORDS_PRODUCED,
+    PROCESS_LATENCY,
+    COMMIT_LATENCY,
+    TRANSACTIONS,
+    SAGAS,
+    SAGAS_STARTED,
+    SAGA_OUTCOMES,
+    SAGA_DURATION,
+    COMPENSATIONS,
+    TIMEOUTS,
+    DLQ_RECORDS,
+    EVENTS_IGNORED,
+    RESTORE_REMAINING,
+    RESTORED_RECORDS,
+    REBALANCES,
+    ASSIGNED_TASKS,
+    RUNNING_TASKS,
+];
+
+/// Latency buckets, 100 µs to 60 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0,
+];
+
+fn describe() {
+    describe_gauge!(
+        CONSUMER_LAG,
+        Unit::Count,
+        "input records not yet processed, counted to the last stable offset"
+    );
+    describe_counter!(RECORDS_CONSUMED, Unit::Count, "input records processed");
+    describe_counter!(RECORDS_PRODUCED, Unit::Count, "output records sent");
+    describe_histogram!(
+        PROCESS_LATENCY,
+        Unit::Seconds,
+        "time to process one input record"
+    );
+    describe_histogram!(COMMIT_LATENCY, Unit::Seconds, "time to commit one cycle");
+    describe_counter!(TRANSACTIONS, Unit::Count, "commit cycles by result");
+    describe_gauge!(SAGAS, Unit::Count, "sagas held by this instance, by status");
+    describe_counter!(SAGAS_STARTED, Unit::Count, "sagas started");
+    describe_counter!(SAGA_OUTCOMES, Unit::Count, "outcomes emitted");
+    describe_histogram!(
+        SAGA_DURATION,
+        Unit::Seconds,
+        "start event processed to outcome emitted"
+    );
+    describe_counter!(COMPENSATIONS, Unit::Count, "compensation commands sent");
+    describe_counter!(TIMEOUTS, Unit::Count, "deadlines that fired");
+    describe_counter!(DLQ_RECORDS, Unit::Count, "input records dead-lettered");
+    describe_counter!(EVENTS_IGNORED, Unit::Count, "events that changed nothing");
+    describe_gauge!(
+        RESTORE_REMAINING,
+        Unit::Count,
+        "changelog records still to replay"
+    );
+    describe_counter!(RESTORED_RECORDS, Unit::Count, "changelog records replayed");
+    describe_counter!(REBALANCES, Unit::Count, "rebalance callbacks served");
+    describe_gauge!(
+        ASSIGNED_TASKS,
+        Unit::Count,
+        "tasks assigned to this instance"
+    );
+    describe_gauge!(RUNNING_TASKS, Unit::Count, "tasks restored and processing");
+}
+
+/// Installs the Prometheus recorder as the global one and returns the handle that renders the
+/// exposition text. Installing twice in one process fails (one global recorder).
+pub fn install_recorder() -> Result<PrometheusHandle, String> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+        .map_err(|e| format!("metrics buckets: {e}"))?
+        .install_recorder()
+        .map_err(|e| format!("installing the metrics recorder: {e}"))?;
+    describe();
+    Ok(handle)
+}

@@ -25,5 +25,6 @@ pub use processor::{
     InputRecord, OutputRecord, Processor, ProcessorContext, ProcessorError, ProcessorSupplier,
     Store,
 };
+pub use restore::EofContext;
 pub use status::RuntimeStatus;
 pub use stream_thread::{run, Shutdown};

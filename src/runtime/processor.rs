@@ -27,6 +27,28 @@ pub struct InputRecord {
 }
 
 impl InputRecord {
+    /// Copies a consumed message.
+    pub fn from_message<M: rdkafka::message::Message>(m: &M) -> Self {
+        use rdkafka::message::Headers;
+        let headers = m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self {
+            topic: m.topic().to_string(),
+            partition: m.partition(),
+            offset: m.offset(),
+            timestamp_ms: m.timestamp().to_millis().unwrap_or(0),
+            key: m.key().map(<[u8]>::to_vec),
+            value: m.payload().map(<[u8]>::to_vec),
+            headers,
+        }
+    }
+
     /// The value of the first header named `name`.
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         self.headers

@@ -34,23 +34,23 @@ pub struct RestoreOutcome {
     pub to_offset: i64,
 }
 
-/// The restore consumer's context: end-of-partition is how restoration knows it is done, not
-/// an error worth a log line.
-pub struct RestoreContext;
+/// Context of consumers that read to the end of partitions (restoration, audits, lag checks):
+/// end-of-partition is how they know they are done, not an error worth a log line.
+pub struct EofContext;
 
-impl ClientContext for RestoreContext {
+impl ClientContext for EofContext {
     fn error(&self, error: KafkaError, reason: &str) {
         match error {
-            KafkaError::PartitionEOF(_) => tracing::trace!(reason, "changelog end reached"),
-            other => tracing::warn!(error = %other, reason, "restore consumer error"),
+            KafkaError::PartitionEOF(_) => tracing::trace!(reason, "end of partition reached"),
+            other => tracing::warn!(error = %other, reason, "consumer error"),
         }
     }
 }
 
-impl ConsumerContext for RestoreContext {}
+impl ConsumerContext for EofContext {}
 
 pub struct Restorer {
-    consumer: BaseConsumer<RestoreContext>,
+    consumer: BaseConsumer<EofContext>,
 }
 
 impl Restorer {
@@ -68,7 +68,7 @@ impl Restorer {
             .set("enable.partition.eof", "true")
             .set("auto.offset.reset", "earliest");
         let consumer = client
-            .create_with_context(RestoreContext)
+            .create_with_context(EofContext)
             .map_err(RuntimeError::kafka("create restore consumer"))?;
         Ok(Self { consumer })
     }

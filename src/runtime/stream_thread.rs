@@ -329,28 +329,7 @@ fn poll_into(
     while batch.len() < POLL_BATCH {
         match consumer.poll(timeout) {
             Some(Ok(message)) => {
-                batch.push(InputRecord {
-                    topic: message.topic().to_string(),
-                    partition: message.partition(),
-                    offset: message.offset(),
-                    timestamp_ms: message.timestamp().to_millis().unwrap_or(0),
-                    key: message.key().map(<[u8]>::to_vec),
-                    value: message.payload().map(<[u8]>::to_vec),
-                    headers: message
-                        .headers()
-                        .map(|headers| {
-                            headers
-                                .iter()
-                                .map(|h| {
-                                    (
-                                        h.key.to_string(),
-                                        h.value.map(<[u8]>::to_vec).unwrap_or_default(),
-                                    )
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                });
+                batch.push(InputRecord::from_message(&message));
                 timeout = Duration::ZERO;
             }
             Some(Err(e)) => {

@@ -12,11 +12,12 @@ use std::time::{Duration, Instant};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Headers, Message};
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
 
+use crate::runtime::{EofContext, InputRecord};
 use crate::saga::SagaDefinition;
 
 /// A failure talking to Kafka from the tools in this module.
@@ -73,49 +74,38 @@ pub fn create_topics(
     Ok(created)
 }
 
-/// One record read back from Kafka.
+/// One record read back from Kafka: the runtime's [`InputRecord`], with headers read as text.
 #[derive(Debug, Clone)]
-pub struct ReadRecord {
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-    pub timestamp_ms: i64,
-    pub key: Option<Vec<u8>>,
-    pub value: Option<Vec<u8>>,
-    pub headers: Vec<(String, Vec<u8>)>,
+pub struct ReadRecord(pub InputRecord);
+
+impl std::ops::Deref for ReadRecord {
+    type Target = InputRecord;
+
+    fn deref(&self) -> &InputRecord {
+        &self.0
+    }
 }
 
 impl ReadRecord {
+    /// The first header named `name`, as text.
     pub fn header(&self, name: &str) -> Option<String> {
-        self.headers
+        self.0
+            .headers
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
     }
 }
 
-/// Client context of the scanner: end-of-partition is what it waits for, not an error to log.
-struct ScanContext;
-
-impl ClientContext for ScanContext {
-    fn error(&self, error: KafkaError, reason: &str) {
-        if !matches!(error, KafkaError::PartitionEOF(_)) {
-            tracing::error!(error = %error, reason, "kafka client error");
-        }
-    }
-}
-
-impl ConsumerContext for ScanContext {}
-
 /// Reads topics from the beginning, `read_committed`: only what committed transactions wrote.
 pub struct TopicScanner {
-    consumer: BaseConsumer<ScanContext>,
+    consumer: BaseConsumer<EofContext>,
     partitions: usize,
 }
 
 impl TopicScanner {
     pub fn new(bootstrap: &str, topics: &[String]) -> Result<Self, SimError> {
-        let consumer: BaseConsumer<ScanContext> = ClientConfig::new()
+        let consumer: BaseConsumer<EofContext> = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
             .set(
                 "group.id",
@@ -124,7 +114,7 @@ impl TopicScanner {
             .set("enable.auto.commit", "false")
             .set("isolation.level", "read_committed")
             .set("enable.partition.eof", "true")
-            .create_with_context(ScanContext)
+            .create_with_context(EofContext)
             .map_err(SimError::kafka("create consumer"))?;
         let metadata = consumer
             .fetch_metadata(None, Duration::from_secs(10))
@@ -218,21 +208,5 @@ pub fn read_to_end(
 }
 
 fn read<M: Message>(m: &M) -> ReadRecord {
-    let headers = m
-        .headers()
-        .map(|h| {
-            h.iter()
-                .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
-                .collect()
-        })
-        .unwrap_or_default();
-    ReadRecord {
-        topic: m.topic().to_string(),
-        partition: m.partition(),
-        offset: m.offset(),
-        timestamp_ms: m.timestamp().to_millis().unwrap_or(0),
-        key: m.key().map(<[u8]>::to_vec),
-        value: m.payload().map(<[u8]>::to_vec),
-        headers,
-    }
+    ReadRecord(InputRecord::from_message(m))
 }

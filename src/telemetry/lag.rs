@@ -10,10 +10,12 @@
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::runtime::EofContext;
 
 /// Gaps up to this size are read to tell data records from transaction markers.
 const VERIFY_GAP: i64 = 1_000;
@@ -31,24 +33,14 @@ pub struct PartitionLag {
     pub lag: i64,
 }
 
-struct Quiet;
-impl ClientContext for Quiet {
-    fn error(&self, error: KafkaError, reason: &str) {
-        if !matches!(error, KafkaError::PartitionEOF(_)) {
-            tracing::warn!(error = %error, reason, "kafka client error");
-        }
-    }
-}
-impl ConsumerContext for Quiet {}
-
-fn consumer(bootstrap: &str, group: &str) -> Result<BaseConsumer<Quiet>, String> {
+fn consumer(bootstrap: &str, group: &str) -> Result<BaseConsumer<EofContext>, String> {
     ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "true")
-        .create_with_context(Quiet)
+        .create_with_context(EofContext)
         .map_err(|e| format!("creating a consumer: {e}"))
 }
 

@@ -343,8 +343,9 @@ async fn instances_joining_and_leaving_under_load_lose_and_duplicate_nothing() {
     let outputs = read_outputs(&args, total, Duration::from_secs(120));
     let finals = check_exactly_once(&outputs, &sent);
     assert_eq!(finals.values().sum::<u64>(), total as u64);
-    // Tasks really moved: every task the leaving instance closed at its shutdown was started
-    // again, afterwards, by one of the instances that stayed.
+    // Tasks really moved: some task started on more than one instance, and every task the
+    // leaving instance closed was started again, afterwards, by one of the instances that stayed.
+    // (Which instance held what first depends on when each joined.)
     let lines = |p: &CounterProcess, message: &str| -> Vec<(String, i64)> {
         p.log_lines()
             .iter()
@@ -352,16 +353,21 @@ async fn instances_joining_and_leaving_under_load_lose_and_duplicate_nothing() {
             .filter_map(|l| Some((l["timestamp"].as_str()?.to_string(), l["task"].as_i64()?)))
             .collect()
     };
-    let handed_over = lines(&first, "task closed");
-    assert!(!handed_over.is_empty(), "the leaving instance ran no task");
+    let starts = lines(&first, "task running").len()
+        + lines(&second, "task running").len()
+        + lines(&third, "task running").len();
+    assert!(
+        starts > PARTITIONS as usize,
+        "no task ever moved between instances"
+    );
     let restarted: Vec<(String, i64)> = [
         lines(&second, "task running"),
         lines(&third, "task running"),
     ]
     .concat();
-    for (closed_at, task) in &handed_over {
+    for (closed_at, task) in lines(&first, "task closed") {
         assert!(
-            restarted.iter().any(|(at, t)| t == task && at > closed_at),
+            restarted.iter().any(|(at, t)| *t == task && *at > closed_at),
             "task {task}, closed by the leaving instance at {closed_at}, never started elsewhere after that: {restarted:?}"
         );
     }

@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
-use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientContext, Statistics};
 
 use super::config::RuntimeConfig;

@@ -235,12 +235,16 @@ impl Processor for Participant {
             .and_then(json::unwrap_body);
         let Some(body) = body else {
             tracing::warn!(topic = %record.topic, offset = record.offset, "ignoring a command that is not a JSON object");
+            metrics::counter!(crate::telemetry::metrics::EVENTS_IGNORED, "reason" => "invalid_command")
+                .increment(1);
             return Ok(());
         };
         let field = |name: &str| body.get(name).and_then(Value::as_str).map(str::to_string);
         let (Some(command_id), Some(command_type)) = (field("event_id"), field("event_type"))
         else {
             tracing::warn!(topic = %record.topic, offset = record.offset, "ignoring a command without event_id or event_type");
+            metrics::counter!(crate::telemetry::metrics::EVENTS_IGNORED, "reason" => "invalid_command")
+                .increment(1);
             return Ok(());
         };
         let saga_id = match body.get(&self.def.key_field) {

@@ -521,6 +521,11 @@ impl Engine {
         self.close_tasks(&partitions);
     }
 
+    /// Records processed in the open cycle.
+    pub fn records_in_cycle(&self) -> usize {
+        self.records_in_cycle
+    }
+
     /// Drops the open cycle (outputs, overlays, buffered records, delivery bookkeeping) and aborts
     /// its transaction; the inputs are left where they are.
     fn abort_without_rewind(&mut self) -> Result<(), RuntimeError> {

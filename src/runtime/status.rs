@@ -20,6 +20,8 @@ struct Inner {
     partitions: AtomicI32,
     /// Committed-data readers of the running tasks, by partition number.
     readers: RwLock<BTreeMap<i32, Arc<dyn ReadStore>>>,
+    /// Why commit cycles keep failing (a dependency down), while they do.
+    stalled: RwLock<Option<String>>,
 }
 
 impl std::fmt::Debug for RuntimeStatus {
@@ -71,10 +73,27 @@ impl RuntimeStatus {
         self.0.partitions.load(Ordering::Relaxed)
     }
 
-    /// Assigned tasks exist and every one of them is restored and running.
+    /// Assigned tasks exist, every one of them is restored and running, and commit cycles are
+    /// not failing.
     pub fn ready(&self) -> bool {
         let assigned = self.assigned_tasks();
-        assigned > 0 && self.running_tasks() >= assigned
+        assigned > 0 && self.running_tasks() >= assigned && self.stalled().is_none()
+    }
+
+    /// Marks processing as stalled (cycles abort and retry) with the reason, or clears it.
+    pub(crate) fn set_stalled(&self, reason: Option<String>) {
+        if let Ok(mut stalled) = self.0.stalled.write() {
+            if stalled.is_some() != reason.is_some() {
+                metrics::gauge!(crate::telemetry::metrics::STALLED)
+                    .set(f64::from(u8::from(reason.is_some())));
+            }
+            *stalled = reason;
+        }
+    }
+
+    /// Why processing is stalled, while it is.
+    pub fn stalled(&self) -> Option<String> {
+        self.0.stalled.read().ok().and_then(|s| s.clone())
     }
 
     /// Committed-data reader of the task of `partition`, when it runs here.

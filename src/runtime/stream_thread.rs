@@ -243,6 +243,11 @@ fn build_consumer(
         .map_err(RuntimeError::kafka("create consumer"))
 }
 
+/// Aborted cycles in a row after which the instance reports itself stalled (not ready).
+const STALLED_AFTER: u32 = 2;
+/// Quiet time after the last abort after which the failures count as over.
+const RECOVERED_AFTER: Duration = Duration::from_secs(5);
+
 fn poll_loop(
     config: &RuntimeConfig,
     consumer: &BaseConsumer<StreamsContext>,
@@ -251,6 +256,7 @@ fn poll_loop(
 ) -> Result<(), RuntimeError> {
     let mut batch: Vec<InputRecord> = Vec::with_capacity(POLL_BATCH);
     let mut consecutive_aborts = 0u32;
+    let mut last_abort: Option<Instant> = None;
     while !shutdown.requested() {
         // Poll without holding the engine: rebalance callbacks run in here and take it.
         let wait = {
@@ -280,22 +286,40 @@ fn poll_loop(
                 }
             }
         }
+        let mut committed_records = false;
         let step = guard
             .start_ready_tasks(consumer)
             .and_then(|_| guard.process_buffered(1_000))
             .and_then(|_| {
                 if guard.commit_due() {
+                    committed_records = guard.records_in_cycle() > 0;
                     guard.commit(consumer)
                 } else {
                     Ok(())
                 }
             });
         match step {
-            Ok(()) => consecutive_aborts = 0,
+            Ok(()) => {
+                // Failures are over once a cycle with records commits, or nothing failed for a
+                // while (the inputs went quiet); until then backoffs keep growing.
+                let recovered = committed_records
+                    || last_abort.is_some_and(|at| at.elapsed() > RECOVERED_AFTER);
+                if consecutive_aborts > 0 && recovered {
+                    if consecutive_aborts >= STALLED_AFTER {
+                        tracing::info!(aborted_cycles = consecutive_aborts, "processing resumed");
+                    }
+                    config.status.set_stalled(None);
+                    consecutive_aborts = 0;
+                    last_abort = None;
+                }
+            }
             Err(e) => match e.class() {
                 ErrorClass::Fatal => return Err(e),
                 ErrorClass::Retriable | ErrorClass::Abortable => {
                     consecutive_aborts += 1;
+                    if consecutive_aborts >= STALLED_AFTER {
+                        config.status.set_stalled(Some(e.to_string()));
+                    }
                     tracing::warn!(error = %e, "aborting the commit cycle and rewinding inputs");
                     if let Err(abort_error) = guard.abort(consumer) {
                         if abort_error.class() == ErrorClass::Fatal {
@@ -311,6 +335,7 @@ fn poll_loop(
                     while Instant::now() < until && !shutdown.requested() {
                         std::thread::sleep(Duration::from_millis(20));
                     }
+                    last_abort = Some(Instant::now());
                 }
             },
         }

@@ -113,6 +113,7 @@ async fn ready(State(state): State<AppState>) -> Response {
         "ready": s.ready(),
         "assigned_tasks": s.assigned_tasks(),
         "running_tasks": s.running_tasks(),
+        "stalled": s.stalled(),
     });
     let code = if s.ready() {
         StatusCode::OK

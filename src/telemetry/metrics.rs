@@ -26,6 +26,7 @@ pub const RESTORED_RECORDS: &str = "saga_streams_restored_records_total";
 pub const REBALANCES: &str = "saga_streams_rebalances_total";
 pub const ASSIGNED_TASKS: &str = "saga_streams_assigned_tasks";
 pub const RUNNING_TASKS: &str = "saga_streams_running_tasks";
+pub const STALLED: &str = "saga_streams_stalled";
 
 /// Every metric name of the catalogue.
 pub const CATALOGUE: &[&str] = &[
@@ -48,6 +49,7 @@ pub const CATALOGUE: &[&str] = &[
     REBALANCES,
     ASSIGNED_TASKS,
     RUNNING_TASKS,
+    STALLED,
 ];
 
 /// Latency buckets, 100 µs to 60 s.
@@ -96,6 +98,7 @@ fn describe() {
         "tasks assigned to this instance"
     );
     describe_gauge!(RUNNING_TASKS, Unit::Count, "tasks restored and processing");
+    describe_gauge!(STALLED, "1 while commit cycles keep aborting, else 0");
 }
 
 /// Installs the Prometheus recorder as the global one and returns the handle that renders the

@@ -116,22 +116,37 @@ impl TopicScanner {
             .set("enable.partition.eof", "true")
             .create_with_context(EofContext)
             .map_err(SimError::kafka("create consumer"))?;
-        let metadata = consumer
-            .fetch_metadata(None, Duration::from_secs(10))
-            .map_err(SimError::kafka("fetch metadata"))?;
-        let mut assignment = TopicPartitionList::new();
-        for topic in topics {
-            let found = metadata
-                .topics()
-                .iter()
-                .find(|t| t.name() == topic && t.error().is_none())
-                .ok_or_else(|| SimError::Other(format!("topic '{topic}' does not exist")))?;
-            for p in found.partitions() {
-                assignment
-                    .add_partition_offset(topic, p.id(), Offset::Beginning)
-                    .map_err(SimError::kafka("assign"))?;
+        // Topics created a moment ago may not be in every broker's metadata yet: look again for a
+        // few seconds before calling one missing.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let assignment = loop {
+            let metadata = consumer
+                .fetch_metadata(None, Duration::from_secs(10))
+                .map_err(SimError::kafka("fetch metadata"))?;
+            let mut assignment = TopicPartitionList::new();
+            let mut missing = None;
+            for topic in topics {
+                let found = metadata.topics().iter().find(|t| {
+                    t.name() == topic && t.error().is_none() && !t.partitions().is_empty()
+                });
+                let Some(found) = found else {
+                    missing = Some(topic);
+                    break;
+                };
+                for p in found.partitions() {
+                    assignment
+                        .add_partition_offset(topic, p.id(), Offset::Beginning)
+                        .map_err(SimError::kafka("assign"))?;
+                }
             }
-        }
+            match missing {
+                None => break assignment,
+                Some(topic) if std::time::Instant::now() > deadline => {
+                    return Err(SimError::Other(format!("topic '{topic}' does not exist")))
+                }
+                Some(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        };
         consumer
             .assign(&assignment)
             .map_err(SimError::kafka("assign"))?;

@@ -422,7 +422,13 @@ fn sigkilled_orchestrator_under_load_loses_and_duplicates_nothing() {
         p.assert_alive();
     }
 
-    let report = sim::audit::audit(&env.bootstrap, &env.def, LIMIT).unwrap();
+    let report = sim::audit::audit(
+        &env.bootstrap,
+        &env.def,
+        &saga_streams::codec::Codec::json(),
+        LIMIT,
+    )
+    .unwrap();
     assert_eq!(report.sagas, orders, "{}", report.table());
     assert_eq!(report.without_outcome, 0, "{}", report.table());
     assert!(

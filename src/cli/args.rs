@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use anyhow::anyhow;
 
+use crate::codec::Codec;
+use crate::saga::topology::Format;
 use crate::saga::SagaDefinition;
 
 /// The broker.
@@ -28,6 +30,23 @@ pub struct TopologyArgs {
     /// Override a step's timeout: `--step-timeout payment=5s` (repeatable).
     #[arg(long = "step-timeout", value_parser = parse_step_timeout)]
     pub step_timeouts: Vec<(String, Duration)>,
+    /// Override a topic's format, the topic named as in the topology file (without prefix):
+    /// `--topic-format orders.created=avro` (`json`, `avro`, `avro:record_name`; repeatable).
+    #[arg(long = "topic-format", value_parser = parse_topic_format)]
+    pub topic_formats: Vec<(String, Format)>,
+    /// The directory of the Avro schemas (default: the topology's `schemas:`).
+    #[arg(long)]
+    pub schemas: Option<PathBuf>,
+    /// The Schema Registry (Confluent REST API), needed when a topic is Avro.
+    #[arg(long, env = "SCHEMA_REGISTRY_URL")]
+    pub schema_registry_url: Option<String>,
+}
+
+fn parse_topic_format(s: &str) -> Result<(String, Format), String> {
+    let (topic, format) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}' is not TOPIC=FORMAT, e.g. orders.created=avro"))?;
+    Ok((topic.to_string(), Format::parse(format)?))
 }
 
 fn parse_step_timeout(s: &str) -> Result<(String, Duration), String> {
@@ -41,8 +60,17 @@ fn parse_step_timeout(s: &str) -> Result<(String, Duration), String> {
 
 impl TopologyArgs {
     pub fn load(&self) -> anyhow::Result<Arc<SagaDefinition>> {
-        let mut def = SagaDefinition::load(&self.topology)?.with_topic_prefix(&self.topic_prefix);
+        let mut def = SagaDefinition::load(&self.topology)?;
         let mut problems = Vec::new();
+        for (topic, format) in &self.topic_formats {
+            if let Err(e) = def.set_topic_format(topic, *format) {
+                problems.push(format!("--topic-format: {e}"));
+            }
+        }
+        if let Some(dir) = &self.schemas {
+            def.schemas_dir = Some(dir.clone());
+        }
+        let mut def = def.with_topic_prefix(&self.topic_prefix);
         for (step, timeout) in &self.step_timeouts {
             if let Err(e) = def.set_step_timeout(step, *timeout) {
                 problems.push(format!("--step-timeout: {e}"));
@@ -52,6 +80,13 @@ impl TopologyArgs {
             return Err(anyhow!(problems.join("\n")));
         }
         Ok(Arc::new(def))
+    }
+
+    /// The codec of the topology's topics for a process writing to `writes`.
+    pub fn codec(&self, def: &SagaDefinition, writes: &[String]) -> anyhow::Result<Arc<Codec>> {
+        Codec::new(def, self.schema_registry_url.as_deref(), writes)
+            .map(Arc::new)
+            .map_err(|e| anyhow!(e))
     }
 }
 

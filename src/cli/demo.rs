@@ -17,6 +17,7 @@ use super::audit::print_report;
 use super::load::progress_bar;
 use super::run::{run_saga, saga_runtime_config};
 use super::simulate::{participant, step_index};
+use crate::codec::Codec;
 use crate::runtime::{self, RuntimeConfig, RuntimeError, RuntimeStatus, Shutdown};
 use crate::saga::SagaDefinition;
 use crate::sim::load::LoadSpec;
@@ -121,7 +122,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         status: config.status.clone(),
         handle: std::thread::Builder::new()
             .name("orchestrator".into())
-            .spawn(move || run_saga(orchestrator_def, config, stop))?,
+            .spawn(move || run_saga(orchestrator_def, Arc::new(Codec::json()), config, stop))?,
     });
     for (i, name) in step_names.iter().enumerate() {
         let failure_share = match i {
@@ -141,7 +142,13 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             state_dir.join(name),
         );
         let step = step_index(&def, name)?;
-        let (config, supplier) = participant(def.clone(), step, behaviour, config);
+        let (config, supplier) = participant(
+            def.clone(),
+            Arc::new(Codec::json()),
+            step,
+            behaviour,
+            config,
+        );
         components.push(spawn(&format!("participant {name}"), config, supplier)?);
     }
 
@@ -164,7 +171,12 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     }
 
     println!("auditing the outputs (read_committed)...");
-    let report = sim::audit::audit(&args.bootstrap, &def, Duration::from_secs(120))?;
+    let report = sim::audit::audit(
+        &args.bootstrap,
+        &def,
+        &Codec::json(),
+        Duration::from_secs(120),
+    )?;
     print_report(&report);
     println!(
         "demo took {:.1} s; run it again for fresh topics, or look at them with the prefix '{prefix}'",
@@ -209,7 +221,7 @@ fn drive(
     let bootstrap = args.bootstrap.clone();
     let produced_bar = produced.clone();
     let loader = std::thread::spawn(move || {
-        sim::load::run(&bootstrap, &load_def, &spec, &|n| {
+        sim::load::run(&bootstrap, &load_def, &Codec::json(), &spec, &|n| {
             produced_bar.set_position(n)
         })
     });

@@ -40,6 +40,9 @@ pub fn progress_bar(len: u64, what: &str) -> ProgressBar {
 
 pub fn run(args: LoadArgs) -> anyhow::Result<ExitCode> {
     let def = args.topology.load()?;
+    let codec = args
+        .topology
+        .codec(&def, std::slice::from_ref(&def.start_topic))?;
     let spec = LoadSpec {
         orders: args.orders,
         rate: args.rate,
@@ -49,7 +52,9 @@ pub fn run(args: LoadArgs) -> anyhow::Result<ExitCode> {
         transaction_size: args.transaction_size,
     };
     let bar = progress_bar(spec.orders, "produced");
-    load::run(&args.kafka.bootstrap, &def, &spec, &|n| bar.set_position(n))?;
+    load::run(&args.kafka.bootstrap, &def, &codec, &spec, &|n| {
+        bar.set_position(n)
+    })?;
     bar.finish();
     Ok(ExitCode::SUCCESS)
 }

@@ -7,6 +7,7 @@ mod describe;
 mod lag;
 mod load;
 mod run;
+mod schemas;
 mod simulate;
 
 use std::process::ExitCode;
@@ -52,6 +53,8 @@ pub enum Command {
     Lag(lag::LagArgs),
     /// The whole story on a local stack: topics, orchestrator, participants, load, audit.
     Demo(demo::DemoArgs),
+    /// Avro schemas of the topology: list, check compatibility against the registry, register.
+    Schemas(schemas::SchemasArgs),
 }
 
 /// Parses the command line, runs the command and maps its result to the process exit code.
@@ -73,6 +76,7 @@ pub fn main() -> ExitCode {
         Command::Audit(args) => audit::run(args),
         Command::Lag(args) => lag::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Schemas(args) => schemas::run(args),
     };
     shutdown_tracing();
     match result {

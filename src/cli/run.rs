@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::args::{default_instance_id, parse_duration, KafkaArgs, TopologyArgs};
+use crate::codec::Codec;
 use crate::runtime::{self, Guarantee, RuntimeConfig, Shutdown};
 use crate::saga::query::{Partitioner, SagaQuery};
 use crate::saga::{SagaDefinition, SagaProcessor, SAGA_STORE};
@@ -62,17 +63,19 @@ pub fn saga_runtime_config(
 /// Runs a saga until `shutdown` is requested.
 pub fn run_saga(
     def: Arc<SagaDefinition>,
+    codec: Arc<Codec>,
     config: RuntimeConfig,
     shutdown: Shutdown,
 ) -> Result<(), runtime::RuntimeError> {
     let tick = SagaProcessor::default_tick(&def);
     let supplier: runtime::ProcessorSupplier =
-        Arc::new(move |_partition| Box::new(SagaProcessor::new(def.clone(), tick)));
+        Arc::new(move |_partition| Box::new(SagaProcessor::new(def.clone(), codec.clone(), tick)));
     runtime::run(config, supplier, shutdown)
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let def = args.topology.load()?;
+    let codec = args.topology.codec(&def, &def.output_topics())?;
     let application_id = args
         .application_id
         .unwrap_or_else(|| format!("{}{}", args.topology.topic_prefix, def.name));
@@ -102,6 +105,6 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let shutdown = Shutdown::new();
     shutdown.on_signals()?;
     tracing::info!(saga = %def.name, topology = %args.topology.topology.display(), "running the saga");
-    run_saga(def, config, shutdown)?;
+    run_saga(def, codec, config, shutdown)?;
     Ok(ExitCode::SUCCESS)
 }

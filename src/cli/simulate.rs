@@ -10,6 +10,7 @@ use anyhow::anyhow;
 use super::args::{
     default_instance_id, parse_duration, parse_share, parse_stock, KafkaArgs, TopologyArgs,
 };
+use crate::codec::Codec;
 use crate::runtime::{self, RuntimeConfig, Shutdown};
 use crate::saga::SagaDefinition;
 use crate::sim::participant::{Behaviour, Participant, PARTICIPANT_STORE};
@@ -88,6 +89,7 @@ pub fn step_index(def: &SagaDefinition, name: &str) -> anyhow::Result<usize> {
 /// The runtime configuration and processor supplier of a participant.
 pub fn participant(
     def: Arc<SagaDefinition>,
+    codec: Arc<Codec>,
     step: usize,
     behaviour: Behaviour,
     mut config: RuntimeConfig,
@@ -100,14 +102,23 @@ pub fn participant(
     config.output_topics = vec![spec.reply_topic.clone()];
     config.stores = vec![PARTICIPANT_STORE.to_string()];
     let behaviour = Arc::new(behaviour);
-    let supplier: runtime::ProcessorSupplier =
-        Arc::new(move |_| Box::new(Participant::new(def.clone(), step, behaviour.clone())));
+    let supplier: runtime::ProcessorSupplier = Arc::new(move |_| {
+        Box::new(Participant::new(
+            def.clone(),
+            codec.clone(),
+            step,
+            behaviour.clone(),
+        ))
+    });
     (config, supplier)
 }
 
 pub fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
     let def = args.topology.load()?;
     let step = step_index(&def, &args.step)?;
+    let codec = args
+        .topology
+        .codec(&def, std::slice::from_ref(&def.steps[step].reply_topic))?;
     let application_id = args
         .application_id
         .unwrap_or_else(|| format!("{}sim-{}", args.topology.topic_prefix, def.steps[step].name));
@@ -117,7 +128,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
         args.kafka.bootstrap,
         args.state_dir,
     );
-    let (config, supplier) = participant(def, step, args.behaviour.behaviour(), config);
+    let (config, supplier) = participant(def, codec, step, args.behaviour.behaviour(), config);
     if let Some(addr) = args.metrics_addr {
         let metrics = crate::telemetry::metrics::install_recorder().map_err(anyhow::Error::msg)?;
         crate::telemetry::http::serve(addr, Some(metrics), config.status.clone(), None)

@@ -49,6 +49,12 @@ pub enum BadInputKind {
     KeyMismatch,
     /// A reply for a saga that does not exist (never started, or expired).
     UnknownSaga,
+    /// Avro: the schema id is not in the registry.
+    UnknownSchemaId,
+    /// Avro: not in the wire format, or the bytes do not decode with the writer schema.
+    InvalidAvro,
+    /// Avro: the writer schema cannot be resolved into the reader schema.
+    IncompatibleSchema,
 }
 
 impl BadInputKind {
@@ -62,6 +68,9 @@ impl BadInputKind {
             Self::InvalidField => "invalid_field",
             Self::KeyMismatch => "key_mismatch",
             Self::UnknownSaga => "unknown_saga",
+            Self::UnknownSchemaId => "unknown_schema_id",
+            Self::InvalidAvro => "invalid_avro",
+            Self::IncompatibleSchema => "incompatible_schema",
         }
     }
 }
@@ -127,22 +136,29 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
-/// Decodes and checks one input record against the topology.
-pub fn decode(def: &SagaDefinition, record: &InputRecord) -> Result<DecodedEvent, BadInput> {
-    let bytes = match record.value.as_deref() {
-        Some(b) if !b.is_empty() => b,
-        _ => {
-            return Err(BadInput::new(
-                BadInputKind::MissingValue,
-                "the record has no value",
-            ))
-        }
-    };
+/// Parses a JSON record value into the event object (unwrapped from `{"event": ...}`).
+pub fn read_body(bytes: &[u8]) -> Result<Map<String, Value>, BadInput> {
     let body: Value = serde_json::from_slice(bytes)
         .map_err(|e| BadInput::new(BadInputKind::InvalidJson, format!("not JSON: {e}")))?;
-    let mut map = unwrap_body(body)
-        .ok_or_else(|| BadInput::new(BadInputKind::InvalidJson, "the body is not a JSON object"))?;
+    unwrap_body(body)
+        .ok_or_else(|| BadInput::new(BadInputKind::InvalidJson, "the body is not a JSON object"))
+}
 
+/// Decodes and checks one input record of a JSON topic against the topology.
+pub fn decode(def: &SagaDefinition, record: &InputRecord) -> Result<DecodedEvent, BadInput> {
+    match super::Codec::json().read(&record.topic, record.value.as_deref()) {
+        Ok(map) => check(def, record, map),
+        Err(super::DecodeError::Bad(bad)) => Err(bad),
+        Err(super::DecodeError::Unavailable(m)) => Err(BadInput::new(BadInputKind::InvalidJson, m)),
+    }
+}
+
+/// Checks an event object read from `record` against the topology.
+pub fn check(
+    def: &SagaDefinition,
+    record: &InputRecord,
+    mut map: Map<String, Value>,
+) -> Result<DecodedEvent, BadInput> {
     let event_type = string_field(&map, "event_type", BadInputKind::InvalidField)?;
     let event_id = string_field(&map, "event_id", BadInputKind::MissingEventId)?;
     // Integer ids are common in PHP services: accept them as their decimal string.

@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::codec::json::{
     self, BadInput, BadInputKind, DecodedEvent, CORRELATION_HEADER, TRACEPARENT_HEADER,
 };
+use crate::codec::{Codec, DecodeError};
 use crate::runtime::{
     InputRecord, OutputRecord, Processor, ProcessorContext, ProcessorError, Store,
 };
@@ -147,6 +148,7 @@ pub fn decode_record(bytes: &[u8]) -> Result<SagaRecord, ProcessorError> {
 /// Runs one saga definition; one instance per task.
 pub struct SagaProcessor {
     def: Arc<SagaDefinition>,
+    codec: Arc<Codec>,
     /// How often due timers are looked for.
     tick: Duration,
     /// Timers before this time (ms) were all fired by committed-or-open punctuations, so scans
@@ -158,9 +160,10 @@ pub struct SagaProcessor {
 }
 
 impl SagaProcessor {
-    pub fn new(def: Arc<SagaDefinition>, tick: Duration) -> Self {
+    pub fn new(def: Arc<SagaDefinition>, codec: Arc<Codec>, tick: Duration) -> Self {
         Self {
             def,
+            codec,
             tick,
             scanned_to: None,
             counts: StatusCounts::default(),
@@ -296,32 +299,44 @@ impl SagaProcessor {
             status = %record_after.status, step_awaited = ?record_after.step_awaited,
             outputs = outputs.len(), "saga transition"
         );
-        self.emit(ctx, &record_after, outputs, now);
-        Ok(())
+        self.emit(ctx, &record_after, outputs, now)
     }
 
+    /// Encodes every output first, so a message that cannot be written fails the cycle before
+    /// anything is sent or counted.
     fn emit(
         &self,
         ctx: &mut ProcessorContext<'_>,
         saga: &SagaRecord,
         outputs: Vec<SagaOutput>,
         now: i64,
-    ) {
-        for output in outputs {
-            count_output(&self.def, saga, &output, now);
+    ) -> Result<(), ProcessorError> {
+        let mut records = Vec::with_capacity(outputs.len());
+        for output in &outputs {
             let body =
-                json::message_body(&self.def, &saga.saga_id, &saga.correlation_id, &output, now);
-            let mut record = OutputRecord::new(
-                output.topic.clone(),
-                saga.saga_id.as_bytes(),
-                json::encode_body(body, self.def.wrap_outputs),
-            )
-            .with_header(CORRELATION_HEADER, saga.correlation_id.as_bytes());
+                json::message_body(&self.def, &saga.saga_id, &saga.correlation_id, output, now);
+            let value = self
+                .codec
+                .write(
+                    &output.topic,
+                    &output.event_type,
+                    body,
+                    self.def.wrap_outputs,
+                )
+                .map_err(|e| ProcessorError(format!("saga {}: {e}", saga.saga_id)))?;
+            let mut record =
+                OutputRecord::new(output.topic.clone(), saga.saga_id.as_bytes(), value)
+                    .with_header(CORRELATION_HEADER, saga.correlation_id.as_bytes());
             if let Some(tp) = &saga.traceparent {
                 record = record.with_header(TRACEPARENT_HEADER, tp.as_bytes());
             }
+            records.push(record);
+        }
+        for (output, record) in outputs.iter().zip(records) {
+            count_output(&self.def, saga, output, now);
             ctx.send(record);
         }
+        Ok(())
     }
 }
 
@@ -390,12 +405,22 @@ impl Processor for SagaProcessor {
         if self.counts.stale {
             self.counts.load(&ctx.store(SAGA_STORE)?)?;
         }
-        match json::decode(&self.def, record) {
+        let decoded = self
+            .codec
+            .read(&record.topic, record.value.as_deref())
+            .and_then(|map| json::check(&self.def, record, map).map_err(DecodeError::Bad));
+        match decoded {
             Ok(event) => self.handle(ctx, record, event, now),
-            Err(bad) => {
+            Err(DecodeError::Bad(bad)) => {
                 self.dead_letter(ctx, record, &bad);
                 Ok(())
             }
+            // Not the record's fault: fail the cycle, so it is retried (with backoff) from the
+            // last commit once the registry answers again.
+            Err(DecodeError::Unavailable(why)) => Err(ProcessorError(format!(
+                "{} partition {} offset {}: {why}",
+                record.topic, record.partition, record.offset
+            ))),
         }
     }
 
@@ -458,7 +483,7 @@ impl Processor for SagaProcessor {
         self.scanned_to = complete.then(|| now.saturating_add(1));
         drop(store);
         for (record, outputs) in fired {
-            self.emit(ctx, &record, outputs, now);
+            self.emit(ctx, &record, outputs, now)?;
         }
         Ok(())
     }

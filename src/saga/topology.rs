@@ -40,6 +40,8 @@ struct RawTopology {
     compensated_state: Option<Spanned<String>>,
     #[serde(default)]
     wrap_outputs: Option<Spanned<bool>>,
+    #[serde(default)]
+    schemas: Option<Spanned<String>>,
     topics: BTreeMap<String, RawTopic>,
     start: RawStart,
     events: BTreeMap<String, BTreeMap<String, Spanned<String>>>,
@@ -52,6 +54,8 @@ struct RawTopology {
 struct RawTopic {
     #[serde(default)]
     format: Option<Spanned<String>>,
+    #[serde(default)]
+    subject: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -117,6 +121,56 @@ struct RawOutcomes {
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     Json,
+    /// Avro in the Confluent wire format, its schemas in a Schema Registry.
+    Avro(SubjectStrategy),
+}
+
+/// How a topic's Avro schemas are named in the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubjectStrategy {
+    /// `<topic>-value`; a topic carrying several event types has a union schema.
+    TopicName,
+    /// The record's full name; each event type evolves on its own.
+    RecordName,
+}
+
+impl Format {
+    /// Parses `json`, `avro`, or `avro:<strategy>` (`topic_name`, `record_name`).
+    pub fn parse(text: &str) -> Result<Format, String> {
+        let (format, strategy) = match text.split_once(':') {
+            Some((f, s)) => (f, Some(s)),
+            None => (text, None),
+        };
+        match (format, strategy) {
+            ("json", None) => Ok(Format::Json),
+            ("json", Some(_)) => Err("a subject strategy applies to avro only".into()),
+            ("avro", s) => Ok(Format::Avro(SubjectStrategy::parse(
+                s.unwrap_or("topic_name"),
+            )?)),
+            (other, _) => Err(format!("unknown format '{other}' (json, avro)")),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Json => "json",
+            Format::Avro(SubjectStrategy::TopicName) => "avro",
+            Format::Avro(SubjectStrategy::RecordName) => "avro:record_name",
+        }
+    }
+}
+
+impl SubjectStrategy {
+    pub fn parse(text: &str) -> Result<SubjectStrategy, String> {
+        match text {
+            "topic_name" => Ok(SubjectStrategy::TopicName),
+            "record_name" => Ok(SubjectStrategy::RecordName),
+            other => Err(format!(
+                "unknown subject strategy '{other}' (topic_name, record_name)"
+            )),
+        }
+    }
 }
 
 /// Type of a payload field an event must carry.
@@ -227,6 +281,9 @@ pub struct SagaDefinition {
     pub compensated_state: String,
     /// Outputs are written as `{"event": {...}}` (the Laravel shape; default) or flat.
     pub wrap_outputs: bool,
+    /// The directory of the Avro schemas (`<record full name>.v<N>.avsc`), needed when a topic is
+    /// Avro; relative paths in the file are taken from the topology file's directory.
+    pub schemas_dir: Option<std::path::PathBuf>,
     pub topics: BTreeMap<String, Format>,
     pub start_event: String,
     pub start_topic: String,
@@ -242,7 +299,69 @@ impl SagaDefinition {
         let text = std::fs::read_to_string(path).map_err(|e| TopologyError {
             problems: vec![format!("{}: cannot read: {e}", path.display())],
         })?;
-        Self::parse(&path.display().to_string(), &text)
+        let mut def = Self::parse(&path.display().to_string(), &text)?;
+        if let (Some(dir), Some(base)) = (&def.schemas_dir, path.parent()) {
+            if dir.is_relative() {
+                def.schemas_dir = Some(base.join(dir));
+            }
+        }
+        Ok(def)
+    }
+
+    /// The event types a topic carries (consumed or written), in the topology's order.
+    pub fn types_on(&self, topic: &str) -> Vec<String> {
+        let mut types: Vec<String> = Vec::new();
+        let mut add = |t: &str| {
+            if !types.iter().any(|x| x == t) {
+                types.push(t.to_string());
+            }
+        };
+        if self.start_topic == topic {
+            add(&self.start_event);
+        }
+        for step in &self.steps {
+            if step.reply_topic == topic {
+                add(&step.success);
+                add(&step.failure);
+                add(&step.confirmed_by);
+            }
+            if step.command.topic == topic {
+                add(&step.command.event_type);
+            }
+            if step.compensation.topic == topic {
+                add(&step.compensation.event_type);
+            }
+        }
+        for outcome in [&self.completed, &self.cancelled] {
+            if outcome.topic == topic {
+                add(&outcome.event_type);
+            }
+        }
+        types
+    }
+
+    /// The format of a topic (JSON when the topology does not name it).
+    pub fn format_of(&self, topic: &str) -> Format {
+        self.topics.get(topic).copied().unwrap_or(Format::Json)
+    }
+
+    /// True when any topic is Avro.
+    pub fn uses_avro(&self) -> bool {
+        self.topics.values().any(|f| matches!(f, Format::Avro(_)))
+    }
+
+    /// Overrides a topic's format (`topic` as named in the topology, before any prefix).
+    pub fn set_topic_format(&mut self, topic: &str, format: Format) -> Result<(), String> {
+        match self.topics.get_mut(topic) {
+            Some(f) => {
+                *f = format;
+                Ok(())
+            }
+            None => Err(format!(
+                "no topic named '{topic}' (topics: {})",
+                self.topics.keys().cloned().collect::<Vec<_>>().join(", ")
+            )),
+        }
     }
 
     /// Parses and validates topology text; `file` names it in problems.
@@ -504,17 +623,26 @@ impl Validator<'_> {
 
         let mut topics = BTreeMap::new();
         for (topic, spec) in &raw.topics {
-            let format = match &spec.format {
+            let mut format = match &spec.format {
                 None => Format::Json,
-                Some(f) if f.as_str() == "json" => Format::Json,
-                Some(f) => {
-                    self.problem(
-                        f,
-                        format!("topic '{topic}': unknown format '{}' (json)", **f),
-                    );
-                    Format::Json
-                }
+                Some(f) => match Format::parse(f.as_str()) {
+                    Ok(format) => format,
+                    Err(e) => {
+                        self.problem(f, format!("topic '{topic}': {e}"));
+                        Format::Json
+                    }
+                },
             };
+            if let Some(s) = &spec.subject {
+                match (&mut format, SubjectStrategy::parse(s.as_str())) {
+                    (Format::Avro(strategy), Ok(parsed)) => *strategy = parsed,
+                    (_, Err(e)) => self.problem(s, format!("topic '{topic}': {e}")),
+                    (Format::Json, Ok(_)) => self.problem(
+                        s,
+                        format!("topic '{topic}': `subject` applies to avro topics only"),
+                    ),
+                }
+            }
             topics.insert(topic.clone(), format);
         }
 
@@ -750,6 +878,7 @@ impl Validator<'_> {
             retention,
             compensated_state,
             wrap_outputs: raw.wrap_outputs.map(|w| *w).unwrap_or(true),
+            schemas_dir: raw.schemas.map(|s| std::path::PathBuf::from(s.as_str())),
             topics,
             start_event: raw.start.event.to_string(),
             start_topic,

@@ -17,7 +17,7 @@ use comfy_table::Table;
 use serde_json::Value;
 
 use super::{read_to_end, ReadRecord, SimError};
-use crate::codec::json::unwrap_body;
+use crate::codec::Codec;
 use crate::saga::processor::dlq_headers;
 use crate::saga::topology::SagaDefinition;
 
@@ -108,10 +108,10 @@ impl AuditReport {
 
 fn parse(
     def: &SagaDefinition,
+    codec: &Codec,
     r: &ReadRecord,
 ) -> Option<(String, String, serde_json::Map<String, Value>)> {
-    let body: Value = serde_json::from_slice(r.value.as_deref()?).ok()?;
-    let map = unwrap_body(body)?;
+    let map = codec.read(&r.topic, r.value.as_deref()).ok()?;
     let event_type = map.get("event_type")?.as_str()?.to_string();
     let saga_id = match map.get(&def.key_field) {
         Some(Value::String(s)) if !s.is_empty() => s.clone(),
@@ -125,6 +125,7 @@ fn parse(
 pub fn audit(
     bootstrap: &str,
     def: &SagaDefinition,
+    codec: &Codec,
     timeout: Duration,
 ) -> Result<AuditReport, SimError> {
     let mut topics = def.input_topics();
@@ -134,11 +135,11 @@ pub fn audit(
         }
     }
     let records = read_to_end(bootstrap, &topics, timeout)?;
-    Ok(check(def, &records))
+    Ok(check(def, codec, &records))
 }
 
 /// Checks records already read (all of the saga's topics).
-pub fn check(def: &SagaDefinition, records: &[ReadRecord]) -> AuditReport {
+pub fn check(def: &SagaDefinition, codec: &Codec, records: &[ReadRecord]) -> AuditReport {
     let mut report = AuditReport::default();
     let mut dead: HashSet<(String, i32, i64)> = HashSet::new();
     for r in records.iter().filter(|r| r.topic.ends_with(".dlq")) {
@@ -169,7 +170,7 @@ pub fn check(def: &SagaDefinition, records: &[ReadRecord]) -> AuditReport {
         if r.topic.ends_with(".dlq") || dead.contains(&(r.topic.clone(), r.partition, r.offset)) {
             continue;
         }
-        let Some((saga_id, event_type, body)) = parse(def, r) else {
+        let Some((saga_id, event_type, body)) = parse(def, codec, r) else {
             continue;
         };
         if r.topic == def.start_topic {

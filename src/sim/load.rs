@@ -13,7 +13,8 @@ use serde_json::{json, Value};
 
 use super::participant::share_of;
 use super::SimError;
-use crate::codec::json::{encode_body, rfc3339, CORRELATION_HEADER};
+use crate::codec::json::{rfc3339, CORRELATION_HEADER};
+use crate::codec::Codec;
 use crate::saga::SagaDefinition;
 
 /// What to produce.
@@ -82,6 +83,7 @@ impl ProducerContext for DeliveryCounter {
 pub fn run(
     bootstrap: &str,
     def: &SagaDefinition,
+    codec: &Codec,
     spec: &LoadSpec,
     progress: &dyn Fn(u64),
 ) -> Result<Vec<String>, SimError> {
@@ -124,7 +126,9 @@ pub fn run(
             .unwrap_or_default()
             .to_string();
         let body = match event {
-            Value::Object(map) => encode_body(map, true),
+            Value::Object(map) => codec
+                .write(&def.start_topic, &def.start_event, map, true)
+                .map_err(SimError::Other)?,
             _ => Vec::new(),
         };
         let headers = OwnedHeaders::new().insert(Header {

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::codec::json::{self, CORRELATION_HEADER, TRACEPARENT_HEADER};
+use crate::codec::{Codec, DecodeError};
 use crate::runtime::{InputRecord, OutputRecord, Processor, ProcessorContext, ProcessorError};
 use crate::saga::topology::{FieldKind, SagaDefinition, StepSpec};
 
@@ -72,14 +73,21 @@ type ReplyContent = (String, Map<String, Value>);
 /// Answers one step's commands.
 pub struct Participant {
     def: Arc<SagaDefinition>,
+    codec: Arc<Codec>,
     step: usize,
     behaviour: Arc<Behaviour>,
 }
 
 impl Participant {
-    pub fn new(def: Arc<SagaDefinition>, step: usize, behaviour: Arc<Behaviour>) -> Self {
+    pub fn new(
+        def: Arc<SagaDefinition>,
+        codec: Arc<Codec>,
+        step: usize,
+        behaviour: Arc<Behaviour>,
+    ) -> Self {
         Self {
             def,
+            codec,
             step,
             behaviour,
         }
@@ -228,16 +236,15 @@ impl Processor for Participant {
         ctx: &mut ProcessorContext<'_>,
         record: &InputRecord,
     ) -> Result<(), ProcessorError> {
-        let body = record
-            .value
-            .as_deref()
-            .and_then(|v| serde_json::from_slice::<Value>(v).ok())
-            .and_then(json::unwrap_body);
-        let Some(body) = body else {
-            tracing::warn!(topic = %record.topic, offset = record.offset, "ignoring a command that is not a JSON object");
-            metrics::counter!(crate::telemetry::metrics::EVENTS_IGNORED, "reason" => "invalid_command")
-                .increment(1);
-            return Ok(());
+        let body = match self.codec.read(&record.topic, record.value.as_deref()) {
+            Ok(body) => body,
+            Err(DecodeError::Bad(bad)) => {
+                tracing::warn!(topic = %record.topic, offset = record.offset, error = %bad.message, "ignoring a command that cannot be read");
+                metrics::counter!(crate::telemetry::metrics::EVENTS_IGNORED, "reason" => "invalid_command")
+                    .increment(1);
+                return Ok(());
+            }
+            Err(DecodeError::Unavailable(why)) => return Err(ProcessorError(why)),
         };
         let field = |name: &str| body.get(name).and_then(Value::as_str).map(str::to_string);
         let (Some(command_id), Some(command_type)) = (field("event_id"), field("event_type"))
@@ -277,7 +284,7 @@ impl Processor for Participant {
                 .to_string(),
             ),
         );
-        reply_body.insert("event_type".into(), Value::String(reply_type));
+        reply_body.insert("event_type".into(), Value::String(reply_type.clone()));
         reply_body.insert("event_version".into(), Value::from(1));
         reply_body.insert(self.def.key_field.clone(), Value::String(saga_id.clone()));
         reply_body.insert("correlation_id".into(), Value::String(correlation_id));
@@ -288,10 +295,15 @@ impl Processor for Participant {
                 headers.push((name.to_string(), v.to_vec()));
             }
         }
+        let reply_topic = self.spec().reply_topic.clone();
+        let value = self
+            .codec
+            .write(&reply_topic, &reply_type, reply_body, true)
+            .map_err(ProcessorError)?;
         let reply = HeldReply {
-            topic: self.spec().reply_topic.clone(),
+            topic: reply_topic,
             key: saga_id,
-            value: json::encode_body(reply_body, true),
+            value,
             headers,
         };
         if self.behaviour.latency.is_zero() {

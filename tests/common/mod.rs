@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub mod avro_env;
 pub mod saga_env;
 
 use std::time::{Duration, Instant};

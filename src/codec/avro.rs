@@ -1,0 +1,285 @@
+//! Avro in the Confluent wire format: a zero magic byte, the writer schema's registry id
+//! (big-endian u32), then the Avro datum.
+//!
+//! Reading fetches the writer schema by id once (cached for the life of the process), decodes the
+//! datum with it, and resolves the record into the reader schema saga-streams runs with (the newest
+//! local version of that event type), so producers of different versions share a topic. The
+//! result is the same JSON object the JSON path produces, and goes through the same checks.
+//!
+//! Writing resolves the message into the output subject's record and prefixes the id the registry
+//! gave that exact schema, looked up once at start-up.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::sync::{Arc, RwLock};
+
+use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::types::Value as AvroValue;
+use apache_avro::writer::datum::GenericDatumWriter;
+use apache_avro::Schema;
+use serde_json::{Map, Value};
+
+use super::json::{BadInput, BadInputKind};
+use super::registry::{Registry, RegistryError};
+use super::schemas::{subjects, Catalogue};
+use super::DecodeError;
+use crate::saga::topology::SagaDefinition;
+
+/// How one event type is written to one topic.
+#[derive(Debug)]
+struct Output {
+    subject: String,
+    id: u32,
+    /// The subject's schema (a record, or a union of records).
+    schema: Arc<Schema>,
+    /// The record's position when the subject's schema is a union.
+    branch: Option<usize>,
+    /// The record on its own, to resolve messages into.
+    record: Schema,
+}
+
+/// The Avro side of the codec.
+#[derive(Debug)]
+pub struct AvroCodec {
+    registry: Arc<Registry>,
+    /// Reader schema (the newest local record) per event type.
+    readers: HashMap<String, Schema>,
+    /// Per (topic, event type) written by this process.
+    outputs: HashMap<(String, String), Output>,
+    /// Writer schemas by registry id.
+    writers: RwLock<HashMap<u32, Arc<Schema>>>,
+}
+
+impl AvroCodec {
+    /// Builds the codec of `def`'s Avro topics. For each topic in `writes` that is Avro, the
+    /// subject must hold the local schema already (`saga-streams schemas register`).
+    pub fn new(
+        def: &SagaDefinition,
+        catalogue: &Catalogue,
+        registry: Arc<Registry>,
+        writes: &[String],
+    ) -> Result<AvroCodec, Vec<String>> {
+        let subjects = subjects(def, catalogue)?;
+        let mut readers = HashMap::new();
+        for subject in &subjects {
+            for event_type in &subject.types {
+                if let Some(file) = catalogue.latest(event_type) {
+                    readers.insert(event_type.clone(), file.schema.clone());
+                }
+            }
+        }
+        let mut problems = Vec::new();
+        let mut outputs = HashMap::new();
+        for subject in subjects
+            .iter()
+            .filter(|s| s.topics.iter().any(|t| writes.contains(t)))
+        {
+            let id = match registry.lookup(&subject.name, &subject.text) {
+                Ok(Some(registered)) => registered.id,
+                Ok(None) => {
+                    problems.push(format!(
+                        "subject {} does not hold the schema of {} yet; register it with `saga-streams schemas register`",
+                        subject.name,
+                        subject.types.join(", ")
+                    ));
+                    continue;
+                }
+                Err(e) => {
+                    problems.push(format!("subject {}: {e}", subject.name));
+                    continue;
+                }
+            };
+            let schema = Arc::new(subject.schema.clone());
+            for (i, event_type) in subject.types.iter().enumerate() {
+                let Some(record) = readers.get(event_type) else {
+                    continue;
+                };
+                for topic in subject.topics.iter().filter(|t| writes.contains(t)) {
+                    if !def.types_on(topic).contains(event_type) {
+                        continue;
+                    }
+                    outputs.insert(
+                        (topic.clone(), event_type.clone()),
+                        Output {
+                            subject: subject.name.clone(),
+                            id,
+                            schema: schema.clone(),
+                            branch: matches!(*schema, Schema::Union(_)).then_some(i),
+                            record: record.clone(),
+                        },
+                    );
+                }
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Ok(AvroCodec {
+            registry,
+            readers,
+            outputs,
+            writers: RwLock::new(HashMap::new()),
+        })
+    }
+
+    /// The writer schema of `id`, from the cache or the registry.
+    fn writer(&self, id: u32) -> Result<Arc<Schema>, DecodeError> {
+        if let Some(schema) = self.writers.read().ok().and_then(|c| c.get(&id).cloned()) {
+            return Ok(schema);
+        }
+        let text = self.registry.schema_by_id(id).map_err(|e| match e {
+            RegistryError::NotFound(_) => DecodeError::Bad(BadInput::new(
+                BadInputKind::UnknownSchemaId,
+                format!("schema id {id} is not in the registry"),
+            )),
+            RegistryError::Refused(m) | RegistryError::Unavailable(m) => {
+                DecodeError::Unavailable(format!("fetching writer schema {id}: {m}"))
+            }
+        })?;
+        let schema = Schema::parse_str(&text).map_err(|e| {
+            DecodeError::Bad(BadInput::new(
+                BadInputKind::UnknownSchemaId,
+                format!("schema id {id} is not an Avro schema: {e}"),
+            ))
+        })?;
+        let schema = Arc::new(schema);
+        if let Ok(mut cache) = self.writers.write() {
+            cache.insert(id, schema.clone());
+        }
+        Ok(schema)
+    }
+
+    /// Decodes one record value into its event type and its fields as a JSON object.
+    pub fn decode(&self, bytes: &[u8]) -> Result<(String, Map<String, Value>), DecodeError> {
+        let bad = |kind, message: String| DecodeError::Bad(BadInput::new(kind, message));
+        let (id, mut datum) = match bytes {
+            [0, a, b, c, d, rest @ ..] => (u32::from_be_bytes([*a, *b, *c, *d]), rest),
+            _ => {
+                return Err(bad(
+                    BadInputKind::InvalidAvro,
+                    format!(
+                        "not in the Confluent Avro wire format (a zero byte and a 4-byte schema id; got {} bytes starting {:#04x})",
+                        bytes.len(),
+                        bytes.first().copied().unwrap_or_default()
+                    ),
+                ))
+            }
+        };
+        let writer = self.writer(id)?;
+        let value = GenericDatumReader::builder(&writer)
+            .build()
+            .and_then(|reader| reader.read_value(&mut datum))
+            .map_err(|e| {
+                bad(
+                    BadInputKind::InvalidAvro,
+                    format!("does not decode with writer schema {id}: {e}"),
+                )
+            })?;
+        // A truncated datum can decode with its last fields read as null: reject anything that
+        // does not fill the writer schema exactly.
+        let mut rest = Vec::new();
+        let _ = datum.read_to_end(&mut rest);
+        if !rest.is_empty() {
+            return Err(bad(
+                BadInputKind::InvalidAvro,
+                format!(
+                    "{} bytes left over after the datum of schema {id}",
+                    rest.len()
+                ),
+            ));
+        }
+        if !value.validate(&writer) {
+            return Err(bad(
+                BadInputKind::InvalidAvro,
+                format!("the datum does not match writer schema {id} (truncated?)"),
+            ));
+        }
+        let (name, record) = match (&*writer, value) {
+            (Schema::Record(r), value) => (r.name.name().to_string(), value),
+            (Schema::Union(u), AvroValue::Union(i, inner)) => {
+                let name = match u.variants().get(i as usize) {
+                    Some(Schema::Record(r)) => r.name.name().to_string(),
+                    Some(Schema::Ref { name }) => name.name().to_string(),
+                    _ => String::new(),
+                };
+                (name, *inner)
+            }
+            _ => {
+                return Err(bad(
+                    BadInputKind::InvalidAvro,
+                    format!("writer schema {id} is neither a record nor a union of records"),
+                ))
+            }
+        };
+        let reader = self.readers.get(&name).ok_or_else(|| {
+            bad(
+                BadInputKind::UnknownEventType,
+                format!(
+                    "writer schema {id} holds a '{name}', an event type this topology does not use"
+                ),
+            )
+        })?;
+        let resolved = record.resolve(reader).map_err(|e| {
+            bad(
+                BadInputKind::IncompatibleSchema,
+                format!("writer schema {id} cannot be read as the local {name}: {e}"),
+            )
+        })?;
+        match Value::try_from(resolved) {
+            Ok(Value::Object(map)) => Ok((name, map)),
+            Ok(_) => Err(bad(
+                BadInputKind::InvalidAvro,
+                format!("{name} is not a record"),
+            )),
+            Err(e) => Err(bad(
+                BadInputKind::InvalidField,
+                format!("{name}: a value has no JSON form: {e}"),
+            )),
+        }
+    }
+
+    /// True when this codec writes `event_type` to `topic`.
+    pub fn writes(&self, topic: &str, event_type: &str) -> bool {
+        self.outputs
+            .contains_key(&(topic.to_string(), event_type.to_string()))
+    }
+
+    /// Encodes a message (its envelope and payload as a JSON object) for `topic`.
+    pub fn encode(
+        &self,
+        topic: &str,
+        event_type: &str,
+        map: Map<String, Value>,
+    ) -> Result<Vec<u8>, String> {
+        let output = self
+            .outputs
+            .get(&(topic.to_string(), event_type.to_string()))
+            .ok_or_else(|| format!("no Avro schema to write {event_type} to {topic}"))?;
+        let value = AvroValue::try_from(Value::Object(map))
+            .and_then(|v| v.resolve(&output.record))
+            .map_err(|e| {
+                format!(
+                    "{event_type} does not fit its schema in subject {}: {e}",
+                    output.subject
+                )
+            })?;
+        let value = match output.branch {
+            Some(i) => AvroValue::Union(i as u32, Box::new(value)),
+            None => value,
+        };
+        let datum = GenericDatumWriter::builder(&output.schema)
+            .build()
+            .and_then(|writer| writer.write_value_to_vec(value))
+            .map_err(|e| {
+                format!(
+                    "{event_type} does not encode with subject {}: {e}",
+                    output.subject
+                )
+            })?;
+        let mut bytes = Vec::with_capacity(5 + datum.len());
+        bytes.push(0);
+        bytes.extend_from_slice(&output.id.to_be_bytes());
+        bytes.extend_from_slice(&datum);
+        Ok(bytes)
+    }
+}

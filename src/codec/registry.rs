@@ -1,0 +1,290 @@
+//! The Schema Registry (Confluent's REST API, which Apicurio's `ccompat` API also speaks), with
+//! every failure sorted into what it means for a record or a command: the thing asked for does
+//! not exist, the registry refused, or the registry could not be reached (retry later).
+//!
+//! Schema lookups by id, version lists and registration go through schema_registry_converter; the
+//! calls it does not make (compatibility configuration, looking a schema up in a subject) are
+//! plain REST calls here. Every call is blocking: stream threads and commands call it directly,
+//! never from inside an async runtime.
+
+use std::time::Duration;
+
+use schema_registry_converter::blocking::schema_registry::{
+    get_all_versions, get_schema_by_id, perform_sr_call, post_schema, SrSettings,
+};
+use schema_registry_converter::error::SRCError;
+use schema_registry_converter::schema_registry_common::{SchemaType, SrCall, SuppliedSchema};
+use serde_json::{json, Value};
+
+/// What went wrong talking to the registry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    /// The registry answered that the schema, subject or version does not exist.
+    #[error("not found in the registry: {0}")]
+    NotFound(String),
+    /// The registry refused the request (an incompatible or invalid schema, a bad level).
+    #[error("the registry refused: {0}")]
+    Refused(String),
+    /// No answer, or a server-side failure: try again later.
+    #[error("the registry is unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// A schema as registered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    pub id: u32,
+    pub version: Option<u32>,
+    pub schema: String,
+}
+
+/// The compatibility levels subjects can have.
+pub const LEVELS: &[&str] = &[
+    "BACKWARD",
+    "BACKWARD_TRANSITIVE",
+    "FORWARD",
+    "FORWARD_TRANSITIVE",
+    "FULL",
+    "FULL_TRANSITIVE",
+    "NONE",
+];
+
+/// A registry client; cheap to share by reference across threads.
+pub struct Registry {
+    url: String,
+    settings: SrSettings,
+    http: reqwest::blocking::Client,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").field("url", &self.url).finish()
+    }
+}
+
+const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
+
+impl Registry {
+    /// A client of the registry at `url` (e.g. `http://127.0.0.1:18081/apis/ccompat/v7`); each call
+    /// gives up after `timeout`.
+    pub fn new(url: &str, timeout: Duration) -> Result<Registry, String> {
+        let url = url.trim_end_matches('/').to_string();
+        let settings = SrSettings::new_builder(url.clone())
+            .set_timeout(timeout)
+            .build()
+            .map_err(|e| format!("registry client for {url}: {e}"))?;
+        let http = reqwest::blocking::Client::builder()
+            .timeout(timeout)
+            .build()
+            .map_err(|e| format!("registry client for {url}: {e}"))?;
+        Ok(Registry {
+            url,
+            settings,
+            http,
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The schema text registered under `id`.
+    pub fn schema_by_id(&self, id: u32) -> Result<String, RegistryError> {
+        get_schema_by_id(id, &self.settings)
+            .map(|s| s.schema)
+            .map_err(|e| classify(e, &format!("schema id {id}")))
+    }
+
+    /// The versions of `subject`, oldest first; empty when the subject does not exist.
+    pub fn versions(&self, subject: &str) -> Result<Vec<u32>, RegistryError> {
+        match get_all_versions(&self.settings, subject.to_string()) {
+            Ok(mut v) => {
+                v.sort_unstable();
+                Ok(v)
+            }
+            Err(e) => match classify(e, &format!("subject {subject}")) {
+                RegistryError::NotFound(_) => Ok(Vec::new()),
+                other => Err(other),
+            },
+        }
+    }
+
+    /// One version of `subject`.
+    pub fn version(&self, subject: &str, version: u32) -> Result<Registered, RegistryError> {
+        let what = format!("subject {subject} version {version}");
+        let raw = perform_sr_call(
+            &self.settings,
+            SrCall::GetBySubjectAndVersion(subject, version),
+        )
+        .map_err(|e| classify(e, &what))?;
+        match (raw.id, raw.schema) {
+            (Some(id), Some(schema)) => Ok(Registered {
+                id,
+                version: raw.version.or(Some(version)),
+                schema,
+            }),
+            _ => Err(RegistryError::Unavailable(format!(
+                "{what}: no id or schema in the answer"
+            ))),
+        }
+    }
+
+    /// Registers `schema` under `subject` (or finds it registered already) and returns its id.
+    pub fn register(&self, subject: &str, schema: &str) -> Result<Registered, RegistryError> {
+        let supplied = SuppliedSchema::new(None, SchemaType::Avro, schema.to_string());
+        let registered = post_schema(&self.settings, subject.to_string(), supplied)
+            .map_err(|e| classify(e, &format!("subject {subject}")))?;
+        // The answer carries the id only; the version comes from a lookup.
+        let version = self
+            .lookup(subject, schema)
+            .ok()
+            .flatten()
+            .and_then(|r| r.version);
+        Ok(Registered {
+            id: registered.id,
+            version: registered.version.or(version),
+            schema: registered.schema,
+        })
+    }
+
+    /// The id of `schema` when it is one of the versions of `subject`, else `None`.
+    pub fn lookup(&self, subject: &str, schema: &str) -> Result<Option<Registered>, RegistryError> {
+        let url = format!("{}/subjects/{}", self.url, subject);
+        let body = json!({ "schema": schema, "schemaType": "AVRO" });
+        match self.call(self.http.post(&url).json(&body), &url) {
+            Ok(v) => Ok(Some(Registered {
+                id: v
+                    .get("id")
+                    .and_then(Value::as_u64)
+                    .map(|id| id as u32)
+                    .ok_or_else(|| RegistryError::Unavailable(format!("{url}: no id in {v}")))?,
+                version: v.get("version").and_then(Value::as_u64).map(|n| n as u32),
+                schema: schema.to_string(),
+            })),
+            Err(RegistryError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The compatibility level of `subject` and whether it is set on the subject itself (`false`:
+    /// the registry's global level applies).
+    pub fn compatibility(&self, subject: &str) -> Result<(String, bool), RegistryError> {
+        let url = format!("{}/config/{}", self.url, subject);
+        match self.call(self.http.get(&url), &url) {
+            Ok(v) => {
+                if let Some(level) = level_of(&v) {
+                    return Ok((level, true));
+                }
+            }
+            Err(RegistryError::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+        let url = format!("{}/config", self.url);
+        let v = self.call(self.http.get(&url), &url)?;
+        level_of(&v)
+            .map(|level| (level, false))
+            .ok_or_else(|| RegistryError::Unavailable(format!("{url}: no level in {v}")))
+    }
+
+    /// Sets the compatibility level of `subject`.
+    pub fn set_compatibility(&self, subject: &str, level: &str) -> Result<(), RegistryError> {
+        let url = format!("{}/config/{}", self.url, subject);
+        let body = json!({ "compatibility": level });
+        self.call(self.http.put(&url).json(&body), &url).map(|_| ())
+    }
+
+    fn call(
+        &self,
+        request: reqwest::blocking::RequestBuilder,
+        url: &str,
+    ) -> Result<Value, RegistryError> {
+        let response = request
+            .header(reqwest::header::ACCEPT, CONTENT_TYPE)
+            .send()
+            .map_err(|e| RegistryError::Unavailable(format!("{url}: {e}")))?;
+        let status = response.status();
+        let text = response.text().unwrap_or_default();
+        let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
+        if status.is_success() {
+            return Ok(body);
+        }
+        let message = body
+            .get("message")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or(text);
+        Err(match status.as_u16() {
+            404 => RegistryError::NotFound(format!("{url}: {message}")),
+            400..=499 => RegistryError::Refused(format!("{message} (HTTP {status})")),
+            _ => RegistryError::Unavailable(format!("{url}: HTTP {status}: {message}")),
+        })
+    }
+}
+
+fn level_of(v: &Value) -> Option<String> {
+    ["compatibilityLevel", "compatibility"]
+        .iter()
+        .find_map(|k| v.get(*k).and_then(Value::as_str))
+        .map(str::to_string)
+}
+
+/// Sorts a schema_registry_converter error: only an answer from the registry saying "not found" or
+/// refusing counts as such; anything else (no connection, timeouts, server errors) is
+/// unavailability, so a record is never dead-lettered because the registry was down.
+fn classify(e: SRCError, what: &str) -> RegistryError {
+    let text = match &e.cause {
+        Some(cause) => format!("{what}: {}: {cause}", e.error),
+        None => format!("{what}: {}", e.error),
+    };
+    if e.retriable {
+        return RegistryError::Unavailable(text);
+    }
+    let status = e
+        .error
+        .split("failed with status ")
+        .nth(1)
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse::<u16>().ok());
+    match status {
+        Some(404) => RegistryError::NotFound(text),
+        // The registry's own words (its error code and message) say why.
+        Some(400..=499) => RegistryError::Refused(e.cause.unwrap_or(text)),
+        _ => RegistryError::Unavailable(text),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_answers_saying_so_count_as_not_found_or_refused() {
+        let http = |status: &str| {
+            SRCError::new(
+                &format!("HTTP request to schema registry failed with status {status}"),
+                Some("whatever".into()),
+                false,
+            )
+        };
+        assert!(matches!(
+            classify(http("404 Not Found"), "x"),
+            RegistryError::NotFound(_)
+        ));
+        assert!(matches!(
+            classify(http("409 Conflict"), "x"),
+            RegistryError::Refused(_)
+        ));
+        assert!(matches!(
+            classify(http("500 Internal Server Error"), "x"),
+            RegistryError::Unavailable(_)
+        ));
+        assert!(matches!(
+            classify(SRCError::new("could not parse", None, false), "x"),
+            RegistryError::Unavailable(_)
+        ));
+        assert!(matches!(
+            classify(SRCError::new("connection refused", None, true), "x"),
+            RegistryError::Unavailable(_)
+        ));
+    }
+}

@@ -429,12 +429,26 @@ impl Engine {
             })
             .map(|(p, _)| *p)
             .collect();
-        for partition in ready {
-            let path = self.config.task_dir(partition);
-            let mut backend = RocksBackend::open(&path, &self.config.stores, &self.resources)?;
-            // Each store's restoration logs what it replayed ("restore finished").
-            self.restorer
-                .restore_task(&self.config, partition, &mut backend)?;
+        if ready.is_empty() {
+            return Ok(());
+        }
+        let mut backends = Vec::with_capacity(ready.len());
+        for partition in &ready {
+            let path = self.config.task_dir(*partition);
+            backends.push((
+                *partition,
+                RocksBackend::open(&path, &self.config.stores, &self.resources)?,
+            ));
+        }
+        {
+            // All ready tasks restore together; each store logs what it replayed.
+            let mut tasks: Vec<(i32, &mut dyn StoreBackend)> = backends
+                .iter_mut()
+                .map(|(p, b)| (*p, b as &mut dyn StoreBackend))
+                .collect();
+            self.restorer.restore_tasks(&self.config, &mut tasks)?;
+        }
+        for (partition, backend) in backends {
             let reader = backend.reader();
             let processor = (self.supplier)(partition);
             let task = Task::start(

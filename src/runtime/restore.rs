@@ -2,7 +2,7 @@
 //! store's checkpoint (so after a crash only the tail is replayed), with a consumer that has no
 //! group and reads `read_committed` (aborted writes are never restored).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
@@ -17,8 +17,11 @@ use super::error::RuntimeError;
 use crate::state::{CommitBatch, StoreBackend};
 use crate::telemetry::metrics as m;
 
-/// Records per RocksDB write batch during restoration.
+/// Records per RocksDB write batch during restoration, at most.
 const RESTORE_BATCH: usize = 20_000;
+/// Bytes buffered per changelog partition before they are written, at most: memory stays bounded
+/// however many partitions restore at once.
+const RESTORE_BATCH_BYTES: usize = 4 << 20;
 /// How often progress is logged for long restores.
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 
@@ -66,151 +69,224 @@ impl Restorer {
             .set("enable.auto.offset.store", "false")
             .set("isolation.level", "read_committed")
             .set("enable.partition.eof", "true")
-            .set("auto.offset.reset", "earliest");
+            .set("auto.offset.reset", "earliest")
+            // The end of a partition is known after an empty fetch: do not let the broker hold
+            // it for the default 500 ms.
+            .set("fetch.wait.max.ms", "50")
+            // Prefetch at most 32 MiB (the default, 64 MiB, is per consumer plus what RocksDB
+            // batches hold).
+            .set("queued.max.messages.kbytes", "32768");
         let consumer = client
             .create_with_context(EofContext)
             .map_err(RuntimeError::kafka("create restore consumer"))?;
         Ok(Self { consumer })
     }
 
-    /// Restores every store of one task into `backend`.
-    pub fn restore_task(
+    /// Restores every store of the given tasks, all changelog partitions at once (one
+    /// assignment, so the fetches and the end-of-partition waits overlap instead of adding up).
+    pub fn restore_tasks(
         &self,
         config: &RuntimeConfig,
-        partition: i32,
-        backend: &mut dyn StoreBackend,
+        tasks: &mut [(i32, &mut dyn StoreBackend)],
     ) -> Result<Vec<RestoreOutcome>, RuntimeError> {
         let mut outcomes = Vec::new();
-        for store in &config.stores {
-            outcomes.push(self.restore_store(config, store, partition, backend)?);
-        }
-        Ok(outcomes)
-    }
-
-    fn restore_store(
-        &self,
-        config: &RuntimeConfig,
-        store: &str,
-        partition: i32,
-        backend: &mut dyn StoreBackend,
-    ) -> Result<RestoreOutcome, RuntimeError> {
-        let topic = config.changelog_topic(store);
-        let checkpoint = backend.checkpoint(store)?;
-        let start = checkpoint.map_or(Offset::Beginning, Offset::Offset);
+        let mut pending: Vec<Pending> = Vec::new();
         let mut assignment = TopicPartitionList::new();
-        assignment
-            .add_partition_offset(&topic, partition, start)
-            .map_err(RuntimeError::kafka("restore assignment"))?;
-        let (_, high) = self
-            .consumer
-            .fetch_watermarks(&topic, partition, Duration::from_secs(30))
-            .map_err(RuntimeError::kafka("changelog watermarks"))?;
-        let remaining_gauge = metrics::gauge!(m::RESTORE_REMAINING, "store" => store.to_string(), "partition" => partition.to_string());
-        let restored_counter = metrics::counter!(m::RESTORED_RECORDS, "store" => store.to_string());
-        if high <= checkpoint.unwrap_or(0) {
-            remaining_gauge.set(0.0);
-            // Nothing after the checkpoint, or an empty changelog: no need to wait for the
-            // consumer to report the end (an offset lookup and a fetch round, ~2 s per task).
-            let to_offset = checkpoint.unwrap_or(0);
-            if checkpoint != Some(to_offset) {
-                let mut batch = CommitBatch::default();
-                batch.changes.insert(store.to_string(), BTreeMap::new());
-                batch.checkpoints.insert(store.to_string(), to_offset);
-                backend.apply(batch)?;
+        for (index, (partition, backend)) in tasks.iter_mut().enumerate() {
+            for store in &config.stores {
+                let topic = config.changelog_topic(store);
+                let checkpoint = backend.checkpoint(store)?;
+                let (_, high) = self
+                    .consumer
+                    .fetch_watermarks(&topic, *partition, Duration::from_secs(30))
+                    .map_err(RuntimeError::kafka("changelog watermarks"))?;
+                let gauge = metrics::gauge!(m::RESTORE_REMAINING, "store" => store.to_string(), "partition" => partition.to_string());
+                // Registered even when nothing is restored, so the series exists from the start.
+                let counter = metrics::counter!(m::RESTORED_RECORDS, "store" => store.to_string());
+                if high <= checkpoint.unwrap_or(0) {
+                    // Nothing after the checkpoint, or an empty changelog: no need to wait for
+                    // the consumer to report the end.
+                    gauge.set(0.0);
+                    let to_offset = checkpoint.unwrap_or(0);
+                    if checkpoint != Some(to_offset) {
+                        let mut batch = CommitBatch::default();
+                        batch.changes.insert(store.to_string(), BTreeMap::new());
+                        batch.checkpoints.insert(store.to_string(), to_offset);
+                        backend.apply(batch)?;
+                    }
+                    tracing::info!(
+                        store, partition, from_checkpoint = ?checkpoint, records = 0, to_offset,
+                        seconds = 0.0, "restore finished"
+                    );
+                    outcomes.push(RestoreOutcome {
+                        store: store.to_string(),
+                        from_checkpoint: checkpoint,
+                        records: 0,
+                        to_offset,
+                    });
+                    continue;
+                }
+                gauge.set((high - checkpoint.unwrap_or(0)).max(0) as f64);
+                assignment
+                    .add_partition_offset(
+                        &topic,
+                        *partition,
+                        checkpoint.map_or(Offset::Beginning, Offset::Offset),
+                    )
+                    .map_err(RuntimeError::kafka("restore assignment"))?;
+                pending.push(Pending {
+                    task: index,
+                    store: store.clone(),
+                    topic,
+                    partition: *partition,
+                    checkpoint,
+                    high,
+                    next_offset: checkpoint.unwrap_or(0),
+                    records: 0,
+                    changes: BTreeMap::new(),
+                    bytes: 0,
+                    done: false,
+                    gauge,
+                    counter,
+                });
             }
-            tracing::info!(
-                store, partition, from_checkpoint = ?checkpoint, records = 0, to_offset,
-                seconds = 0.0, "restore finished"
-            );
-            return Ok(RestoreOutcome {
-                store: store.to_string(),
-                from_checkpoint: checkpoint,
-                records: 0,
-                to_offset,
-            });
+        }
+        if pending.is_empty() {
+            return Ok(outcomes);
         }
         self.consumer
             .assign(&assignment)
-            .map_err(RuntimeError::kafka("assign changelog"))?;
-        remaining_gauge.set((high - checkpoint.unwrap_or(0)).max(0) as f64);
-
+            .map_err(RuntimeError::kafka("assign changelogs"))?;
         let started = Instant::now();
         let mut last_report = started;
-        let mut records = 0u64;
-        let mut next_offset = checkpoint.unwrap_or(0);
-        let mut changes: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
-        let flush = |changes: &mut BTreeMap<Vec<u8>, Option<Vec<u8>>>,
-                     next_offset: i64,
-                     backend: &mut dyn StoreBackend|
-         -> Result<(), RuntimeError> {
-            let mut batch = CommitBatch::default();
-            batch
-                .changes
-                .insert(store.to_string(), std::mem::take(changes));
-            batch.checkpoints.insert(store.to_string(), next_offset);
-            backend.apply(batch)?;
-            Ok(())
-        };
-        loop {
+        let index: HashMap<(String, i32), usize> = pending
+            .iter()
+            .enumerate()
+            .map(|(i, p)| ((p.topic.clone(), p.partition), i))
+            .collect();
+        while pending.iter().any(|p| !p.done) {
             match self.consumer.poll(Duration::from_millis(500)) {
                 Some(Ok(message)) => {
+                    let Some(&i) = index.get(&(message.topic().to_string(), message.partition()))
+                    else {
+                        continue;
+                    };
+                    let p = &mut pending[i];
                     if let Some(key) = message.key() {
-                        changes.insert(key.to_vec(), message.payload().map(<[u8]>::to_vec));
+                        let value = message.payload().map(<[u8]>::to_vec);
+                        p.bytes += key.len() + value.as_ref().map_or(0, Vec::len);
+                        p.changes.insert(key.to_vec(), value);
                     }
-                    records += 1;
-                    restored_counter.increment(1);
-                    next_offset = message.offset() + 1;
-                    if changes.len() >= RESTORE_BATCH {
-                        flush(&mut changes, next_offset, backend)?;
+                    p.records += 1;
+                    p.counter.increment(1);
+                    p.next_offset = message.offset() + 1;
+                    if p.records.is_multiple_of(1024) {
+                        p.gauge.set((p.high - p.next_offset).max(0) as f64);
+                    }
+                    if p.changes.len() >= RESTORE_BATCH || p.bytes >= RESTORE_BATCH_BYTES {
+                        p.flush(&mut *tasks[p.task].1)?;
                     }
                 }
-                Some(Err(KafkaError::PartitionEOF(_))) => break,
+                Some(Err(KafkaError::PartitionEOF(partition))) => {
+                    // The error names the partition, not the topic: a changelog partition is
+                    // done once the position reached the end seen at the start.
+                    let position = self
+                        .consumer
+                        .position()
+                        .map_err(RuntimeError::kafka("restore position"))?;
+                    for p in pending
+                        .iter_mut()
+                        .filter(|p| p.partition == partition && !p.done)
+                    {
+                        if let Some(Offset::Offset(at)) = position
+                            .find_partition(&p.topic, p.partition)
+                            .map(|e| e.offset())
+                        {
+                            if at >= p.high {
+                                // Past any transaction markers at the end: the next restore
+                                // starts there.
+                                p.next_offset = p.next_offset.max(at);
+                                p.done = true;
+                            }
+                        }
+                    }
+                }
                 Some(Err(e)) => {
-                    tracing::warn!(%topic, partition, error = %e, "changelog read error; retrying");
+                    tracing::warn!(error = %e, "changelog read error; retrying");
                 }
                 None => {}
             }
-            if records.is_multiple_of(1024) {
-                remaining_gauge.set((high - next_offset).max(0) as f64);
-            }
             if last_report.elapsed() >= PROGRESS_EVERY {
                 last_report = Instant::now();
-                let rate = records as f64 / started.elapsed().as_secs_f64();
+                let restored: u64 = pending.iter().map(|p| p.records).sum();
+                let remaining: i64 = pending
+                    .iter()
+                    .map(|p| (p.high - p.next_offset).max(0))
+                    .sum();
                 tracing::info!(
-                    store,
-                    partition,
-                    restored = records,
-                    remaining = (high - next_offset).max(0),
-                    rate = rate as u64,
+                    restored,
+                    remaining,
+                    rate = (restored as f64 / started.elapsed().as_secs_f64()) as u64,
                     "restoring"
                 );
             }
         }
-        // The position is past any transaction markers at the end: the next restore starts there.
-        if let Ok(position) = self.consumer.position() {
-            if let Some(Offset::Offset(at)) = position
-                .find_partition(&topic, partition)
-                .map(|p| p.offset())
-            {
-                next_offset = next_offset.max(at);
-            }
-        }
-        if records > 0 || checkpoint != Some(next_offset) {
-            flush(&mut changes, next_offset, backend)?;
-        }
-        remaining_gauge.set(0.0);
         self.consumer
             .unassign()
-            .map_err(RuntimeError::kafka("unassign changelog"))?;
-        tracing::info!(
-            store, partition, from_checkpoint = ?checkpoint, records, to_offset = next_offset,
-            seconds = started.elapsed().as_secs_f64(), "restore finished"
-        );
-        Ok(RestoreOutcome {
-            store: store.to_string(),
-            from_checkpoint: checkpoint,
-            records,
-            to_offset: next_offset,
-        })
+            .map_err(RuntimeError::kafka("unassign changelogs"))?;
+        for mut p in pending {
+            if p.records > 0 || p.checkpoint != Some(p.next_offset) {
+                p.flush(&mut *tasks[p.task].1)?;
+            }
+            p.gauge.set(0.0);
+            tracing::info!(
+                store = %p.store, partition = p.partition, from_checkpoint = ?p.checkpoint,
+                records = p.records, to_offset = p.next_offset,
+                seconds = started.elapsed().as_secs_f64(), "restore finished"
+            );
+            outcomes.push(RestoreOutcome {
+                store: p.store,
+                from_checkpoint: p.checkpoint,
+                records: p.records,
+                to_offset: p.next_offset,
+            });
+        }
+        Ok(outcomes)
+    }
+}
+
+/// One changelog partition being restored.
+struct Pending {
+    /// Index of its task in the call's task list.
+    task: usize,
+    store: String,
+    topic: String,
+    partition: i32,
+    checkpoint: Option<i64>,
+    /// The end offset when restoration started.
+    high: i64,
+    next_offset: i64,
+    records: u64,
+    changes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Bytes held in `changes`.
+    bytes: usize,
+    done: bool,
+    gauge: metrics::Gauge,
+    counter: metrics::Counter,
+}
+
+impl Pending {
+    /// Writes the buffered changes with the checkpoint after them, in one batch.
+    fn flush(&mut self, backend: &mut dyn StoreBackend) -> Result<(), RuntimeError> {
+        let mut batch = CommitBatch::default();
+        batch
+            .changes
+            .insert(self.store.clone(), std::mem::take(&mut self.changes));
+        self.bytes = 0;
+        batch
+            .checkpoints
+            .insert(self.store.clone(), self.next_offset);
+        backend.apply(batch)?;
+        Ok(())
     }
 }

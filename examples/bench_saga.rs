@@ -23,6 +23,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
+
+#[path = "common/proc_usage.rs"]
+mod proc_usage;
+
 use indicatif::{ProgressBar, ProgressStyle};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -160,24 +164,7 @@ impl Process {
 
     /// (CPU seconds, peak RSS in MiB).
     fn usage(&self) -> (f64, f64) {
-        let pid = self.child.id();
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let field = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|f| f.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let hwm_kib: f64 = status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
-        ((field(11) + field(12)) / 100.0, hwm_kib / 1024.0)
+        proc_usage::usage(self.child.id())
     }
 
     fn log_text(&self) -> String {
@@ -549,6 +536,46 @@ fn kafka_streams_template() -> String {
     .to_string()
 }
 
+/// A record to produce: topic, key, value, and the partition when it is not the key's.
+type Produced = (String, Vec<u8>, Vec<u8>, Option<i32>);
+
+/// Produces `count` records made by `make(n)` as fast as the broker takes them, with the producer
+/// `settings` given.
+fn bulk_produce(
+    bootstrap: &str,
+    settings: &[(&str, &str)],
+    count: u64,
+    what: &str,
+    make: impl Fn(u64) -> Produced,
+) {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", bootstrap)
+        .set("queue.buffering.max.messages", "1000000");
+    for (k, v) in settings {
+        config.set(*k, *v);
+    }
+    let producer: BaseProducer = config.create().expect("producer");
+    let progress = bar(count, what);
+    for n in 0..count {
+        let (topic, key, value, partition) = make(n);
+        let mut record = BaseRecord::to(&topic).key(&key).payload(&value);
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
+        while let Err((_, back)) = producer.send(record) {
+            record = back;
+            producer.poll(Duration::from_millis(5));
+        }
+        if n % 10_000 == 0 {
+            progress.set_position(n);
+            producer.poll(Duration::ZERO);
+        }
+    }
+    producer.flush(Duration::from_secs(120)).expect("flush");
+    progress.finish_and_clear();
+}
+
 /// How an engine keys a saga in its changelog.
 type KeyOf = fn(&str) -> Vec<u8>;
 
@@ -577,40 +604,24 @@ fn restore(args: &Args, engine: Engine) -> Figures {
     {
         r.expect("changelog created");
     }
-    let producer: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", &args.bootstrap)
-        .set("linger.ms", "20")
-        .set("compression.type", "lz4")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()
-        .expect("producer");
-    let progress = bar(args.restore_sagas, "changelog records written");
-    for n in 0..args.restore_sagas {
-        let id = format!("r-{n}");
-        let value = template.replace("{ID}", &id);
-        // The task of a saga is the input partition of its id (producers' default partitioner).
-        let partition = Partitioner::ConsistentRandom.partition(id.as_bytes(), args.partitions);
-        let key = key_of(&id);
-        let mut record = BaseRecord::to(&topic)
-            .key(&key)
-            .payload(&value)
-            .partition(partition);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((_, back)) => {
-                    record = back;
-                    producer.poll(Duration::from_millis(5));
-                }
-            }
-        }
-        if n % 10_000 == 0 {
-            progress.set_position(n);
-            producer.poll(Duration::ZERO);
-        }
-    }
-    producer.flush(Duration::from_secs(120)).expect("flush");
-    progress.finish_and_clear();
+    let settings = [("linger.ms", "20"), ("compression.type", "lz4")];
+    bulk_produce(
+        &args.bootstrap,
+        &settings,
+        args.restore_sagas,
+        "changelog records written",
+        |n| {
+            let id = format!("r-{n}");
+            // The task of a saga is the input partition of its id (producers' default partitioner).
+            let partition = Partitioner::ConsistentRandom.partition(id.as_bytes(), args.partitions);
+            (
+                topic.clone(),
+                key_of(&id),
+                template.replace("{ID}", &id).into_bytes(),
+                Some(partition),
+            )
+        },
+    );
 
     let port = free_port();
     let started = Instant::now();
@@ -684,32 +695,20 @@ fn ceiling(args: &Args) -> Figures {
     let def = SagaDefinition::load(&args.topology).expect("topology");
     let body =
         serde_json::to_vec(&json!({"event": load::order_created(&def, "o-1")})).expect("json");
-    let producer: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", &args.bootstrap)
-        .set("linger.ms", "5")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()
-        .expect("producer");
-    let progress = bar(records, "records produced");
-    for n in 0..records {
-        let key = format!("o-{}", n / 3);
-        let mut record = BaseRecord::to(&input).key(&key).payload(&body);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((_, back)) => {
-                    record = back;
-                    producer.poll(Duration::from_millis(5));
-                }
-            }
-        }
-        if n % 10_000 == 0 {
-            progress.set_position(n);
-            producer.poll(Duration::ZERO);
-        }
-    }
-    producer.flush(Duration::from_secs(120)).expect("flush");
-    progress.finish_and_clear();
+    bulk_produce(
+        &args.bootstrap,
+        &[("linger.ms", "5")],
+        records,
+        "records produced",
+        |n| {
+            (
+                input.clone(),
+                format!("o-{}", n / 3).into_bytes(),
+                body.clone(),
+                None,
+            )
+        },
+    );
     let mut command = Command::new(release_dir().join("examples").join("counter"));
     command
         .args(["--bootstrap", &args.bootstrap, "--mode", "passthrough"])

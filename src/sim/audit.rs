@@ -171,6 +171,12 @@ pub fn check(def: &SagaDefinition, codec: &Codec, records: &[ReadRecord]) -> Aud
             continue;
         }
         let Some((saga_id, event_type, body)) = parse(def, codec, r) else {
+            // Every record the orchestrator cannot read is dead-lettered, and everything it
+            // writes is readable: anything else unreadable is a fault, not noise to skip.
+            report.violations.push(format!(
+                "{} partition {} offset {}: unreadable and not dead-lettered",
+                r.topic, r.partition, r.offset
+            ));
             continue;
         };
         if r.topic == def.start_topic {

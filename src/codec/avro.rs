@@ -26,20 +26,26 @@ use super::DecodeError;
 use crate::saga::topology::SagaDefinition;
 
 /// How one event type is written to one topic.
-#[derive(Debug)]
 struct Output {
     subject: String,
     id: u32,
-    /// The subject's schema (a record, or a union of records).
-    schema: Arc<Schema>,
+    /// The encoder of the subject's schema (a record, or a union of records), built once.
+    encoder: Arc<GenericDatumWriter<'static>>,
     /// The record's position when the subject's schema is a union.
     branch: Option<usize>,
     /// The record on its own, to resolve messages into.
     record: Schema,
 }
 
+/// A writer schema and its decoder, built once per registry id. The cache never evicts, so the
+/// schema lives as long as the process anyway: it is leaked, which lets the decoder (resolved
+/// once, not per record) borrow it.
+struct WriterSchema {
+    schema: &'static Schema,
+    decoder: GenericDatumReader<'static>,
+}
+
 /// The Avro side of the codec.
-#[derive(Debug)]
 pub struct AvroCodec {
     registry: Arc<Registry>,
     /// Reader schema (the newest local record) per event type.
@@ -47,7 +53,17 @@ pub struct AvroCodec {
     /// Per (topic, event type) written by this process.
     outputs: HashMap<(String, String), Output>,
     /// Writer schemas by registry id.
-    writers: RwLock<HashMap<u32, Arc<Schema>>>,
+    writers: RwLock<HashMap<u32, Arc<WriterSchema>>>,
+}
+
+impl std::fmt::Debug for AvroCodec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AvroCodec")
+            .field("registry", &self.registry)
+            .field("readers", &self.readers.keys().collect::<Vec<_>>())
+            .field("outputs", &self.outputs.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 impl AvroCodec {
@@ -89,7 +105,15 @@ impl AvroCodec {
                     continue;
                 }
             };
-            let schema = Arc::new(subject.schema.clone());
+            // One per subject for the life of the process (see `WriterSchema`).
+            let schema: &'static Schema = Box::leak(Box::new(subject.schema.clone()));
+            let encoder = match GenericDatumWriter::builder(schema).build() {
+                Ok(encoder) => Arc::new(encoder),
+                Err(e) => {
+                    problems.push(format!("subject {}: {e}", subject.name));
+                    continue;
+                }
+            };
             for (i, event_type) in subject.types.iter().enumerate() {
                 let Some(record) = readers.get(event_type) else {
                     continue;
@@ -103,8 +127,8 @@ impl AvroCodec {
                         Output {
                             subject: subject.name.clone(),
                             id,
-                            schema: schema.clone(),
-                            branch: matches!(*schema, Schema::Union(_)).then_some(i),
+                            encoder: encoder.clone(),
+                            branch: matches!(schema, Schema::Union(_)).then_some(i),
                             record: record.clone(),
                         },
                     );
@@ -123,9 +147,9 @@ impl AvroCodec {
     }
 
     /// The writer schema of `id`, from the cache or the registry.
-    fn writer(&self, id: u32) -> Result<Arc<Schema>, DecodeError> {
-        if let Some(schema) = self.writers.read().ok().and_then(|c| c.get(&id).cloned()) {
-            return Ok(schema);
+    fn writer(&self, id: u32) -> Result<Arc<WriterSchema>, DecodeError> {
+        if let Some(writer) = self.writers.read().ok().and_then(|c| c.get(&id).cloned()) {
+            return Ok(writer);
         }
         let text = self.registry.schema_by_id(id).map_err(|e| match e {
             RegistryError::NotFound(_) => DecodeError::Bad(BadInput::new(
@@ -142,11 +166,20 @@ impl AvroCodec {
                 format!("schema id {id} is not an Avro schema: {e}"),
             ))
         })?;
-        let schema = Arc::new(schema);
+        let schema: &'static Schema = Box::leak(Box::new(schema));
+        let decoder = GenericDatumReader::builder(schema).build().map_err(|e| {
+            DecodeError::Bad(BadInput::new(
+                BadInputKind::UnknownSchemaId,
+                format!("schema id {id} cannot be read: {e}"),
+            ))
+        })?;
+        let writer = Arc::new(WriterSchema { schema, decoder });
         if let Ok(mut cache) = self.writers.write() {
-            cache.insert(id, schema.clone());
+            // Another thread may have fetched it meanwhile: keep the first (a racing copy stays
+            // leaked; at most one per stream thread).
+            return Ok(cache.entry(id).or_insert(writer).clone());
         }
-        Ok(schema)
+        Ok(writer)
     }
 
     /// Decodes one record value into its event type and its fields as a JSON object.
@@ -166,15 +199,12 @@ impl AvroCodec {
             }
         };
         let writer = self.writer(id)?;
-        let value = GenericDatumReader::builder(&writer)
-            .build()
-            .and_then(|reader| reader.read_value(&mut datum))
-            .map_err(|e| {
-                bad(
-                    BadInputKind::InvalidAvro,
-                    format!("does not decode with writer schema {id}: {e}"),
-                )
-            })?;
+        let value = writer.decoder.read_value(&mut datum).map_err(|e| {
+            bad(
+                BadInputKind::InvalidAvro,
+                format!("does not decode with writer schema {id}: {e}"),
+            )
+        })?;
         // A truncated datum can decode with its last fields read as null: reject anything that
         // does not fill the writer schema exactly.
         let mut rest = Vec::new();
@@ -188,13 +218,13 @@ impl AvroCodec {
                 ),
             ));
         }
-        if !value.validate(&writer) {
+        if !value.validate(writer.schema) {
             return Err(bad(
                 BadInputKind::InvalidAvro,
                 format!("the datum does not match writer schema {id} (truncated?)"),
             ));
         }
-        let (name, record) = match (&*writer, value) {
+        let (name, record) = match (writer.schema, value) {
             (Schema::Record(r), value) => (r.name.name().to_string(), value),
             (Schema::Union(u), AvroValue::Union(i, inner)) => {
                 let name = match u.variants().get(i as usize) {
@@ -267,15 +297,12 @@ impl AvroCodec {
             Some(i) => AvroValue::Union(i as u32, Box::new(value)),
             None => value,
         };
-        let datum = GenericDatumWriter::builder(&output.schema)
-            .build()
-            .and_then(|writer| writer.write_value_to_vec(value))
-            .map_err(|e| {
-                format!(
-                    "{event_type} does not encode with subject {}: {e}",
-                    output.subject
-                )
-            })?;
+        let datum = output.encoder.write_value_to_vec(value).map_err(|e| {
+            format!(
+                "{event_type} does not encode with subject {}: {e}",
+                output.subject
+            )
+        })?;
         let mut bytes = Vec::with_capacity(5 + datum.len());
         bytes.push(0);
         bytes.extend_from_slice(&output.id.to_be_bytes());

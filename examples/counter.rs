@@ -165,6 +165,10 @@ fn main() -> std::process::ExitCode {
     } else {
         LogFormat::Pretty
     });
+    if let Err(e) = saga_streams::runtime::failpoints::setup_from_env() {
+        eprintln!("counter: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
     let mut config = RuntimeConfig::new(
         &args.application_id,
         &args.instance_id,

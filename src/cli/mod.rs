@@ -68,6 +68,10 @@ pub fn main() -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::FAILURE;
     }
+    if let Err(e) = crate::runtime::failpoints::setup_from_env() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Describe(args) => describe::run(args),

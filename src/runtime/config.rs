@@ -47,6 +47,11 @@ pub struct RuntimeConfig {
     /// How long a task waits for an empty input partition before processing the others
     /// (Kafka Streams' `max.task.idle.ms`; default 0: process what is buffered, in timestamp order).
     pub max_task_idle: Duration,
+    /// Bytes of fetched records a task may hold per input partition before that partition is
+    /// paused (back-pressure); it resumes once the task has worked the queue down to half.
+    /// Default 2 MiB. With librdkafka's prefetch (`queued.max.messages.kbytes`, 16 MiB here
+    /// unless set) this bounds the memory held by input records.
+    pub max_buffered_bytes: usize,
     /// Exactly-once (default) or at-least-once.
     pub guarantee: Guarantee,
     /// `transaction.timeout.ms` (Kafka Streams uses 10 s under EOS).
@@ -96,6 +101,7 @@ impl RuntimeConfig {
             commit_interval: Duration::from_millis(100),
             commit_max_records: 10_000,
             max_task_idle: Duration::ZERO,
+            max_buffered_bytes: 2 << 20,
             guarantee: Guarantee::ExactlyOnce,
             transaction_timeout: Duration::from_secs(10),
             group_protocol: "consumer".to_string(),
@@ -160,6 +166,9 @@ impl RuntimeConfig {
         }
         if self.commit_interval.is_zero() {
             problems.push("commit interval must be above zero".to_string());
+        }
+        if self.max_buffered_bytes == 0 {
+            problems.push("max buffered bytes must be above zero".to_string());
         }
         if self.commit_max_records == 0 {
             problems.push("commit max records must be above zero".to_string());

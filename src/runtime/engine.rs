@@ -13,22 +13,24 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use rdkafka::util::Timeout;
 use rdkafka::{ClientContext, Message};
 
 use super::config::{Guarantee, RuntimeConfig};
-use super::error::{ErrorClass, RuntimeError};
-use super::processor::{OutputRecord, ProcessorSupplier};
-use super::restore::Restorer;
+use super::error::{on_commit_error, CommitDecision, ErrorClass, RuntimeError};
+use super::failpoints;
+use super::processor::{InputRecord, OutputRecord, ProcessorSupplier};
+use super::restore::{Restoration, Restorer};
+use super::stream_thread::Shutdown;
 use super::task::Task;
 use crate::state::rocks::{RocksBackend, RocksResources};
-use crate::state::StoreBackend;
+use crate::state::StoreBackend as _;
 use crate::telemetry::metrics as m;
 
 /// Commit latency samples kept for the shutdown summary (hours of commits at 10 per second).
 const MAX_COMMIT_SAMPLES: usize = 100_000;
 
-/// Delivery bookkeeping: the last offset written to each changelog partition, and failures.
+/// Delivery bookkeeping: the last offset written to each changelog partition, and failures
+/// (drained by every commit and abort, so it stays bounded).
 #[derive(Default)]
 pub struct Deliveries {
     /// (store index, partition) -> highest delivered offset in the open cycle
@@ -70,6 +72,31 @@ impl ProducerContext for EngineProducerContext {
 
 pub type EngineProducer = ThreadedProducer<EngineProducerContext>;
 
+/// Where the producer's transaction stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Txn {
+    /// No transaction open.
+    Idle,
+    /// A transaction is open and may hold writes of this cycle.
+    Open,
+    /// The cycle was dropped but its transaction is not aborted yet (the abort failed or has not
+    /// been tried): nothing may be produced until it is.
+    NeedsAbort,
+}
+
+/// Timeout of each transactional call; calls that time out are retried (librdkafka resumes
+/// them), so shutdown is seen between attempts.
+const TXN_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a commit whose outcome is unknown is retried before the thread gives up on it and
+/// rebuilds (Kafka Streams' `max.block.ms`).
+const COMMIT_RETRY_FOR: Duration = Duration::from_secs(60);
+/// Timeout of the consumer calls a task start and a rewind make.
+const CONSUMER_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Failed rewinds in a row after which the consumer and producer are rebuilt.
+const REWIND_ATTEMPTS: u32 = 3;
+/// Time given to restoration per loop turn, between polls of the group consumer.
+const RESTORE_SLICE: Duration = Duration::from_millis(200);
+
 /// The tasks of one stream thread and what they have produced in the open cycle.
 pub struct Engine {
     pub config: Arc<RuntimeConfig>,
@@ -78,10 +105,23 @@ pub struct Engine {
     producer: EngineProducer,
     deliveries: Arc<Deliveries>,
     restorer: Restorer,
+    shutdown: Shutdown,
     pub tasks: BTreeMap<i32, Task>,
     /// Input partitions assigned to this instance, by partition number.
     pub assigned: BTreeMap<i32, BTreeSet<String>>,
-    in_transaction: bool,
+    /// Assigned input partitions not resumed since their assignment: their fetcher may not
+    /// have started, so a seek on them may fail harmlessly (they start at the committed offset).
+    fresh: BTreeSet<(String, i32)>,
+    /// Input partitions paused because their task's queue is full (back-pressure).
+    backpressured: BTreeSet<(String, i32)>,
+    /// Tasks being restored, a slice per loop turn.
+    restoring: Option<Restoration<RocksBackend>>,
+    txn: Txn,
+    /// Set by an abort: the inputs must be sought back to the committed positions before any
+    /// record is processed (DESIGN.md 12.1).
+    rewind_pending: bool,
+    /// Rewinds that failed in a row.
+    rewind_failures: u32,
     cycle_started: Instant,
     records_in_cycle: usize,
     outputs: Vec<OutputRecord>,
@@ -110,11 +150,27 @@ fn topic_counter<'a>(
     &cache[topic]
 }
 
+/// Sleeps up to `pause`, in short steps; returns false (early) when shutdown is requested.
+pub fn sleep_unless_shutdown(shutdown: &Shutdown, pause: Duration) -> bool {
+    let until = Instant::now() + pause;
+    loop {
+        if shutdown.requested() {
+            return false;
+        }
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return true;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(20)));
+    }
+}
+
 impl Engine {
     pub fn new(
         config: Arc<RuntimeConfig>,
         supplier: ProcessorSupplier,
         resources: RocksResources,
+        shutdown: Shutdown,
     ) -> Result<Self, RuntimeError> {
         let deliveries = Arc::new(Deliveries::default());
         let mut client = ClientConfig::new();
@@ -141,10 +197,23 @@ impl Engine {
             })
             .map_err(RuntimeError::kafka("create producer"))?;
         if config.guarantee == Guarantee::ExactlyOnce {
-            // Fences any older incarnation with the same transactional id and aborts its open transaction.
-            producer
-                .init_transactions(Duration::from_secs(60))
-                .map_err(RuntimeError::kafka("init transactions"))?;
+            // Fences any older incarnation with the same transactional id and aborts its open
+            // transaction. Called again while the coordinator does not answer (a broker
+            // restarting): librdkafka resumes the same initialisation.
+            let deadline = Instant::now() + COMMIT_RETRY_FOR;
+            loop {
+                let Err(e) = producer.init_transactions(TXN_CALL_TIMEOUT) else {
+                    break;
+                };
+                let error = RuntimeError::kafka("init transactions")(e);
+                if error.class() == ErrorClass::Fatal || Instant::now() >= deadline {
+                    return Err(error);
+                }
+                tracing::warn!(error = %error, "transaction coordinator not answering yet; retrying");
+                if !sleep_unless_shutdown(&shutdown, Duration::from_millis(500)) {
+                    return Err(RuntimeError::Interrupted("initialising transactions"));
+                }
+            }
         }
         let restorer = Restorer::new(&config)?;
         Ok(Self {
@@ -154,9 +223,15 @@ impl Engine {
             producer,
             deliveries,
             restorer,
+            shutdown,
             tasks: BTreeMap::new(),
             assigned: BTreeMap::new(),
-            in_transaction: false,
+            fresh: BTreeSet::new(),
+            backpressured: BTreeSet::new(),
+            restoring: None,
+            txn: Txn::Idle,
+            rewind_pending: false,
+            rewind_failures: 0,
             cycle_started: Instant::now(),
             records_in_cycle: 0,
             outputs: Vec::new(),
@@ -174,18 +249,33 @@ impl Engine {
     }
 
     fn ensure_transaction(&mut self) -> Result<(), RuntimeError> {
-        if self.exactly_once() && !self.in_transaction {
-            self.producer
-                .begin_transaction()
-                .map_err(RuntimeError::kafka("begin transaction"))?;
-            self.in_transaction = true;
+        if !self.exactly_once() {
+            return Ok(());
         }
-        Ok(())
+        match self.txn {
+            Txn::Open => Ok(()),
+            Txn::NeedsAbort => Err(RuntimeError::Group(
+                "the previous transaction is not aborted yet".to_string(),
+            )),
+            Txn::Idle => {
+                self.producer
+                    .begin_transaction()
+                    .map_err(RuntimeError::kafka("begin transaction"))?;
+                self.txn = Txn::Open;
+                Ok(())
+            }
+        }
     }
 
     fn send(&mut self, record: &OutputRecord, opaque: usize) -> Result<(), RuntimeError> {
         self.ensure_transaction()?;
-        send_record(&self.producer, record, opaque)?;
+        send_record(
+            &self.producer,
+            record,
+            opaque,
+            self.config.transaction_timeout,
+            &self.shutdown,
+        )?;
         if opaque == 0 {
             topic_counter(&mut self.produced, m::RECORDS_PRODUCED, &record.topic).increment(1);
         }
@@ -205,15 +295,119 @@ impl Engine {
         Ok(())
     }
 
-    /// Processes buffered records of every task (up to `budget` per task), then fires due
-    /// punctuations. Returns the number of records processed.
-    pub fn process_buffered(&mut self, budget: usize) -> Result<usize, RuntimeError> {
+    /// True while an aborted cycle still has to be cleaned up (its transaction aborted, its
+    /// inputs rewound): no record is processed and nothing committed until [`Engine::recover`]
+    /// succeeds.
+    pub fn recovery_pending(&self) -> bool {
+        self.txn == Txn::NeedsAbort || self.rewind_pending
+    }
+
+    /// Hands a polled record to its task, pausing the record's partition once the task holds
+    /// `max_buffered_bytes` of it. A record of a partition without a running task is dropped:
+    /// it is fetched again from the committed offset when the task starts. Records polled while
+    /// a rewind is pending are dropped too: the rewind fetches them again.
+    pub fn enqueue<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        record: InputRecord,
+    ) -> Result<(), RuntimeError> {
+        if self.rewind_pending {
+            return Ok(());
+        }
+        let Some(task) = self.tasks.get_mut(&record.partition) else {
+            tracing::debug!(topic = %record.topic, partition = record.partition, "record for a task not running");
+            return Ok(());
+        };
+        let (topic, partition) = (record.topic.clone(), record.partition);
+        let queued = task.enqueue(record);
+        if queued >= self.config.max_buffered_bytes
+            && self.backpressured.insert((topic.clone(), partition))
+        {
+            let mut list = TopicPartitionList::new();
+            list.add_partition(&topic, partition);
+            consumer
+                .pause(&list)
+                .map_err(RuntimeError::kafka("pause a full input"))?;
+            tracing::debug!(topic = %topic, partition, queued, "input paused: its task's queue is full");
+        }
+        Ok(())
+    }
+
+    /// Resumes paused inputs whose task has worked its queue down to half the bound.
+    pub fn relieve_backpressure<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+    ) -> Result<(), RuntimeError> {
+        if self.backpressured.is_empty() || self.rewind_pending {
+            return Ok(());
+        }
+        let limit = self.config.max_buffered_bytes / 2;
+        let relieved: Vec<(String, i32)> = self
+            .backpressured
+            .iter()
+            .filter(|(topic, partition)| {
+                self.tasks
+                    .get(partition)
+                    .is_none_or(|t| t.queued_bytes(topic) <= limit)
+            })
+            .cloned()
+            .collect();
+        self.resume_partitions(consumer, &relieved)
+    }
+
+    fn resume_partitions<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        partitions: &[(String, i32)],
+    ) -> Result<(), RuntimeError> {
+        let mut list = TopicPartitionList::new();
+        for (topic, partition) in partitions {
+            if self.tasks.contains_key(partition) {
+                list.add_partition(topic, *partition);
+            }
+        }
+        if list.count() > 0 {
+            consumer
+                .resume(&list)
+                .map_err(RuntimeError::kafka("resume inputs"))?;
+        }
+        for key in partitions {
+            self.backpressured.remove(key);
+        }
+        Ok(())
+    }
+
+    /// Whether some task can process a record right now (the loop then polls without waiting).
+    pub fn has_processable_records(&self) -> bool {
+        let now = Instant::now();
+        !self.recovery_pending()
+            && self
+                .tasks
+                .values()
+                .any(|t| t.can_process(now, self.config.max_task_idle))
+    }
+
+    /// Whether a restoration is under way (the loop then polls without waiting).
+    pub fn restoring(&self) -> bool {
+        self.restoring.is_some()
+    }
+
+    /// Processes buffered records of every task in turn (up to 1,000 per task, and no more than
+    /// the cycle may still take), then fires due punctuations. Returns the records processed.
+    pub fn process_buffered(&mut self) -> Result<usize, RuntimeError> {
+        if self.recovery_pending() || self.broken {
+            return Ok(0);
+        }
         let now = Instant::now();
         let max_idle = self.config.max_task_idle;
         let mut processed = 0;
         let partitions: Vec<i32> = self.tasks.keys().copied().collect();
         for partition in partitions {
-            for _ in 0..budget {
+            let room = self
+                .config
+                .commit_max_records
+                .saturating_sub(self.records_in_cycle + processed);
+            for _ in 0..room.min(1_000) {
                 let Some(task) = self.tasks.get_mut(&partition) else {
                     break;
                 };
@@ -246,21 +440,47 @@ impl Engine {
             || self.cycle_started.elapsed() >= self.config.commit_interval
     }
 
-    /// Ends the commit cycle: changelog records, input offsets and the transaction commit, then
-    /// the tasks' writes go to RocksDB. Nothing to do when the cycle did no work.
+    fn take_delivery_failures(&self) -> Vec<String> {
+        std::mem::take(
+            &mut *self
+                .deliveries
+                .failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        )
+    }
+
+    fn check_deliveries(&self) -> Result<(), RuntimeError> {
+        let failures = self.take_delivery_failures();
+        let Some(first) = failures.first() else {
+            return Ok(());
+        };
+        // The cycle cannot commit what was not delivered: it is aborted and its inputs
+        // processed again.
+        tracing::warn!(failed = failures.len(), first = %first, "deliveries failed");
+        Err(RuntimeError::Kafka {
+            operation: "deliver",
+            source: KafkaError::MessageProduction(RDKafkaErrorCode::Fail),
+        })
+    }
+
+    /// Ends the commit cycle: changelog records, the input offsets of every running task (also
+    /// when only timers wrote: that is what fences a zombie), the transaction commit, then the
+    /// tasks' writes go to RocksDB. Nothing to do when the cycle did no work.
     pub fn commit<C: ConsumerContext>(
         &mut self,
         consumer: &BaseConsumer<C>,
     ) -> Result<(), RuntimeError> {
         self.cycle_started = Instant::now();
-        if self.broken {
+        if self.broken || self.recovery_pending() {
             return Ok(());
         }
-        let has_work = self.in_transaction || self.tasks.values().any(Task::has_work_in_cycle);
+        let has_work = self.txn == Txn::Open || self.tasks.values().any(Task::has_work_in_cycle);
         if !has_work {
             return Ok(());
         }
         let started = Instant::now();
+        self.check_deliveries()?;
         // Changelog: the last value of each changed key, in the task's partition.
         let mut changelog_records = Vec::new();
         for task in self.tasks.values() {
@@ -298,40 +518,24 @@ impl Engine {
             }
         }
         if self.exactly_once() {
+            self.ensure_transaction()?;
             if offsets.count() > 0 {
-                self.ensure_transaction()?;
                 let metadata = consumer.group_metadata().ok_or_else(|| {
                     RuntimeError::Group("no consumer group metadata yet".to_string())
                 })?;
-                self.producer
-                    .send_offsets_to_transaction(&offsets, &metadata, Duration::from_secs(30))
-                    .map_err(RuntimeError::kafka("send offsets to transaction"))?;
+                self.send_offsets(&offsets, &metadata)?;
             }
             self.wait_for_deliveries();
-            self.producer
-                .commit_transaction(Timeout::Never)
-                .map_err(RuntimeError::kafka("commit transaction"))?;
-            self.in_transaction = false;
+            self.check_deliveries()?;
+            self.commit_transaction()?;
+            self.txn = Txn::Idle;
         } else {
             self.wait_for_deliveries();
             self.producer
-                .flush(Timeout::Never)
+                .flush(self.config.transaction_timeout)
                 .map_err(RuntimeError::kafka("flush"))?;
-            let failures = std::mem::take(
-                &mut *self
-                    .deliveries
-                    .failures
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()),
-            );
-            if !failures.is_empty() {
-                // The offsets stay uncommitted: the cycle is aborted and its inputs processed again.
-                tracing::warn!(?failures, "deliveries failed");
-                return Err(RuntimeError::Kafka {
-                    operation: "deliver",
-                    source: KafkaError::MessageProduction(RDKafkaErrorCode::Fail),
-                });
-            }
+            // The offsets stay uncommitted when a delivery failed: the cycle is processed again.
+            self.check_deliveries()?;
             if offsets.count() > 0 {
                 consumer
                     .commit(&offsets, CommitMode::Sync)
@@ -346,6 +550,7 @@ impl Engine {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner()),
         );
+        let mut failed = BTreeSet::new();
         for task in self.tasks.values_mut() {
             let mut checkpoints = BTreeMap::new();
             for (index, store) in self.config.stores.iter().enumerate() {
@@ -353,9 +558,17 @@ impl Engine {
                     checkpoints.insert(store.clone(), offset + 1);
                 }
             }
-            task.apply_committed(checkpoints)?;
+            if let Err(e) = task.apply_committed(checkpoints) {
+                // The store kept its previous data and checkpoint (the batch is atomic): it is
+                // behind the changelog now, so the task must not run on it (DESIGN.md 12.2).
+                tracing::error!(task = task.partition, error = %e, "state write after commit failed; closing the task to restore it from the changelog");
+                failed.insert(task.partition);
+            }
         }
         self.records_in_cycle = 0;
+        if !failed.is_empty() {
+            self.close_failed_tasks(consumer, &failed);
+        }
         metrics::histogram!(m::COMMIT_LATENCY).record(started.elapsed().as_secs_f64());
         metrics::counter!(m::TRANSACTIONS, "result" => "committed").increment(1);
         if self.commit_latencies.len() < MAX_COMMIT_SAMPLES {
@@ -364,14 +577,81 @@ impl Engine {
         Ok(())
     }
 
+    fn send_offsets(
+        &self,
+        offsets: &TopicPartitionList,
+        metadata: &rdkafka::consumer::ConsumerGroupMetadata,
+    ) -> Result<(), RuntimeError> {
+        fail::fail_point!("send-offsets", |kind| Err(failpoints::kafka_error(
+            "send offsets to transaction",
+            kind
+        )));
+        self.producer
+            .send_offsets_to_transaction(offsets, metadata, CONSUMER_CALL_TIMEOUT)
+            .map_err(RuntimeError::kafka("send offsets to transaction"))
+    }
+
+    fn try_commit_transaction(&self) -> Result<(), RuntimeError> {
+        fail::fail_point!("commit-transaction", |kind| Err(failpoints::kafka_error(
+            "commit transaction",
+            kind
+        )));
+        self.producer
+            .commit_transaction(TXN_CALL_TIMEOUT)
+            .map_err(RuntimeError::kafka("commit transaction"))
+    }
+
+    /// Commits the open transaction, calling again while librdkafka says the commit goes on
+    /// (a coordinator restarting or moving). Gives up, with the outcome unknown, after
+    /// [`COMMIT_RETRY_FOR`] or on shutdown.
+    fn commit_transaction(&mut self) -> Result<(), RuntimeError> {
+        let deadline = Instant::now() + COMMIT_RETRY_FOR;
+        let mut attempt = 0u32;
+        loop {
+            let Err(error) = self.try_commit_transaction() else {
+                return Ok(());
+            };
+            let decision = error
+                .facts()
+                .map_or(CommitDecision::Rebuild, on_commit_error);
+            match decision {
+                CommitDecision::Abort => return Err(error),
+                CommitDecision::Rebuild if error.class() == ErrorClass::Fatal => {
+                    self.broken = true;
+                    return Err(error);
+                }
+                CommitDecision::Rebuild => {
+                    self.broken = true;
+                    return Err(RuntimeError::CommitOutcomeUnknown(error.to_string()));
+                }
+                CommitDecision::Retry => {
+                    attempt += 1;
+                    tracing::warn!(error = %error, attempt, "commit not confirmed yet; calling it again");
+                    let pause = Duration::from_millis(100 * u64::from(attempt.min(10)));
+                    if Instant::now() + pause >= deadline
+                        || !sleep_unless_shutdown(&self.shutdown, pause)
+                    {
+                        self.broken = true;
+                        return Err(RuntimeError::CommitOutcomeUnknown(format!(
+                            "{error} (gave up after {attempt} attempts)"
+                        )));
+                    }
+                }
+            }
+        }
+    }
+
     /// Waits, in short sleeps, until every produced record has its delivery report (bounded by
-    /// the transaction timeout). rdkafka's flush polls the event queue in steps of up to 100 ms,
-    /// and with the ThreadedProducer's own thread serving that queue those steps often run out in
-    /// full: measured, commits took ~100 ms. Once nothing is in flight, the flush inside
-    /// `commit_transaction` returns at once.
+    /// the transaction timeout and by shutdown). rdkafka's flush polls the event queue in steps
+    /// of up to 100 ms, and with the ThreadedProducer's own thread serving that queue those
+    /// steps often run out in full: measured, commits took ~100 ms. Once nothing is in flight,
+    /// the flush inside `commit_transaction` returns at once.
     fn wait_for_deliveries(&self) {
         let deadline = Instant::now() + self.config.transaction_timeout;
-        while self.producer.in_flight_count() > 0 && Instant::now() < deadline {
+        while self.producer.in_flight_count() > 0
+            && Instant::now() < deadline
+            && !self.shutdown.requested()
+        {
             std::thread::sleep(Duration::from_micros(200));
         }
     }
@@ -394,87 +674,282 @@ impl Engine {
         );
     }
 
-    /// Aborts the open cycle: the transaction, the tasks' writes and buffered records; inputs are
-    /// rewound to their committed offsets.
-    pub fn abort<C: ConsumerContext>(
+    /// Drops the open cycle (outputs, overlays, buffered records, delivery bookkeeping) and
+    /// schedules its clean-up: the transaction's abort and the rewind of every running task's
+    /// inputs to the positions of the last commit. Until [`Engine::recover`] has done both,
+    /// nothing is processed or committed.
+    pub fn abort(&mut self) {
+        metrics::counter!(m::TRANSACTIONS, "result" => "aborted").increment(1);
+        self.outputs.clear();
+        for task in self.tasks.values_mut() {
+            task.discard_cycle();
+        }
+        self.records_in_cycle = 0;
+        self.cycle_started = Instant::now();
+        if let Ok(mut map) = self.deliveries.changelog.lock() {
+            map.clear();
+        }
+        self.take_delivery_failures();
+        if self.txn == Txn::Open {
+            self.txn = Txn::NeedsAbort;
+        }
+        if !self.tasks.is_empty() {
+            self.rewind_pending = true;
+        }
+    }
+
+    fn try_abort_transaction(&self) -> Result<(), RuntimeError> {
+        fail::fail_point!("abort-transaction", |kind| Err(failpoints::kafka_error(
+            "abort transaction",
+            kind
+        )));
+        self.producer
+            .abort_transaction(TXN_CALL_TIMEOUT)
+            .map_err(RuntimeError::kafka("abort transaction"))
+    }
+
+    /// Carries out a scheduled clean-up: aborts the transaction, then seeks every running task's
+    /// inputs back to its committed positions and lifts back-pressure. An error leaves what is
+    /// not done scheduled; the caller retries after a pause. A rewind that failed
+    /// [`REWIND_ATTEMPTS`] times in a row comes back as [`RuntimeError::RewindFailed`] (fatal:
+    /// rebuild), as does a fatal abort.
+    pub fn recover<C: ConsumerContext>(
         &mut self,
         consumer: &BaseConsumer<C>,
     ) -> Result<(), RuntimeError> {
-        self.abort_without_rewind()?;
-        self.rewind(consumer)
+        if self.txn == Txn::NeedsAbort {
+            if !self.broken && self.exactly_once() {
+                if let Err(e) = self.try_abort_transaction() {
+                    if e.class() == ErrorClass::Fatal {
+                        self.broken = true;
+                    }
+                    return Err(e);
+                }
+            }
+            self.txn = Txn::Idle;
+        }
+        if self.rewind_pending {
+            let mut targets = TopicPartitionList::new();
+            for task in self.tasks.values() {
+                for (topic, offset) in task.committed_positions() {
+                    targets
+                        .add_partition_offset(topic, task.partition, Offset::Offset(offset))
+                        .map_err(RuntimeError::kafka("rewind list"))?;
+                }
+            }
+            if let Err(e) = self.seek(consumer, targets) {
+                self.rewind_failures += 1;
+                if self.rewind_failures >= REWIND_ATTEMPTS {
+                    return Err(RuntimeError::RewindFailed(format!(
+                        "{e} ({} attempts)",
+                        self.rewind_failures
+                    )));
+                }
+                return Err(e);
+            }
+            self.rewind_failures = 0;
+            self.rewind_pending = false;
+            // Queues are empty again: every input paused for back-pressure may fetch.
+            let paused: Vec<(String, i32)> = self.backpressured.iter().cloned().collect();
+            self.resume_partitions(consumer, &paused)?;
+            tracing::info!("inputs rewound to the last commit");
+        }
+        Ok(())
     }
 
-    /// Seeks the inputs of every running task back to the committed offsets.
-    fn rewind<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) -> Result<(), RuntimeError> {
-        let mut partitions = TopicPartitionList::new();
-        for task in self.tasks.values() {
-            for topic in &self.config.input_topics {
-                partitions.add_partition(topic, task.partition);
+    /// Seeks to `targets`; every partition must take the seek, except fresh ones (not resumed
+    /// since their assignment), which start at the committed offset anyway.
+    fn seek<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        targets: TopicPartitionList,
+    ) -> Result<(), RuntimeError> {
+        if targets.count() == 0 {
+            return Ok(());
+        }
+        fail::fail_point!("seek", |kind| Err(failpoints::kafka_error("seek", kind)));
+        let result = consumer
+            .seek_partitions(targets, CONSUMER_CALL_TIMEOUT)
+            .map_err(RuntimeError::kafka("seek inputs"))?;
+        for element in result.elements() {
+            if let Err(e) = element.error() {
+                if self
+                    .fresh
+                    .contains(&(element.topic().to_string(), element.partition()))
+                {
+                    tracing::debug!(topic = element.topic(), partition = element.partition(), error = %e, "seek skipped on a partition not fetched yet");
+                } else {
+                    return Err(RuntimeError::kafka("seek inputs")(e));
+                }
             }
         }
-        seek_to_committed(consumer, &partitions)
+        Ok(())
     }
 
-    /// Starts the tasks whose every input partition is assigned: open the store, restore it from
-    /// its checkpoint, init the processor, resume the inputs.
+    /// The committed input offsets of task `partition`: where it starts. A partition without a
+    /// committed offset starts at its log start (`auto.offset.reset=earliest`), resolved to an
+    /// offset so that every transaction of the task can carry it. A lookup error fails the
+    /// start (it is retried), never silently becomes "from the beginning".
+    fn committed_positions<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        partition: i32,
+    ) -> Result<BTreeMap<String, i64>, RuntimeError> {
+        let mut inputs = TopicPartitionList::new();
+        for topic in &self.config.input_topics {
+            inputs.add_partition(topic, partition);
+        }
+        let committed = lookup_committed(consumer, inputs)?;
+        let mut positions = BTreeMap::new();
+        for element in committed.elements() {
+            if let Err(e) = element.error() {
+                return Err(RuntimeError::kafka("fetch committed offsets")(e));
+            }
+            let offset = match element.offset() {
+                Offset::Offset(o) if o >= 0 => o,
+                _ => {
+                    let (low, _) = consumer
+                        .fetch_watermarks(element.topic(), partition, CONSUMER_CALL_TIMEOUT)
+                        .map_err(RuntimeError::kafka("input watermarks"))?;
+                    low
+                }
+            };
+            positions.insert(element.topic().to_string(), offset);
+        }
+        Ok(positions)
+    }
+
+    /// Starts the tasks whose every input partition is assigned: open their stores, restore
+    /// them (a slice per call, so the loop keeps polling, committing and watching for shutdown
+    /// between slices), then start each one.
     pub fn start_ready_tasks<C: ConsumerContext>(
         &mut self,
         consumer: &BaseConsumer<C>,
     ) -> Result<(), RuntimeError> {
-        let ready: Vec<i32> = self
-            .assigned
-            .iter()
-            .filter(|(p, topics)| {
-                !self.tasks.contains_key(p) && topics.len() == self.config.input_topics.len()
-            })
-            .map(|(p, _)| *p)
-            .collect();
-        if ready.is_empty() {
+        if self.recovery_pending() || self.broken {
             return Ok(());
         }
-        let mut backends = Vec::with_capacity(ready.len());
-        for partition in &ready {
-            let path = self.config.task_dir(*partition);
-            backends.push((
-                *partition,
-                RocksBackend::open(&path, &self.config.stores, &self.resources)?,
-            ));
-        }
-        {
-            // All ready tasks restore together; each store logs what it replayed.
-            let mut tasks: Vec<(i32, &mut dyn StoreBackend)> = backends
-                .iter_mut()
-                .map(|(p, b)| (*p, b as &mut dyn StoreBackend))
+        if self.restoring.is_none() {
+            let ready: Vec<i32> = self
+                .assigned
+                .iter()
+                .filter(|(p, topics)| {
+                    !self.tasks.contains_key(p) && topics.len() == self.config.input_topics.len()
+                })
+                .map(|(p, _)| *p)
                 .collect();
-            self.restorer.restore_tasks(&self.config, &mut tasks)?;
-        }
-        for (partition, backend) in backends {
-            let reader = backend.reader();
-            let processor = (self.supplier)(partition);
-            let task = Task::start(
-                partition,
-                &self.config.input_topics,
-                &self.config.stores,
-                Box::new(backend),
-                processor,
-                &mut self.outputs,
-            )
-            .map_err(|e| RuntimeError::Processor(format!("task {partition} init: {e}")))?;
-            self.tasks.insert(partition, task);
-            self.config.status.task_started(partition, reader);
-            self.flush_outputs()?;
-            let mut inputs = TopicPartitionList::new();
-            for topic in &self.config.input_topics {
-                inputs.add_partition(topic, partition);
+            if ready.is_empty() {
+                return Ok(());
             }
-            seek_to_committed(consumer, &inputs)?;
-            consumer
-                .resume(&inputs)
-                .map_err(RuntimeError::kafka("resume inputs"))?;
-            tracing::info!(task = partition, "task running");
-            self.report_status();
+            let mut backends = Vec::with_capacity(ready.len());
+            for partition in &ready {
+                let path = self.config.task_dir(*partition);
+                backends.push((
+                    *partition,
+                    RocksBackend::open(&path, &self.config.stores, &self.resources)?,
+                ));
+            }
+            // All ready tasks restore together; each store logs what it replayed.
+            self.restoring = Some(self.restorer.begin(&self.config, backends)?);
+        }
+        let Some(mut restoration) = self.restoring.take() else {
+            return Ok(());
+        };
+        match self.restorer.step(&mut restoration, RESTORE_SLICE) {
+            Ok(false) => {
+                self.restoring = Some(restoration);
+                return Ok(());
+            }
+            Ok(true) => {}
+            Err(e) => {
+                self.restorer.cancel(restoration);
+                return Err(e);
+            }
+        }
+        for (partition, backend) in restoration.tasks {
+            let still_assigned = self
+                .assigned
+                .get(&partition)
+                .is_some_and(|topics| topics.len() == self.config.input_topics.len());
+            if still_assigned && !self.tasks.contains_key(&partition) {
+                self.start_task(consumer, partition, backend)?;
+            }
         }
         Ok(())
+    }
+
+    /// Starts one restored task: its committed positions, a seek there, the processor's init,
+    /// then its inputs resume. Any failure leaves the task not started (it is tried again).
+    fn start_task<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        partition: i32,
+        backend: RocksBackend,
+    ) -> Result<(), RuntimeError> {
+        let positions = self.committed_positions(consumer, partition)?;
+        let mut targets = TopicPartitionList::new();
+        let mut inputs = TopicPartitionList::new();
+        for (topic, offset) in &positions {
+            targets
+                .add_partition_offset(topic, partition, Offset::Offset(*offset))
+                .map_err(RuntimeError::kafka("seek list"))?;
+            inputs.add_partition(topic, partition);
+        }
+        self.seek(consumer, targets)?;
+        let reader = backend.reader();
+        let processor = (self.supplier)(partition);
+        let task = Task::start(
+            partition,
+            positions,
+            &self.config.input_topics,
+            &self.config.stores,
+            Box::new(backend),
+            processor,
+            &mut self.outputs,
+        )
+        .map_err(|e| RuntimeError::Processor(format!("task {partition} init: {e}")))?;
+        self.tasks.insert(partition, task);
+        let started = self.flush_outputs().and_then(|()| {
+            consumer
+                .resume(&inputs)
+                .map_err(RuntimeError::kafka("resume inputs"))
+        });
+        if let Err(e) = started {
+            // Not running after all: closed again, so the next attempt starts it from scratch.
+            if let Some(task) = self.tasks.remove(&partition) {
+                task.close();
+            }
+            let _ = consumer.pause(&inputs);
+            return Err(e);
+        }
+        for topic in &self.config.input_topics {
+            self.fresh.remove(&(topic.clone(), partition));
+        }
+        self.config.status.task_started(partition, reader);
+        tracing::info!(task = partition, "task running");
+        self.report_status();
+        Ok(())
+    }
+
+    /// Closes tasks whose state write failed after a commit and pauses their inputs: they are
+    /// started again (restored from the changelog, sought to the committed offsets) by
+    /// `start_ready_tasks`.
+    fn close_failed_tasks<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        partitions: &BTreeSet<i32>,
+    ) {
+        let mut inputs = TopicPartitionList::new();
+        for partition in partitions {
+            for topic in &self.config.input_topics {
+                inputs.add_partition(topic, *partition);
+            }
+        }
+        if let Err(e) = consumer.pause(&inputs) {
+            tracing::warn!(error = %e, "pausing the inputs of failed tasks");
+        }
+        metrics::counter!(m::TASKS_CLOSED_AFTER_FAILURE).increment(partitions.len() as u64);
+        self.close_tasks(partitions);
     }
 
     /// Closes the tasks of the given partition numbers (state stays on disk).
@@ -486,6 +961,8 @@ impl Engine {
                 tracing::info!(task = partition, "task closed");
             }
         }
+        self.backpressured
+            .retain(|(_, partition)| !partitions.contains(partition));
         self.report_status();
     }
 
@@ -495,8 +972,12 @@ impl Engine {
             .set(self.assigned.len(), self.tasks.len());
     }
 
-    /// Closes everything without committing (the open transaction is left to abort or time out).
+    /// Closes everything without committing (the open transaction is left to abort or time out;
+    /// the stores are behind at worst, and restoration catches them up).
     pub fn close_all(&mut self) {
+        if let Some(restoration) = self.restoring.take() {
+            self.restorer.cancel(restoration);
+        }
         let all: BTreeSet<i32> = self.tasks.keys().copied().collect();
         self.close_tasks(&all);
     }
@@ -509,22 +990,31 @@ impl Engine {
         lost: bool,
     ) {
         let partitions: BTreeSet<i32> = revoked.elements().iter().map(|e| e.partition()).collect();
-        if lost || self.broken {
-            // Another member owns these partitions already: whatever this cycle did must not commit.
-            if let Err(e) = self.abort_without_rewind() {
-                self.record_failure(e);
+        if self
+            .restoring
+            .as_ref()
+            .is_some_and(|r| r.partitions().any(|p| partitions.contains(&p)))
+        {
+            if let Some(restoration) = self.restoring.take() {
+                self.restorer.cancel(restoration);
             }
+        }
+        if lost || self.broken {
+            // Another member owns these partitions already: whatever this cycle did must not
+            // commit. The tasks that stay are rewound before they process again.
+            self.abort();
         } else if let Err(e) = self.commit(consumer) {
             tracing::warn!(error = %e, "commit before revoke failed; aborting the cycle");
             let class = e.class();
             self.record_failure(e);
             if class != ErrorClass::Fatal {
-                if let Err(e) = self.abort_without_rewind() {
-                    self.record_failure(e);
-                }
+                // The tasks that stay must not go on after records whose effects were dropped.
+                self.abort();
             }
         }
         for element in revoked.elements() {
+            self.fresh
+                .remove(&(element.topic().to_string(), element.partition()));
             if let Some(topics) = self.assigned.get_mut(&element.partition()) {
                 topics.remove(element.topic());
                 if topics.is_empty() {
@@ -538,28 +1028,6 @@ impl Engine {
     /// Records processed in the open cycle.
     pub fn records_in_cycle(&self) -> usize {
         self.records_in_cycle
-    }
-
-    /// Drops the open cycle (outputs, overlays, buffered records, delivery bookkeeping) and aborts
-    /// its transaction; the inputs are left where they are.
-    fn abort_without_rewind(&mut self) -> Result<(), RuntimeError> {
-        metrics::counter!(m::TRANSACTIONS, "result" => "aborted").increment(1);
-        self.outputs.clear();
-        for task in self.tasks.values_mut() {
-            task.discard_cycle();
-        }
-        self.records_in_cycle = 0;
-        self.cycle_started = Instant::now();
-        if let Ok(mut map) = self.deliveries.changelog.lock() {
-            map.clear();
-        }
-        if self.exactly_once() && self.in_transaction && !self.broken {
-            self.producer
-                .abort_transaction(Timeout::Never)
-                .map_err(RuntimeError::kafka("abort transaction"))?;
-            self.in_transaction = false;
-        }
-        Ok(())
     }
 
     fn record_failure(&mut self, error: RuntimeError) {
@@ -583,6 +1051,8 @@ impl Engine {
                 .entry(element.partition())
                 .or_default()
                 .insert(element.topic().to_string());
+            self.fresh
+                .insert((element.topic().to_string(), element.partition()));
         }
         if let Err(e) = consumer.pause(assigned) {
             self.record_failure(RuntimeError::kafka("pause new partitions")(e));
@@ -591,46 +1061,30 @@ impl Engine {
     }
 }
 
-/// Seeks `partitions` to their committed offsets (the earliest offset where none is committed).
-pub fn seek_to_committed<C: ConsumerContext>(
+/// The committed offsets of `inputs`, from the group coordinator.
+fn lookup_committed<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
-    partitions: &TopicPartitionList,
-) -> Result<(), RuntimeError> {
-    if partitions.count() == 0 {
-        return Ok(());
-    }
-    let committed = consumer
-        .committed_offsets(partitions.clone(), Duration::from_secs(30))
-        .map_err(RuntimeError::kafka("fetch committed offsets"))?;
-    let mut targets = TopicPartitionList::new();
-    for element in committed.elements() {
-        let offset = match element.offset() {
-            Offset::Offset(o) => Offset::Offset(o),
-            _ => Offset::Beginning,
-        };
-        targets
-            .add_partition_offset(element.topic(), element.partition(), offset)
-            .map_err(RuntimeError::kafka("seek list"))?;
-    }
-    let result = consumer
-        .seek_partitions(targets, Duration::from_secs(30))
-        .map_err(RuntimeError::kafka("seek to committed offsets"))?;
-    for element in result.elements() {
-        if let Err(e) = element.error() {
-            // A partition whose fetcher has not started yet cannot be sought; it starts at the
-            // committed offset anyway.
-            tracing::debug!(topic = element.topic(), partition = element.partition(), error = %e, "seek skipped");
-        }
-    }
-    Ok(())
+    inputs: TopicPartitionList,
+) -> Result<TopicPartitionList, RuntimeError> {
+    fail::fail_point!("committed-offsets", |kind| Err(failpoints::kafka_error(
+        "fetch committed offsets",
+        kind
+    )));
+    consumer
+        .committed_offsets(inputs, CONSUMER_CALL_TIMEOUT)
+        .map_err(RuntimeError::kafka("fetch committed offsets"))
 }
 
-/// Produces one record, waiting while the local queue is full.
+/// Produces one record, waiting while the local queue is full (a broker away), up to `limit` or
+/// shutdown.
 fn send_record(
     producer: &EngineProducer,
     record: &OutputRecord,
     opaque: usize,
+    limit: Duration,
+    shutdown: &Shutdown,
 ) -> Result<(), RuntimeError> {
+    let deadline = Instant::now() + limit;
     let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
     for (name, value) in &record.headers {
         headers = headers.insert(Header {
@@ -653,6 +1107,11 @@ fn send_record(
         match producer.send(base) {
             Ok(()) => return Ok(()),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                if Instant::now() >= deadline || shutdown.requested() {
+                    return Err(RuntimeError::kafka("produce")(
+                        KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
+                    ));
+                }
                 base = returned;
                 std::thread::sleep(Duration::from_millis(1));
             }

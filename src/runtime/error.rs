@@ -74,6 +74,40 @@ pub fn classify(facts: ErrorFacts) -> ErrorClass {
     ErrorClass::Abortable
 }
 
+/// What to do after `commit_transaction` failed. Unlike other calls, a commit cannot simply be
+/// aborted: once the coordinator may have received the commit, librdkafka refuses an abort and
+/// only a repeated commit (or a new producer) learns the outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitDecision {
+    /// The transaction did not commit and can be aborted: abort, rewind, go on.
+    Abort,
+    /// The commit goes on in the background (a timeout): call `commit_transaction` again.
+    Retry,
+    /// The producer is fenced or broken, or the outcome cannot be known: close the tasks without
+    /// applying the cycle (state may only be behind) and rebuild.
+    Rebuild,
+}
+
+/// The commit decision table (pure; unit-tested).
+pub fn on_commit_error(facts: ErrorFacts) -> CommitDecision {
+    use RDKafkaErrorCode::*;
+    if classify(facts) == ErrorClass::Fatal {
+        return CommitDecision::Rebuild;
+    }
+    if facts.txn_requires_abort {
+        return CommitDecision::Abort;
+    }
+    if facts.is_retriable
+        || matches!(
+            facts.code,
+            Some(OperationTimedOut | RequestTimedOut | CoordinatorLoadInProgress)
+        )
+    {
+        return CommitDecision::Retry;
+    }
+    CommitDecision::Rebuild
+}
+
 /// Errors that stop the runtime or one of its operations.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -98,6 +132,25 @@ pub enum RuntimeError {
     /// The processor refused a record or a punctuation in a way it cannot recover from.
     #[error("processor: {0}")]
     Processor(String),
+    /// A commit whose outcome is unknown (the coordinator did not answer in time, or shutdown
+    /// came first): local state must not follow it, and the inputs cannot be rewound to a known
+    /// point, so the stream thread closes its tasks and rebuilds; restoration from the changelog
+    /// then finds whatever Kafka really committed.
+    #[error("commit outcome unknown: {0}")]
+    CommitOutcomeUnknown(String),
+    /// The inputs could not be sought back to the committed offsets after an abort: processing
+    /// on would skip records, so the consumer and producer are rebuilt.
+    #[error("rewind failed: {0}")]
+    RewindFailed(String),
+    /// Shutdown was requested while waiting.
+    #[error("interrupted by shutdown while {0}")]
+    Interrupted(&'static str),
+    /// An armed failpoint (test builds only).
+    #[error("kafka {operation}: injected failure ({facts:?})")]
+    Injected {
+        operation: &'static str,
+        facts: ErrorFacts,
+    },
 }
 
 impl RuntimeError {
@@ -105,10 +158,23 @@ impl RuntimeError {
         move |source| RuntimeError::Kafka { operation, source }
     }
 
+    /// The librdkafka facts of a Kafka error (or an injected one).
+    pub fn facts(&self) -> Option<ErrorFacts> {
+        match self {
+            RuntimeError::Kafka { source, .. } => Some(ErrorFacts::of(source)),
+            RuntimeError::Injected { facts, .. } => Some(*facts),
+            _ => None,
+        }
+    }
+
     /// How the loop reacts to this error.
     pub fn class(&self) -> ErrorClass {
         match self {
             RuntimeError::Kafka { source, .. } => classify(ErrorFacts::of(source)),
+            RuntimeError::Injected { facts, .. } => classify(*facts),
+            RuntimeError::CommitOutcomeUnknown(_)
+            | RuntimeError::RewindFailed(_)
+            | RuntimeError::Interrupted(_) => ErrorClass::Fatal,
             // State and processor errors leave the open transaction in an unknown state: abort it.
             RuntimeError::State(_) | RuntimeError::Processor(_) | RuntimeError::Group(_) => {
                 ErrorClass::Abortable
@@ -175,6 +241,32 @@ mod tests {
         assert_eq!(
             classify(facts(CoordinatorLoadInProgress, false, true, false)),
             ErrorClass::Retriable
+        );
+    }
+
+    #[test]
+    fn commit_errors_retry_abort_or_rebuild() {
+        assert_eq!(
+            on_commit_error(facts(RequestTimedOut, false, true, false)),
+            CommitDecision::Retry
+        );
+        // The flush inside commit_transaction timing out: no flags, a timeout code.
+        assert_eq!(
+            on_commit_error(facts(OperationTimedOut, false, false, false)),
+            CommitDecision::Retry
+        );
+        assert_eq!(
+            on_commit_error(facts(IllegalGeneration, false, false, true)),
+            CommitDecision::Abort
+        );
+        assert_eq!(
+            on_commit_error(facts(ProducerFenced, false, false, true)),
+            CommitDecision::Rebuild
+        );
+        // Anything else leaves the outcome unknown: never guess that it did not commit.
+        assert_eq!(
+            on_commit_error(facts(Unknown, false, false, false)),
+            CommitDecision::Rebuild
         );
     }
 

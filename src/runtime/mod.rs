@@ -8,10 +8,12 @@
 //! - [`status`]: assigned and running task counts, readable from any thread.
 //! - [`topics`]: start-up checks of input and changelog topics.
 //! - [`config`], [`error`]: settings, and the fatal/abortable/retriable decision table.
+//! - [`failpoints`]: named fault-injection points (test builds only).
 
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod failpoints;
 pub mod processor;
 pub mod restore;
 pub mod status;

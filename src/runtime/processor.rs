@@ -49,6 +49,18 @@ impl InputRecord {
         }
     }
 
+    /// Bytes this record holds (key, value, headers): what input buffers are bounded by.
+    pub fn size(&self) -> usize {
+        self.key.as_ref().map_or(0, Vec::len)
+            + self.value.as_ref().map_or(0, Vec::len)
+            + self
+                .headers
+                .iter()
+                .map(|(n, v)| n.len() + v.len())
+                .sum::<usize>()
+            + 64
+    }
+
     /// The value of the first header named `name`.
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         self.headers

@@ -56,6 +56,36 @@ pub struct Restorer {
     consumer: BaseConsumer<EofContext>,
 }
 
+/// Bound on each watermark lookup while a restoration starts.
+const WATERMARKS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A restoration in progress: the stores of some tasks being brought up to the end of their
+/// changelogs, a slice at a time ([`Restorer::step`]), so the stream thread keeps polling its
+/// consumer, processing its running tasks and committing between slices, and sees SIGTERM.
+/// Each written batch carries its checkpoint, so a restoration dropped half-way (revoke,
+/// shutdown, failure) loses nothing: the next one starts where it ended.
+pub struct Restoration<B> {
+    /// The tasks being restored: partition number and backend.
+    pub tasks: Vec<(i32, B)>,
+    pending: Vec<Pending>,
+    index: HashMap<(String, i32), usize>,
+    started: Instant,
+    last_report: Instant,
+    /// What finished restorations did, for the log and tests.
+    pub outcomes: Vec<RestoreOutcome>,
+}
+
+impl<B> Restoration<B> {
+    /// Partition numbers of the tasks being restored.
+    pub fn partitions(&self) -> impl Iterator<Item = i32> + '_ {
+        self.tasks.iter().map(|(p, _)| *p)
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.pending.iter().all(|p| p.done)
+    }
+}
+
 impl Restorer {
     pub fn new(config: &RuntimeConfig) -> Result<Self, RuntimeError> {
         let mut client = ClientConfig::new();
@@ -82,24 +112,44 @@ impl Restorer {
         Ok(Self { consumer })
     }
 
-    /// Restores every store of the given tasks, all changelog partitions at once (one
+    /// Starts restoring every store of the given tasks, all changelog partitions at once (one
     /// assignment, so the fetches and the end-of-partition waits overlap instead of adding up).
-    pub fn restore_tasks(
+    /// A store whose checkpoint lies beyond the end of its changelog (the topic was deleted and
+    /// created again) belongs to another history: its task's stores are wiped and restored from
+    /// the beginning, as Kafka Streams does.
+    pub fn begin<B: StoreBackend>(
         &self,
         config: &RuntimeConfig,
-        tasks: &mut [(i32, &mut dyn StoreBackend)],
-    ) -> Result<Vec<RestoreOutcome>, RuntimeError> {
+        mut tasks: Vec<(i32, B)>,
+    ) -> Result<Restoration<B>, RuntimeError> {
         let mut outcomes = Vec::new();
         let mut pending: Vec<Pending> = Vec::new();
         let mut assignment = TopicPartitionList::new();
         for (index, (partition, backend)) in tasks.iter_mut().enumerate() {
+            let mut ends = Vec::with_capacity(config.stores.len());
             for store in &config.stores {
                 let topic = config.changelog_topic(store);
-                let checkpoint = backend.checkpoint(store)?;
                 let (_, high) = self
                     .consumer
-                    .fetch_watermarks(&topic, *partition, Duration::from_secs(30))
+                    .fetch_watermarks(&topic, *partition, WATERMARKS_TIMEOUT)
                     .map_err(RuntimeError::kafka("changelog watermarks"))?;
+                ends.push((store, topic, high, backend.checkpoint(store)?));
+            }
+            if let Some((store, topic, high, Some(checkpoint))) = ends
+                .iter()
+                .find(|(_, _, high, checkpoint)| checkpoint.is_some_and(|c| c > *high))
+            {
+                tracing::warn!(
+                    store = %store, partition = *partition, checkpoint, changelog_end = high,
+                    changelog = %topic,
+                    "checkpoint beyond the end of the changelog (topic recreated?); wiping the task's state and restoring it from the beginning"
+                );
+                backend.wipe()?;
+                for end in &mut ends {
+                    end.3 = None;
+                }
+            }
+            for (store, topic, high, checkpoint) in ends {
                 let gauge = metrics::gauge!(m::RESTORE_REMAINING, "store" => store.to_string(), "partition" => partition.to_string());
                 // Registered even when nothing is restored, so the series exists from the start.
                 let counter = metrics::counter!(m::RESTORED_RECORDS, "store" => store.to_string());
@@ -151,21 +201,47 @@ impl Restorer {
                 });
             }
         }
-        if pending.is_empty() {
-            return Ok(outcomes);
+        if !pending.is_empty() {
+            self.consumer
+                .assign(&assignment)
+                .map_err(RuntimeError::kafka("assign changelogs"))?;
         }
-        self.consumer
-            .assign(&assignment)
-            .map_err(RuntimeError::kafka("assign changelogs"))?;
-        let started = Instant::now();
-        let mut last_report = started;
-        let index: HashMap<(String, i32), usize> = pending
+        let index = pending
             .iter()
             .enumerate()
             .map(|(i, p)| ((p.topic.clone(), p.partition), i))
             .collect();
-        while pending.iter().any(|p| !p.done) {
-            match self.consumer.poll(Duration::from_millis(500)) {
+        Ok(Restoration {
+            tasks,
+            pending,
+            index,
+            started: Instant::now(),
+            last_report: Instant::now(),
+            outcomes,
+        })
+    }
+
+    /// Restores for up to `slice`; returns whether every store has reached its end (then the
+    /// restoration is finished: buffers written, changelogs unassigned).
+    pub fn step<B: StoreBackend>(
+        &self,
+        restoration: &mut Restoration<B>,
+        slice: Duration,
+    ) -> Result<bool, RuntimeError> {
+        let until = Instant::now() + slice;
+        let Restoration {
+            tasks,
+            pending,
+            index,
+            started,
+            last_report,
+            outcomes,
+        } = restoration;
+        while pending.iter().any(|p| !p.done) && Instant::now() < until {
+            let wait = until
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(100));
+            match self.consumer.poll(wait) {
                 Some(Ok(message)) => {
                     let Some(&i) = index.get(&(message.topic().to_string(), message.partition()))
                     else {
@@ -184,7 +260,7 @@ impl Restorer {
                         p.gauge.set((p.high - p.next_offset).max(0) as f64);
                     }
                     if p.changes.len() >= RESTORE_BATCH || p.bytes >= RESTORE_BATCH_BYTES {
-                        p.flush(&mut *tasks[p.task].1)?;
+                        p.flush(&mut tasks[p.task].1)?;
                     }
                 }
                 Some(Err(KafkaError::PartitionEOF(partition))) => {
@@ -217,7 +293,7 @@ impl Restorer {
                 None => {}
             }
             if last_report.elapsed() >= PROGRESS_EVERY {
-                last_report = Instant::now();
+                *last_report = Instant::now();
                 let restored: u64 = pending.iter().map(|p| p.records).sum();
                 let remaining: i64 = pending
                     .iter()
@@ -231,12 +307,17 @@ impl Restorer {
                 );
             }
         }
-        self.consumer
-            .unassign()
-            .map_err(RuntimeError::kafka("unassign changelogs"))?;
-        for mut p in pending {
+        if pending.iter().any(|p| !p.done) {
+            return Ok(false);
+        }
+        if !pending.is_empty() {
+            self.consumer
+                .unassign()
+                .map_err(RuntimeError::kafka("unassign changelogs"))?;
+        }
+        for mut p in pending.drain(..) {
             if p.records > 0 || p.checkpoint != Some(p.next_offset) {
-                p.flush(&mut *tasks[p.task].1)?;
+                p.flush(&mut tasks[p.task].1)?;
             }
             p.gauge.set(0.0);
             tracing::info!(
@@ -251,7 +332,24 @@ impl Restorer {
                 to_offset: p.next_offset,
             });
         }
-        Ok(outcomes)
+        Ok(true)
+    }
+
+    /// Drops a restoration before its end (its tasks were revoked, or it failed). What it wrote
+    /// stays, with its checkpoints.
+    pub fn cancel<B>(&self, restoration: Restoration<B>) {
+        if restoration.pending.iter().any(|p| !p.done) {
+            if let Err(e) = self.consumer.unassign() {
+                tracing::warn!(error = %e, "unassigning changelogs after a cancelled restoration failed");
+            }
+        }
+        for p in &restoration.pending {
+            p.gauge.set(0.0);
+        }
+        tracing::info!(
+            tasks = restoration.tasks.len(),
+            "restoration stopped before its end; it resumes from the last written checkpoint"
+        );
     }
 }
 
@@ -277,7 +375,10 @@ struct Pending {
 
 impl Pending {
     /// Writes the buffered changes with the checkpoint after them, in one batch.
-    fn flush(&mut self, backend: &mut dyn StoreBackend) -> Result<(), RuntimeError> {
+    fn flush<B: StoreBackend>(&mut self, backend: &mut B) -> Result<(), RuntimeError> {
+        fail::fail_point!("restore-batch", |_| Err(RuntimeError::State(
+            super::failpoints::disk_full(&format!("restore of {}", self.topic))
+        )));
         let mut batch = CommitBatch::default();
         batch
             .changes

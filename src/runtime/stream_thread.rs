@@ -20,7 +20,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::{ClientContext, Statistics};
 
 use super::config::RuntimeConfig;
-use super::engine::Engine;
+use super::engine::{sleep_unless_shutdown, Engine};
 use super::error::{ErrorClass, RuntimeError};
 use super::processor::{InputRecord, ProcessorSupplier};
 use super::topics::prepare_topics;
@@ -139,14 +139,26 @@ impl ConsumerContext for StreamsContext {
 
 /// Runs the application until `shutdown` is requested. Returns an error only for problems a
 /// restart cannot fix (configuration, topics); fenced or fatal Kafka errors rebuild the clients
-/// and rejoin.
+/// and rejoin. A broker that cannot be reached at start-up is waited for (with a log line), not
+/// a reason to exit.
 pub fn run(
     config: RuntimeConfig,
     supplier: ProcessorSupplier,
     shutdown: Shutdown,
 ) -> Result<(), RuntimeError> {
     config.validate()?;
-    let partitions = prepare_topics(&config)?;
+    let partitions = loop {
+        match prepare_topics(&config) {
+            Ok(partitions) => break partitions,
+            Err(e @ (RuntimeError::Config(_) | RuntimeError::Topics(_))) => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, bootstrap = %config.bootstrap, "cannot reach the Kafka cluster yet; waiting for it");
+                if !sleep_unless_shutdown(&shutdown, Duration::from_secs(2)) {
+                    return Ok(());
+                }
+            }
+        }
+    };
     config.status.set_partitions(partitions);
     tracing::info!(
         application_id = %config.application_id, instance_id = %config.instance_id, tasks = partitions,
@@ -154,18 +166,49 @@ pub fn run(
     );
     let config = Arc::new(config);
     let resources = RocksResources::default();
-    let mut backoff = Duration::from_millis(500);
+    let mut backoff = MIN_REBUILD_BACKOFF;
     loop {
+        let started = Instant::now();
         match run_generation(&config, &supplier, &resources, &shutdown) {
             Ok(()) => return Ok(()),
             Err(e @ (RuntimeError::Config(_) | RuntimeError::Topics(_))) => return Err(e),
             Err(e) => {
-                tracing::error!(error = %e, "stream thread failed; rebuilding producer and consumer and rejoining");
                 if shutdown.requested() {
+                    tracing::info!(error = %e, "stopped while recovering from an error");
                     return Ok(());
                 }
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+                metrics::counter!(m::REBUILDS, "reason" => rebuild_reason(&e)).increment(1);
+                // A generation that ran for a while was healthy: the next failure is a new one.
+                if started.elapsed() >= HEALTHY_GENERATION {
+                    backoff = MIN_REBUILD_BACKOFF;
+                }
+                tracing::error!(error = %e, backoff_ms = backoff.as_millis() as u64, "stream thread failed; rebuilding producer and consumer and rejoining");
+                config
+                    .status
+                    .set_stalled(Some(format!("rebuilding after: {e}")));
+                if !sleep_unless_shutdown(&shutdown, backoff) {
+                    return Ok(());
+                }
+                backoff = (backoff * 2).min(MAX_REBUILD_BACKOFF);
+            }
+        }
+    }
+}
+
+const MIN_REBUILD_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_REBUILD_BACKOFF: Duration = Duration::from_secs(10);
+/// A generation that lived this long resets the rebuild backoff.
+const HEALTHY_GENERATION: Duration = Duration::from_secs(60);
+
+fn rebuild_reason(error: &RuntimeError) -> &'static str {
+    match error {
+        RuntimeError::CommitOutcomeUnknown(_) => "commit_outcome_unknown",
+        RuntimeError::RewindFailed(_) => "rewind_failed",
+        e => {
+            use rdkafka::error::RDKafkaErrorCode::{Fenced, InvalidProducerEpoch, ProducerFenced};
+            match e.facts().and_then(|f| f.code) {
+                Some(ProducerFenced | InvalidProducerEpoch | Fenced) => "fenced",
+                _ => "fatal",
             }
         }
     }
@@ -182,6 +225,7 @@ fn run_generation(
         config.clone(),
         supplier.clone(),
         resources.clone(),
+        shutdown.clone(),
     )?));
     let consumer = build_consumer(config, engine.clone())?;
     let topics: Vec<&str> = config.input_topics.iter().map(String::as_str).collect();
@@ -197,7 +241,10 @@ fn run_generation(
             let mut guard = lock(&engine);
             if let Err(e) = guard.commit(&consumer) {
                 tracing::warn!(error = %e, "final commit failed; the cycle is aborted");
-                let _ = guard.abort(&consumer);
+                guard.abort();
+                if let Err(e) = guard.recover(&consumer) {
+                    tracing::warn!(error = %e, "final abort failed; the broker aborts the transaction when it times out");
+                }
             }
             guard.close_all();
             guard.log_commit_summary();
@@ -232,6 +279,10 @@ fn build_consumer(
         // Statistics carry the last stable offsets the lag gauge is computed from.
         client.set("statistics.interval.ms", "1000");
     }
+    if !config.kafka.contains_key("queued.max.messages.kbytes") {
+        // librdkafka prefetches up to 64 MiB by default; the tasks' queues hold the rest.
+        client.set("queued.max.messages.kbytes", "16384");
+    }
     if config.group_protocol == "consumer" {
         // The server-side range assignor keeps partition N of every input on one member.
         client.set("group.remote.assignor", "range");
@@ -247,6 +298,42 @@ fn build_consumer(
 const STALLED_AFTER: u32 = 2;
 /// Quiet time after the last abort after which the failures count as over.
 const RECOVERED_AFTER: Duration = Duration::from_secs(5);
+/// Longest pause between retries of a failing cycle or clean-up.
+const MAX_RETRY_PAUSE: Duration = Duration::from_secs(5);
+
+/// Failures in a row and the reason the instance reports while they last.
+#[derive(Default)]
+struct Failures {
+    consecutive: u32,
+    last: Option<Instant>,
+}
+
+impl Failures {
+    /// Counts a failure; returns how long to pause before trying again.
+    fn failed(&mut self, config: &RuntimeConfig, error: &RuntimeError) -> Duration {
+        self.consecutive += 1;
+        self.last = Some(Instant::now());
+        if self.consecutive >= STALLED_AFTER {
+            config.status.set_stalled(Some(error.to_string()));
+        }
+        (Duration::from_millis(100) * self.consecutive.min(50)).min(MAX_RETRY_PAUSE)
+    }
+
+    /// Failures are over once a cycle with records commits, or nothing failed for a while (the
+    /// inputs went quiet).
+    fn succeeded(&mut self, config: &RuntimeConfig, committed_records: bool) {
+        let recovered =
+            committed_records || self.last.is_some_and(|at| at.elapsed() > RECOVERED_AFTER);
+        if self.consecutive > 0 && recovered {
+            if self.consecutive >= STALLED_AFTER {
+                tracing::info!(failures = self.consecutive, "processing resumed");
+            }
+            config.status.set_stalled(None);
+            self.consecutive = 0;
+            self.last = None;
+        }
+    }
+}
 
 fn poll_loop(
     config: &RuntimeConfig,
@@ -255,13 +342,14 @@ fn poll_loop(
     shutdown: &Shutdown,
 ) -> Result<(), RuntimeError> {
     let mut batch: Vec<InputRecord> = Vec::with_capacity(POLL_BATCH);
-    let mut consecutive_aborts = 0u32;
-    let mut last_abort: Option<Instant> = None;
+    let mut failures = Failures::default();
+    // A rebuilt generation starts from a clean slate.
+    config.status.set_stalled(None);
     while !shutdown.requested() {
         // Poll without holding the engine: rebalance callbacks run in here and take it.
         let wait = {
             let guard = lock(engine);
-            if guard.tasks.values().any(|t| t.buffered() > 0) {
+            if guard.has_processable_records() || guard.restoring() {
                 Duration::ZERO
             } else {
                 config.commit_interval.min(Duration::from_millis(50))
@@ -276,21 +364,33 @@ fn poll_loop(
             }
             tracing::warn!(error = %failure, "cycle aborted during rebalance");
         }
-        for record in batch.drain(..) {
-            match guard.tasks.get_mut(&record.partition) {
-                Some(task) => task.enqueue(record),
-                // A record of a partition whose task is not running: it is refetched from the
-                // committed offset when the task starts (start_ready_tasks seeks there).
-                None => {
-                    tracing::debug!(topic = %record.topic, partition = record.partition, "record for a task not running")
+        // An aborted cycle is cleaned up (transaction aborted, inputs rewound) before anything
+        // else happens; records polled meanwhile are dropped and fetched again after the rewind.
+        if guard.recovery_pending() {
+            batch.clear();
+            if let Err(e) = guard.recover(consumer) {
+                if e.class() == ErrorClass::Fatal {
+                    return Err(e);
                 }
+                let pause = failures.failed(config, &e);
+                tracing::warn!(error = %e, pause_ms = pause.as_millis() as u64, "cleaning up the aborted cycle failed; retrying");
+                drop(guard);
+                sleep_unless_shutdown(shutdown, pause);
+                continue;
+            }
+        }
+        let mut step = Ok(());
+        for record in batch.drain(..) {
+            if step.is_ok() {
+                step = guard.enqueue(consumer, record);
             }
         }
         let mut committed_records = false;
-        let step = guard
-            .start_ready_tasks(consumer)
-            .and_then(|_| guard.process_buffered(1_000))
-            .and_then(|_| {
+        let step = step
+            .and_then(|()| guard.start_ready_tasks(consumer))
+            .and_then(|()| guard.process_buffered())
+            .and_then(|_| guard.relieve_backpressure(consumer))
+            .and_then(|()| {
                 if guard.commit_due() {
                     committed_records = guard.records_in_cycle() > 0;
                     guard.commit(consumer)
@@ -299,61 +399,45 @@ fn poll_loop(
                 }
             });
         match step {
-            Ok(()) => {
-                // Failures are over once a cycle with records commits, or nothing failed for a
-                // while (the inputs went quiet); until then backoffs keep growing.
-                let recovered = committed_records
-                    || last_abort.is_some_and(|at| at.elapsed() > RECOVERED_AFTER);
-                if consecutive_aborts > 0 && recovered {
-                    if consecutive_aborts >= STALLED_AFTER {
-                        tracing::info!(aborted_cycles = consecutive_aborts, "processing resumed");
+            Ok(()) => failures.succeeded(config, committed_records),
+            Err(e) if e.class() == ErrorClass::Fatal => return Err(e),
+            Err(e) => {
+                let pause = failures.failed(config, &e);
+                tracing::warn!(error = %e, "aborting the commit cycle and rewinding inputs");
+                guard.abort();
+                if let Err(recover_error) = guard.recover(consumer) {
+                    if recover_error.class() == ErrorClass::Fatal {
+                        return Err(recover_error);
                     }
-                    config.status.set_stalled(None);
-                    consecutive_aborts = 0;
-                    last_abort = None;
+                    tracing::warn!(error = %recover_error, "cleaning up the aborted cycle failed; retrying");
                 }
+                drop(guard);
+                // Back off on repeated failures (a dependency down, a broker restarting).
+                sleep_unless_shutdown(shutdown, pause);
             }
-            Err(e) => match e.class() {
-                ErrorClass::Fatal => return Err(e),
-                ErrorClass::Retriable | ErrorClass::Abortable => {
-                    consecutive_aborts += 1;
-                    if consecutive_aborts >= STALLED_AFTER {
-                        config.status.set_stalled(Some(e.to_string()));
-                    }
-                    tracing::warn!(error = %e, "aborting the commit cycle and rewinding inputs");
-                    if let Err(abort_error) = guard.abort(consumer) {
-                        if abort_error.class() == ErrorClass::Fatal {
-                            return Err(abort_error);
-                        }
-                        tracing::warn!(error = %abort_error, "abort failed");
-                    }
-                    drop(guard);
-                    // Back off on repeated failures (a dependency down, a broker restarting).
-                    // No polling meanwhile: the inputs were just rewound and must not move.
-                    let pause = Duration::from_millis(100 * u64::from(consecutive_aborts.min(50)));
-                    let until = Instant::now() + pause;
-                    while Instant::now() < until && !shutdown.requested() {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    last_abort = Some(Instant::now());
-                }
-            },
         }
     }
     Ok(())
 }
 
-/// Polls up to [`POLL_BATCH`] records: waits up to `wait` for the first, then takes what is ready.
+/// Records (and bytes) one poll round takes at most before the loop turns to processing.
+const POLL_BATCH_BYTES: usize = 8 << 20;
+
+/// Polls up to [`POLL_BATCH`] records or [`POLL_BATCH_BYTES`]: waits up to `wait` for the
+/// first, then takes what is ready.
 fn poll_into(
     consumer: &BaseConsumer<StreamsContext>,
     batch: &mut Vec<InputRecord>,
     wait: Duration,
 ) {
     let mut timeout = wait;
-    while batch.len() < POLL_BATCH {
+    let mut bytes = 0;
+    while batch.len() < POLL_BATCH && bytes < POLL_BATCH_BYTES {
         match consumer.poll(timeout) {
             Some(Ok(message)) => {
-                batch.push(InputRecord::from_message(&message));
+                let record = InputRecord::from_message(&message);
+                bytes += record.size();
+                batch.push(record);
                 timeout = Duration::ZERO;
             }
             Some(Err(e)) => {

@@ -18,8 +18,15 @@ pub struct Task {
     pending: BTreeMap<String, PendingWrites>,
     /// Fetched but not yet processed records, per input topic.
     queues: BTreeMap<String, VecDeque<InputRecord>>,
-    /// Offset of the last record processed in this cycle, per input topic.
-    processed: BTreeMap<String, i64>,
+    /// Bytes (keys, values, headers) held in each queue: the back-pressure bound.
+    queued_bytes: BTreeMap<String, usize>,
+    /// Next offset to process, per input topic: the offsets every transaction of this task sends
+    /// (also when only timers fired, so a zombie is always fenced by the group epoch).
+    positions: BTreeMap<String, i64>,
+    /// The positions of the last commit: where the inputs are rewound to after an abort.
+    committed: BTreeMap<String, i64>,
+    /// Records processed in the open cycle.
+    processed_in_cycle: usize,
     /// Wall-clock punctuation asked for by the processor, and when it is next due.
     punctuation: Option<Duration>,
     next_punctuation: Option<Instant>,
@@ -28,9 +35,11 @@ pub struct Task {
 }
 
 impl Task {
-    /// Builds the task and calls the processor's `init`. `backend` must already be restored.
+    /// Builds the task and calls the processor's `init`. `backend` must already be restored;
+    /// `positions` are the committed input offsets the task starts from.
     pub fn start(
         partition: i32,
+        positions: BTreeMap<String, i64>,
         input_topics: &[String],
         stores: &[String],
         backend: Box<dyn StoreBackend>,
@@ -63,17 +72,54 @@ impl Task {
                 .iter()
                 .map(|t| (t.clone(), VecDeque::new()))
                 .collect(),
-            processed: BTreeMap::new(),
+            queued_bytes: input_topics.iter().map(|t| (t.clone(), 0)).collect(),
+            committed: positions.clone(),
+            positions,
+            processed_in_cycle: 0,
             next_punctuation: punctuation.map(|p| Instant::now() + p),
             punctuation,
             idle_since: None,
         })
     }
 
-    pub fn enqueue(&mut self, record: InputRecord) {
-        if let Some(queue) = self.queues.get_mut(&record.topic) {
-            queue.push_back(record);
+    /// Buffers a fetched record; returns the bytes now queued for its input partition.
+    pub fn enqueue(&mut self, record: InputRecord) -> usize {
+        let size = record.size();
+        match (
+            self.queues.get_mut(&record.topic),
+            self.queued_bytes.get_mut(&record.topic),
+        ) {
+            (Some(queue), Some(bytes)) => {
+                *bytes += size;
+                queue.push_back(record);
+                *bytes
+            }
+            _ => 0,
         }
+    }
+
+    /// Bytes queued for input `topic`.
+    pub fn queued_bytes(&self, topic: &str) -> usize {
+        self.queued_bytes.get(topic).copied().unwrap_or(0)
+    }
+
+    /// Whether [`Task::next_record`] would hand out a record now (used to decide whether the
+    /// loop may sleep in `poll`).
+    pub fn can_process(&self, now: Instant, max_idle: Duration) -> bool {
+        if self.buffered() == 0 {
+            return false;
+        }
+        let any_empty = self.queues.values().any(VecDeque::is_empty);
+        !any_empty
+            || max_idle.is_zero()
+            || self
+                .idle_since
+                .is_none_or(|since| now.duration_since(since) >= max_idle)
+    }
+
+    /// When the punctuation is next due.
+    pub fn next_punctuation(&self) -> Option<Instant> {
+        self.next_punctuation
     }
 
     pub fn buffered(&self) -> usize {
@@ -106,7 +152,11 @@ impl Task {
             .filter_map(|(topic, queue)| queue.front().map(|r| (r.timestamp_ms, topic)))
             .min_by_key(|(ts, _)| *ts)
             .map(|(_, topic)| topic.clone())?;
-        self.queues.get_mut(&topic).and_then(VecDeque::pop_front)
+        let record = self.queues.get_mut(&topic).and_then(VecDeque::pop_front)?;
+        if let Some(bytes) = self.queued_bytes.get_mut(&topic) {
+            *bytes = bytes.saturating_sub(record.size());
+        }
+        Some(record)
     }
 
     /// Calls the processor with a context over this task's stores and punctuation schedule.
@@ -134,13 +184,15 @@ impl Task {
         outputs: &mut Vec<OutputRecord>,
     ) -> Result<(), ProcessorError> {
         self.with_context(outputs, |processor, ctx| processor.process(ctx, record))?;
-        // Updated in place: no allocation per record once the topic has been seen in the cycle.
-        match self.processed.get_mut(&record.topic) {
-            Some(offset) => *offset = record.offset,
+        // Updated in place: no allocation per record once the topic has been seen.
+        match self.positions.get_mut(&record.topic) {
+            Some(offset) => *offset = record.offset + 1,
             None => {
-                self.processed.insert(record.topic.clone(), record.offset);
+                self.positions
+                    .insert(record.topic.clone(), record.offset + 1);
             }
         }
+        self.processed_in_cycle += 1;
         Ok(())
     }
 
@@ -164,11 +216,19 @@ impl Task {
         Ok(true)
     }
 
-    /// Input offsets to commit (last processed + 1), per topic, for this cycle.
+    /// Input offsets to commit (last processed + 1), for every input of the task, whether or not
+    /// it moved in this cycle.
     pub fn offsets_to_commit(&self) -> impl Iterator<Item = (&String, i64)> {
-        self.processed
+        self.positions
             .iter()
-            .map(|(topic, offset)| (topic, offset + 1))
+            .map(|(topic, offset)| (topic, *offset))
+    }
+
+    /// The offsets of the last commit, per input topic: where an abort rewinds to.
+    pub fn committed_positions(&self) -> impl Iterator<Item = (&String, i64)> {
+        self.committed
+            .iter()
+            .map(|(topic, offset)| (topic, *offset))
     }
 
     /// This cycle's changed keys, per store (last value per key).
@@ -177,14 +237,18 @@ impl Task {
     }
 
     pub fn has_work_in_cycle(&self) -> bool {
-        !self.processed.is_empty() || self.pending.values().any(|p| !p.is_empty())
+        self.processed_in_cycle > 0 || self.pending.values().any(|p| !p.is_empty())
     }
 
-    /// After the transaction committed: writes the overlays and checkpoints to the backend.
+    /// After the transaction committed: the positions it carried are the new rewind point, and
+    /// the overlays and checkpoints go to the backend. On an error the backend holds its previous
+    /// state and checkpoint (the batch is atomic): the caller closes the task and restores it.
     pub fn apply_committed(
         &mut self,
         checkpoints: BTreeMap<String, i64>,
     ) -> Result<(), StateError> {
+        self.committed.clone_from(&self.positions);
+        self.processed_in_cycle = 0;
         let mut batch = CommitBatch {
             checkpoints,
             ..Default::default()
@@ -194,7 +258,6 @@ impl Task {
                 batch.changes.insert(store.clone(), pending.take());
             }
         }
-        self.processed.clear();
         if batch.changes.is_empty() && batch.checkpoints.is_empty() {
             return Ok(());
         }
@@ -210,7 +273,11 @@ impl Task {
         for queue in self.queues.values_mut() {
             queue.clear();
         }
-        self.processed.clear();
+        for bytes in self.queued_bytes.values_mut() {
+            *bytes = 0;
+        }
+        self.positions.clone_from(&self.committed);
+        self.processed_in_cycle = 0;
         self.idle_since = None;
         self.processor.cycle_aborted();
     }
@@ -256,6 +323,7 @@ mod tests {
     fn task() -> Task {
         Task::start(
             0,
+            BTreeMap::new(),
             &["a".into(), "b".into()],
             &["seen".into()],
             Box::new(MemoryBackend::new()),
@@ -306,6 +374,8 @@ mod tests {
         );
         t.discard_cycle();
         assert!(!t.has_work_in_cycle());
+        // The abort rewinds the position to the last commit (none yet).
+        assert_eq!(t.offsets_to_commit().count(), 0);
 
         t.process(&r, &mut out).unwrap();
         t.apply_committed(BTreeMap::from([("seen".to_string(), 5)]))
@@ -313,5 +383,31 @@ mod tests {
         assert_eq!(t.backend.get("seen", b"a-41").unwrap(), Some(b"a".to_vec()));
         assert_eq!(t.backend.checkpoint("seen").unwrap(), Some(5));
         assert!(!t.has_work_in_cycle());
+        // Committed positions survive a later abort and are still sent by the next commit,
+        // even when nothing moved.
+        t.process(&record("a", 42, 2), &mut out).unwrap();
+        t.discard_cycle();
+        assert_eq!(
+            t.offsets_to_commit().collect::<Vec<_>>(),
+            vec![(&"a".to_string(), 42)]
+        );
+        assert_eq!(
+            t.committed_positions().collect::<Vec<_>>(),
+            vec![(&"a".to_string(), 42)]
+        );
+    }
+
+    #[test]
+    fn queued_bytes_follow_enqueue_take_and_abort() {
+        let mut t = task();
+        let r = record("a", 0, 1);
+        let size = r.size();
+        assert_eq!(t.enqueue(r), size);
+        assert_eq!(t.enqueue(record("a", 1, 2)), 2 * size);
+        assert_eq!(t.queued_bytes("a"), 2 * size);
+        t.next_record(Instant::now(), Duration::ZERO).unwrap();
+        assert_eq!(t.queued_bytes("a"), size);
+        t.discard_cycle();
+        assert_eq!(t.queued_bytes("a"), 0);
     }
 }

@@ -50,6 +50,12 @@ impl StoreBackend for MemoryBackend {
         Ok(())
     }
 
+    fn wipe(&mut self) -> Result<(), StateError> {
+        self.stores.clear();
+        self.checkpoints.clear();
+        Ok(())
+    }
+
     fn checkpoint(&self, store: &str) -> Result<Option<i64>, StateError> {
         Ok(self.checkpoints.get(store).copied())
     }

@@ -76,6 +76,8 @@ pub trait StoreBackend: Send {
     fn scan(&self, store: &str, from: &[u8], to: Option<&[u8]>) -> Result<Entries, StateError>;
     /// Writes all changes and checkpoints of the batch atomically.
     fn apply(&mut self, batch: CommitBatch) -> Result<(), StateError>;
+    /// Deletes every store's data and checkpoint (the changelog no longer matches them).
+    fn wipe(&mut self) -> Result<(), StateError>;
     /// The changelog offset to restore `store` from; `None` when the store has never been
     /// checkpointed (restore from the beginning).
     fn checkpoint(&self, store: &str) -> Result<Option<i64>, StateError>;

@@ -57,6 +57,8 @@ pub struct RocksBackend {
     /// Shared with the [`RocksReader`]s handed out for queries.
     db: Arc<DB>,
     path: PathBuf,
+    /// The task's store names (each a column family `store.<name>`).
+    stores: Vec<String>,
     write_options: WriteOptions,
 }
 
@@ -97,6 +99,7 @@ impl RocksBackend {
         Ok(Self {
             db: Arc::new(db),
             path: path.to_path_buf(),
+            stores: stores.to_vec(),
             write_options: WriteOptions::default(),
         })
     }
@@ -166,6 +169,9 @@ impl StoreBackend for RocksBackend {
     }
 
     fn apply(&mut self, batch: CommitBatch) -> Result<(), StateError> {
+        fail::fail_point!("rocksdb-write", |_| Err(
+            crate::runtime::failpoints::disk_full(&self.path.display().to_string())
+        ));
         let mut write = WriteBatch::default();
         for (store, changes) in &batch.changes {
             let cf = self.cf(&store_cf(store))?;
@@ -183,6 +189,27 @@ impl StoreBackend for RocksBackend {
         self.db
             .write_opt(write, &self.write_options)
             .map_err(|e| self.rocks_error("commit batch", e))
+    }
+
+    fn wipe(&mut self) -> Result<(), StateError> {
+        // Every column family from its first key to its last, both included, in one batch.
+        let mut names: Vec<String> = vec![CHECKPOINTS.to_string()];
+        names.extend(self.stores.iter().map(|s| store_cf(s)));
+        let mut write = WriteBatch::default();
+        for name in &names {
+            let cf = self.cf(name)?;
+            let first = self.db.iterator_cf(cf, IteratorMode::Start).next();
+            let last = self.db.iterator_cf(cf, IteratorMode::End).next();
+            if let (Some(first), Some(last)) = (first, last) {
+                let (first, _) = first.map_err(|e| self.rocks_error("wipe", e))?;
+                let (last, _) = last.map_err(|e| self.rocks_error("wipe", e))?;
+                write.delete_range_cf(cf, &first, &last);
+                write.delete_cf(cf, &last);
+            }
+        }
+        self.db
+            .write_opt(write, &self.write_options)
+            .map_err(|e| self.rocks_error("wipe", e))
     }
 
     fn checkpoint(&self, store: &str) -> Result<Option<i64>, StateError> {
@@ -250,6 +277,10 @@ mod tests {
         assert_eq!(all.len(), 2);
         let bounded = db.scan("counts", b"b", Some(b"c")).unwrap();
         assert_eq!(bounded, vec![(b"b".to_vec(), b"2".to_vec())]);
+        let mut db = db;
+        db.wipe().unwrap();
+        assert_eq!(db.checkpoint("counts").unwrap(), None);
+        assert!(db.scan("counts", b"", None).unwrap().is_empty());
         assert!(matches!(
             db.get("nope", b"a"),
             Err(StateError::UnknownStore(_))

@@ -27,6 +27,8 @@ pub const REBALANCES: &str = "saga_streams_rebalances_total";
 pub const ASSIGNED_TASKS: &str = "saga_streams_assigned_tasks";
 pub const RUNNING_TASKS: &str = "saga_streams_running_tasks";
 pub const STALLED: &str = "saga_streams_stalled";
+pub const TASKS_CLOSED_AFTER_FAILURE: &str = "saga_streams_tasks_closed_after_failure_total";
+pub const REBUILDS: &str = "saga_streams_rebuilds_total";
 
 /// Every metric name of the catalogue.
 pub const CATALOGUE: &[&str] = &[
@@ -50,6 +52,8 @@ pub const CATALOGUE: &[&str] = &[
     ASSIGNED_TASKS,
     RUNNING_TASKS,
     STALLED,
+    TASKS_CLOSED_AFTER_FAILURE,
+    REBUILDS,
 ];
 
 /// Latency buckets, 100 µs to 60 s.
@@ -65,6 +69,16 @@ fn describe() {
         "input records not yet processed, counted to the last stable offset"
     );
     describe_counter!(RECORDS_CONSUMED, Unit::Count, "input records processed");
+    describe_counter!(
+        TASKS_CLOSED_AFTER_FAILURE,
+        Unit::Count,
+        "tasks closed because their state write after a commit failed (restored from the changelog)"
+    );
+    describe_counter!(
+        REBUILDS,
+        Unit::Count,
+        "consumer and producer rebuilt after a fatal error, by reason"
+    );
     describe_counter!(RECORDS_PRODUCED, Unit::Count, "output records sent");
     describe_histogram!(
         PROCESS_LATENCY,

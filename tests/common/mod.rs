@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod avro_env;
+pub mod counter_env;
 pub mod saga_env;
 
 use std::time::{Duration, Instant};
@@ -109,6 +110,8 @@ pub struct CounterArgs {
     pub inputs: Vec<String>,
     pub output: String,
     pub extra: Vec<String>,
+    /// Environment of the child (`SAGA_STREAMS_FAILPOINTS` arms fault injection points).
+    pub env: Vec<(String, String)>,
 }
 
 fn example_binary(name: &str) -> std::path::PathBuf {
@@ -167,6 +170,7 @@ impl CounterProcess {
             .args(["--input", &args.inputs.join(",")])
             .args(["--output", &args.output])
             .args(&args.extra)
+            .envs(args.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("SAGA_STREAMS_LOG_FORMAT", "json")
             .env("RUST_LOG", "info,librdkafka=warn,rdkafka=warn")
             .stdout(std::process::Stdio::null())

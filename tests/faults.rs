@@ -1,0 +1,165 @@
+//! Injected failures in every call of the runtime that talks to the broker or the disk (the
+//! `failpoints` feature, armed per child process through `SAGA_STREAMS_FAILPOINTS`), against the
+//! real broker: after each, every input is counted exactly once, in order, and the changelog
+//! holds the counts the outputs show (so no record was skipped, no state fell behind, no task
+//! stayed paused).
+
+mod common;
+
+use std::time::Duration;
+
+use common::counter_env::*;
+use common::{produce_all, producer, CounterProcess};
+
+/// Runs the counter with `failpoints` armed over 1,200 inputs fed in chunks (a record that fails
+/// its cycle once sits in the middle when `poison` is set, to cause an abort), checks the
+/// exactly-once results, and returns the instance's log.
+async fn counted_exactly_once_with(name: &str, failpoints: &str, poison: bool) -> String {
+    let setup = setup(name, &[]).await;
+    let mut args = setup.args.clone();
+    args.env
+        .push(("SAGA_STREAMS_FAILPOINTS".into(), failpoints.into()));
+    let mut sent = inputs(&args, 0..1_200, 24);
+    if poison {
+        sent.insert(
+            600,
+            (
+                args.inputs[0].clone(),
+                "k0".to_string(),
+                "fail-once:x".to_string(),
+            ),
+        );
+    }
+    let process = CounterProcess::spawn(&args, name);
+    wait_running(&process, PARTITIONS as usize, Duration::from_secs(120));
+    let feeder = feed_slowly(&args, &sent, Duration::from_millis(150));
+    feeder.join().unwrap();
+    let outputs = read_outputs(&args, sent.len(), Duration::from_secs(180));
+    let log = process.log_text();
+    let finals = check_exactly_once(&outputs, &sent);
+    assert_eq!(
+        finals.values().sum::<u64>(),
+        sent.len() as u64,
+        "log:\n{log}"
+    );
+    let committed =
+        common::poll_until(Duration::from_secs(30), || changelog_state(&args) == finals);
+    assert!(
+        committed,
+        "changelog state differs from the counted outputs; log:\n{log}"
+    );
+    assert!(
+        log.contains("injected failure") || log.contains("(injected)"),
+        "the failpoint never fired; log:\n{log}"
+    );
+    drop(process);
+    log
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn send_offsets_failing_aborts_and_retries_the_cycle() {
+    let log =
+        counted_exactly_once_with("fp-send-offsets", "send-offsets=5*off->2*return", false).await;
+    assert!(log.contains("aborting the commit cycle"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_commit_that_times_out_is_called_again_not_aborted() {
+    let log = counted_exactly_once_with(
+        "fp-commit-timeout",
+        "commit-transaction=5*off->2*return(timeout)",
+        false,
+    )
+    .await;
+    assert!(log.contains("commit not confirmed yet"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_commit_that_requires_an_abort_is_aborted_and_rewound() {
+    let log = counted_exactly_once_with(
+        "fp-commit-abort",
+        "commit-transaction=5*off->1*return(abortable)",
+        false,
+    )
+    .await;
+    assert!(log.contains("inputs rewound to the last commit"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_commit_of_unknown_outcome_rebuilds_and_restores() {
+    let log = counted_exactly_once_with(
+        "fp-commit-unknown",
+        "commit-transaction=5*off->1*return(unknown)",
+        false,
+    )
+    .await;
+    assert!(log.contains("commit outcome unknown"), "{log}");
+    assert!(log.contains("rebuilding producer and consumer"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_abort_that_fails_is_retried_before_anything_is_processed() {
+    let log =
+        counted_exactly_once_with("fp-abort", "abort-transaction=2*return(timeout)", true).await;
+    assert!(
+        log.contains("cleaning up the aborted cycle failed"),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rewind_that_fails_is_retried() {
+    // The first three seeks are the task starts; the two after them belong to the rewind.
+    let log = counted_exactly_once_with("fp-seek", "seek=3*off->2*return", true).await;
+    assert!(log.contains("inputs rewound to the last commit"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rewind_that_keeps_failing_rebuilds_the_clients() {
+    let log = counted_exactly_once_with("fp-seek-rebuild", "seek=3*off->3*return", true).await;
+    assert!(log.contains("rewind failed"), "{log}");
+    assert!(log.contains("rebuilding producer and consumer"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_committed_offsets_lookup_that_fails_delays_the_task_start() {
+    counted_exactly_once_with("fp-committed", "committed-offsets=2*return", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_state_write_failing_after_commit_closes_and_restores_the_task() {
+    // A fresh start writes one empty checkpoint per store and task (2 x 3) while restoring; the
+    // eleventh write is one after a commit.
+    let log =
+        counted_exactly_once_with("fp-rocksdb", "rocksdb-write=10*off->1*return", false).await;
+    assert!(log.contains("state write after commit failed"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restore_write_that_fails_is_retried_from_the_checkpoint() {
+    let setup = setup("fp-restore", &[]).await;
+    let mut args = setup.args.clone();
+    let sent = inputs(&args, 0..600, 600);
+    let mut first = CounterProcess::spawn(&args, "first");
+    produce_all(&producer(&args.bootstrap), &sent);
+    let outputs = read_outputs(&args, sent.len(), Duration::from_secs(120));
+    check_exactly_once(&outputs, &sent);
+    first.sigkill();
+    // Without local state the whole changelog is restored; its first batch write fails.
+    std::fs::remove_dir_all(args.state_dir.join(&args.application_id)).unwrap();
+    args.env.push((
+        "SAGA_STREAMS_FAILPOINTS".into(),
+        "restore-batch=1*return".into(),
+    ));
+    let second = CounterProcess::spawn(&args, "second");
+    wait_running(&second, PARTITIONS as usize, Duration::from_secs(120));
+    let more = inputs(&args, 600..900, 600);
+    produce_all(&producer(&args.bootstrap), &more);
+    let all: Vec<_> = sent.iter().chain(&more).cloned().collect();
+    let outputs = read_outputs(&args, all.len(), Duration::from_secs(120));
+    let finals = check_exactly_once(&outputs, &all);
+    assert_eq!(finals.values().sum::<u64>(), all.len() as u64);
+    let log = second.log_text();
+    assert!(log.contains("(injected)"), "{log}");
+    drop(second);
+}

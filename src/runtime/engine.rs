@@ -4,6 +4,7 @@
 //! `poll`, on the same thread) through a mutex that the loop never holds while polling.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,15 +31,29 @@ use crate::telemetry::metrics as m;
 const MAX_COMMIT_SAMPLES: usize = 100_000;
 
 /// Delivery bookkeeping: the last offset written to each changelog partition, and failures
-/// (drained by every commit and abort, so it stays bounded).
+/// (drained by every commit and abort, so it stays bounded). Reports belong to a cycle epoch:
+/// an abort purges the producer's queue, and the purge reports that arrive afterwards belong to
+/// the dropped cycle, not to the next one.
 #[derive(Default)]
 pub struct Deliveries {
+    /// The epoch of the open cycle; bumped by every abort.
+    epoch: AtomicUsize,
     /// (store index, partition) -> highest delivered offset in the open cycle
     changelog: Mutex<HashMap<(usize, i32), i64>>,
     failures: Mutex<Vec<String>>,
 }
 
-/// Producer context: records changelog delivery offsets (opaque = store index + 1; 0 for outputs).
+/// Bits of a delivery opaque that hold the store index + 1 (0 for outputs); the rest hold the
+/// cycle epoch.
+const OPAQUE_STORE_BITS: u32 = 16;
+
+impl Deliveries {
+    fn opaque(&self, store: usize) -> usize {
+        (self.epoch.load(Ordering::Relaxed) << OPAQUE_STORE_BITS) | store
+    }
+}
+
+/// Producer context: records changelog delivery offsets and failures of the open cycle.
 pub struct EngineProducerContext {
     pub deliveries: Arc<Deliveries>,
 }
@@ -49,10 +64,18 @@ impl ProducerContext for EngineProducerContext {
     type DeliveryOpaque = usize;
 
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
+        let epoch = opaque >> OPAQUE_STORE_BITS;
+        if epoch
+            != self.deliveries.epoch.load(Ordering::Relaxed) & (usize::MAX >> OPAQUE_STORE_BITS)
+        {
+            // A report of a cycle that was aborted (its messages purged).
+            return;
+        }
+        let store = opaque & ((1 << OPAQUE_STORE_BITS) - 1);
         match result {
-            Ok(message) if opaque > 0 => {
+            Ok(message) if store > 0 => {
                 if let Ok(mut map) = self.deliveries.changelog.lock() {
-                    let entry = map.entry((opaque - 1, message.partition())).or_insert(-1);
+                    let entry = map.entry((store - 1, message.partition())).or_insert(-1);
                     *entry = (*entry).max(message.offset());
                 }
             }
@@ -272,7 +295,7 @@ impl Engine {
         send_record(
             &self.producer,
             record,
-            opaque,
+            self.deliveries.opaque(opaque),
             self.config.transaction_timeout,
             &self.shutdown,
         )?;
@@ -686,6 +709,8 @@ impl Engine {
         }
         self.records_in_cycle = 0;
         self.cycle_started = Instant::now();
+        // Reports still to come for this cycle's messages (purged by the abort) are ignored.
+        self.deliveries.epoch.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut map) = self.deliveries.changelog.lock() {
             map.clear();
         }

@@ -239,6 +239,13 @@ fn run_generation(
             // Graceful: the last cycle commits, then closing the consumer leaves the group
             // (its revoke callback finds nothing left to commit).
             let mut guard = lock(&engine);
+            // An aborted cycle whose clean-up is pending: abort its transaction now, so the next
+            // owner does not wait for the transaction timeout.
+            if guard.recovery_pending() {
+                if let Err(e) = guard.recover(&consumer) {
+                    tracing::warn!(error = %e, "aborting the open transaction at shutdown failed; the broker aborts it when it times out");
+                }
+            }
             if let Err(e) = guard.commit(&consumer) {
                 tracing::warn!(error = %e, "final commit failed; the cycle is aborted");
                 guard.abort();

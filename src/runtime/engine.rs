@@ -23,8 +23,8 @@ use super::processor::{InputRecord, OutputRecord, ProcessorSupplier};
 use super::restore::{Restoration, Restorer};
 use super::stream_thread::Shutdown;
 use super::task::Task;
+use super::watchdog::Watchdog;
 use crate::state::rocks::{RocksBackend, RocksResources};
-use crate::state::StoreBackend as _;
 use crate::telemetry::metrics as m;
 
 /// Commit latency samples kept for the shutdown summary (hours of commits at 10 per second).
@@ -113,10 +113,16 @@ const TXN_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a commit whose outcome is unknown is retried before the thread gives up on it and
 /// rebuilds (Kafka Streams' `max.block.ms`).
 const COMMIT_RETRY_FOR: Duration = Duration::from_secs(60);
+/// How long a transactional call may take, its own timeout included, before the client counts
+/// as stuck (see [`Watchdog`]).
+const CALL_LIMIT: Duration = Duration::from_secs(30);
 /// Timeout of the consumer calls a task start and a rewind make.
 const CONSUMER_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Failed rewinds in a row after which the consumer and producer are rebuilt.
 const REWIND_ATTEMPTS: u32 = 3;
+/// Failed task starts in a row (over about half a minute of growing pauses) after which the
+/// consumers and producer are rebuilt.
+const START_FAILURES_BEFORE_REBUILD: u32 = 8;
 /// Time given to restoration per loop turn, between polls of the group consumer.
 const RESTORE_SLICE: Duration = Duration::from_millis(200);
 
@@ -125,7 +131,9 @@ pub struct Engine {
     pub config: Arc<RuntimeConfig>,
     supplier: ProcessorSupplier,
     resources: RocksResources,
-    producer: EngineProducer,
+    /// Shared with the watchdog's worker, which makes the blocking transactional calls.
+    producer: Arc<EngineProducer>,
+    watchdog: Watchdog,
     deliveries: Arc<Deliveries>,
     restorer: Restorer,
     shutdown: Shutdown,
@@ -145,6 +153,11 @@ pub struct Engine {
     rewind_pending: bool,
     /// Rewinds that failed in a row.
     rewind_failures: u32,
+    /// Since when the open transaction's abort keeps failing.
+    abort_failing_since: Option<Instant>,
+    /// Task starts (restorations) that failed in a row, and when to try again.
+    start_failures: u32,
+    start_retry_at: Option<Instant>,
     cycle_started: Instant,
     records_in_cycle: usize,
     outputs: Vec<OutputRecord>,
@@ -214,21 +227,29 @@ impl Engine {
                     config.transaction_timeout.as_millis().to_string(),
                 );
         }
-        let producer: EngineProducer = client
-            .create_with_context(EngineProducerContext {
-                deliveries: deliveries.clone(),
-            })
-            .map_err(RuntimeError::kafka("create producer"))?;
+        let producer: Arc<EngineProducer> = Arc::new(
+            client
+                .create_with_context(EngineProducerContext {
+                    deliveries: deliveries.clone(),
+                })
+                .map_err(RuntimeError::kafka("create producer"))?,
+        );
+        let watchdog = Watchdog::new("txn-calls")?;
         if config.guarantee == Guarantee::ExactlyOnce {
             // Fences any older incarnation with the same transactional id and aborts its open
             // transaction. Called again while the coordinator does not answer (a broker
             // restarting): librdkafka resumes the same initialisation.
             let deadline = Instant::now() + COMMIT_RETRY_FOR;
             loop {
-                let Err(e) = producer.init_transactions(TXN_CALL_TIMEOUT) else {
+                let call = producer.clone();
+                let Err(error) = watchdog
+                    .run("init transactions", CALL_LIMIT, &shutdown, move || {
+                        call.init_transactions(TXN_CALL_TIMEOUT)
+                    })?
+                    .map_err(RuntimeError::kafka("init transactions"))
+                else {
                     break;
                 };
-                let error = RuntimeError::kafka("init transactions")(e);
                 if error.class() == ErrorClass::Fatal || Instant::now() >= deadline {
                     return Err(error);
                 }
@@ -244,6 +265,7 @@ impl Engine {
             supplier,
             resources,
             producer,
+            watchdog,
             deliveries,
             restorer,
             shutdown,
@@ -255,6 +277,9 @@ impl Engine {
             txn: Txn::Idle,
             rewind_pending: false,
             rewind_failures: 0,
+            abort_failing_since: None,
+            start_failures: 0,
+            start_retry_at: None,
             cycle_started: Instant::now(),
             records_in_cycle: 0,
             outputs: Vec::new(),
@@ -546,7 +571,7 @@ impl Engine {
                 let metadata = consumer.group_metadata().ok_or_else(|| {
                     RuntimeError::Group("no consumer group metadata yet".to_string())
                 })?;
-                self.send_offsets(&offsets, &metadata)?;
+                self.send_offsets(&offsets, metadata)?;
             }
             self.wait_for_deliveries();
             self.check_deliveries()?;
@@ -559,13 +584,32 @@ impl Engine {
                 .map_err(RuntimeError::kafka("flush"))?;
             // The offsets stay uncommitted when a delivery failed: the cycle is processed again.
             self.check_deliveries()?;
+            // The changelog has the cycle's writes now, committed or not: the stores follow
+            // before the offsets are committed, so a failed offset commit leaves no running
+            // task behind its changelog (its records are then processed again, which
+            // at-least-once allows).
+            self.apply_cycle(consumer);
             if offsets.count() > 0 {
                 consumer
                     .commit(&offsets, CommitMode::Sync)
                     .map_err(RuntimeError::kafka("commit offsets"))?;
             }
         }
-        // Kafka has the cycle: now (and only now) local state may follow.
+        if self.exactly_once() {
+            // Kafka has the cycle: now (and only now) local state may follow.
+            self.apply_cycle(consumer);
+        }
+        metrics::histogram!(m::COMMIT_LATENCY).record(started.elapsed().as_secs_f64());
+        metrics::counter!(m::TRANSACTIONS, "result" => "committed").increment(1);
+        if self.commit_latencies.len() < MAX_COMMIT_SAMPLES {
+            self.commit_latencies.push(started.elapsed());
+        }
+        Ok(())
+    }
+
+    /// Writes every task's overlay and new checkpoints to its store; a task whose write fails is
+    /// closed, to be restored from its changelog.
+    fn apply_cycle<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) {
         let delivered = std::mem::take(
             &mut *self
                 .deliveries
@@ -592,25 +636,27 @@ impl Engine {
         if !failed.is_empty() {
             self.close_failed_tasks(consumer, &failed);
         }
-        metrics::histogram!(m::COMMIT_LATENCY).record(started.elapsed().as_secs_f64());
-        metrics::counter!(m::TRANSACTIONS, "result" => "committed").increment(1);
-        if self.commit_latencies.len() < MAX_COMMIT_SAMPLES {
-            self.commit_latencies.push(started.elapsed());
-        }
-        Ok(())
     }
 
     fn send_offsets(
         &self,
         offsets: &TopicPartitionList,
-        metadata: &rdkafka::consumer::ConsumerGroupMetadata,
+        metadata: rdkafka::consumer::ConsumerGroupMetadata,
     ) -> Result<(), RuntimeError> {
         fail::fail_point!("send-offsets", |kind| Err(failpoints::kafka_error(
             "send offsets to transaction",
             kind
         )));
-        self.producer
-            .send_offsets_to_transaction(offsets, metadata, CONSUMER_CALL_TIMEOUT)
+        let (producer, offsets) = (self.producer.clone(), offsets.clone());
+        self.watchdog
+            .run(
+                "send offsets to transaction",
+                CALL_LIMIT,
+                &self.shutdown,
+                move || {
+                    producer.send_offsets_to_transaction(&offsets, &metadata, CONSUMER_CALL_TIMEOUT)
+                },
+            )?
             .map_err(RuntimeError::kafka("send offsets to transaction"))
     }
 
@@ -619,8 +665,14 @@ impl Engine {
             "commit transaction",
             kind
         )));
-        self.producer
-            .commit_transaction(TXN_CALL_TIMEOUT)
+        let producer = self.producer.clone();
+        self.watchdog
+            .run(
+                "commit transaction",
+                CALL_LIMIT,
+                &self.shutdown,
+                move || producer.commit_transaction(TXN_CALL_TIMEOUT),
+            )?
             .map_err(RuntimeError::kafka("commit transaction"))
     }
 
@@ -728,8 +780,11 @@ impl Engine {
             "abort transaction",
             kind
         )));
-        self.producer
-            .abort_transaction(TXN_CALL_TIMEOUT)
+        let producer = self.producer.clone();
+        self.watchdog
+            .run("abort transaction", CALL_LIMIT, &self.shutdown, move || {
+                producer.abort_transaction(TXN_CALL_TIMEOUT)
+            })?
             .map_err(RuntimeError::kafka("abort transaction"))
     }
 
@@ -745,12 +800,25 @@ impl Engine {
         if self.txn == Txn::NeedsAbort {
             if !self.broken && self.exactly_once() {
                 if let Err(e) = self.try_abort_transaction() {
+                    let failing_since = *self.abort_failing_since.get_or_insert_with(Instant::now);
                     if e.class() == ErrorClass::Fatal {
                         self.broken = true;
+                        return Err(e);
+                    }
+                    if failing_since.elapsed() >= COMMIT_RETRY_FOR {
+                        // librdkafka can stay unable to reach the transaction coordinator after
+                        // a broker restart; a new producer's init_transactions aborts the
+                        // transaction for us.
+                        self.broken = true;
+                        return Err(RuntimeError::AbortFailed(format!(
+                            "{e} (failing for {} s)",
+                            failing_since.elapsed().as_secs()
+                        )));
                     }
                     return Err(e);
                 }
             }
+            self.abort_failing_since = None;
             self.txn = Txn::Idle;
         }
         if self.rewind_pending {
@@ -820,11 +888,7 @@ impl Engine {
         consumer: &BaseConsumer<C>,
         partition: i32,
     ) -> Result<BTreeMap<String, i64>, RuntimeError> {
-        let mut inputs = TopicPartitionList::new();
-        for topic in &self.config.input_topics {
-            inputs.add_partition(topic, partition);
-        }
-        let committed = lookup_committed(consumer, inputs)?;
+        let committed = lookup_committed(consumer, self.inputs_of(partition))?;
         let mut positions = BTreeMap::new();
         for element in committed.elements() {
             if let Err(e) = element.error() {
@@ -847,6 +911,11 @@ impl Engine {
     /// Starts the tasks whose every input partition is assigned: open their stores, restore
     /// them (a slice per call, so the loop keeps polling, committing and watching for shutdown
     /// between slices), then start each one.
+    ///
+    /// A task that cannot be restored or started (a store that does not open, a full disk, a
+    /// changelog without a leader) does not stop the running tasks: it is tried again after a
+    /// growing pause, and the instance reports why it is not ready. Only a failure after a task's
+    /// init outputs entered the open transaction fails the cycle (it must not commit them).
     pub fn start_ready_tasks<C: ConsumerContext>(
         &mut self,
         consumer: &BaseConsumer<C>,
@@ -854,6 +923,47 @@ impl Engine {
         if self.recovery_pending() || self.broken {
             return Ok(());
         }
+        if self.start_retry_at.is_some_and(|at| Instant::now() < at) {
+            return Ok(());
+        }
+        match self.try_start_ready_tasks(consumer) {
+            Ok(()) => {
+                if self.start_failures > 0 && self.restoring.is_none() {
+                    self.start_failures = 0;
+                    self.start_retry_at = None;
+                    self.config.status.set_stalled(None);
+                }
+                Ok(())
+            }
+            Err(StartError::Cycle(e)) => Err(e),
+            Err(StartError::Task(e))
+                if self.start_failures + 1 >= START_FAILURES_BEFORE_REBUILD =>
+            {
+                // Failing for long: the clients themselves may be stuck (a restore consumer
+                // whose metadata never recovers); new ones are the way out.
+                Err(RuntimeError::ClientStuck(format!(
+                    "tasks could not be started {} times in a row: {e}",
+                    self.start_failures + 1
+                )))
+            }
+            Err(StartError::Task(e)) => {
+                self.start_failures += 1;
+                let pause = (Duration::from_millis(200) * 2u32.pow(self.start_failures.min(6)))
+                    .min(Duration::from_secs(10));
+                self.start_retry_at = Some(Instant::now() + pause);
+                tracing::warn!(error = %e, failures = self.start_failures, retry_in_ms = pause.as_millis() as u64, "tasks could not be started; the running ones go on");
+                self.config
+                    .status
+                    .set_stalled(Some(format!("tasks cannot start: {e}")));
+                Ok(())
+            }
+        }
+    }
+
+    fn try_start_ready_tasks<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+    ) -> Result<(), StartError> {
         if self.restoring.is_none() {
             let ready: Vec<i32> = self
                 .assigned
@@ -871,11 +981,16 @@ impl Engine {
                 let path = self.config.task_dir(*partition);
                 backends.push((
                     *partition,
-                    RocksBackend::open(&path, &self.config.stores, &self.resources)?,
+                    RocksBackend::open(&path, &self.config.stores, &self.resources)
+                        .map_err(|e| StartError::Task(e.into()))?,
                 ));
             }
             // All ready tasks restore together; each store logs what it replayed.
-            self.restoring = Some(self.restorer.begin(&self.config, backends)?);
+            self.restoring = Some(
+                self.restorer
+                    .begin(&self.config, backends)
+                    .map_err(StartError::Task)?,
+            );
         }
         let Some(mut restoration) = self.restoring.take() else {
             return Ok(());
@@ -888,7 +1003,7 @@ impl Engine {
             Ok(true) => {}
             Err(e) => {
                 self.restorer.cancel(restoration);
-                return Err(e);
+                return Err(StartError::Task(e));
             }
         }
         for (partition, backend) in restoration.tasks {
@@ -910,19 +1025,61 @@ impl Engine {
         consumer: &BaseConsumer<C>,
         partition: i32,
         backend: RocksBackend,
+    ) -> Result<(), StartError> {
+        self.prepare_task(consumer, partition, backend)
+            .map_err(StartError::Task)?;
+        let inputs = self.inputs_of(partition);
+        let started = self.flush_outputs().and_then(|()| {
+            consumer
+                .resume(&inputs)
+                .map_err(RuntimeError::kafka("resume inputs"))
+        });
+        if let Err(e) = started {
+            // Not running after all: closed again, so the next attempt starts it from scratch;
+            // its init outputs may be in the open transaction, so the cycle must abort.
+            if let Some(task) = self.tasks.remove(&partition) {
+                task.close();
+            }
+            let _ = consumer.pause(&inputs);
+            return Err(StartError::Cycle(e));
+        }
+        for topic in &self.config.input_topics {
+            self.fresh.remove(&(topic.clone(), partition));
+        }
+        if let Some(task) = self.tasks.get(&partition) {
+            self.config.status.task_started(partition, task.reader());
+        }
+        tracing::info!(task = partition, "task running");
+        self.report_status();
+        Ok(())
+    }
+
+    fn inputs_of(&self, partition: i32) -> TopicPartitionList {
+        let mut inputs = TopicPartitionList::new();
+        for topic in &self.config.input_topics {
+            inputs.add_partition(topic, partition);
+        }
+        inputs
+    }
+
+    /// Everything of a task start that touches nothing shared: positions, seek, the processor's
+    /// init (its outputs are kept only when it succeeds). Inserts the task, not yet resumed.
+    fn prepare_task<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        partition: i32,
+        backend: RocksBackend,
     ) -> Result<(), RuntimeError> {
         let positions = self.committed_positions(consumer, partition)?;
         let mut targets = TopicPartitionList::new();
-        let mut inputs = TopicPartitionList::new();
         for (topic, offset) in &positions {
             targets
                 .add_partition_offset(topic, partition, Offset::Offset(*offset))
                 .map_err(RuntimeError::kafka("seek list"))?;
-            inputs.add_partition(topic, partition);
         }
         self.seek(consumer, targets)?;
-        let reader = backend.reader();
         let processor = (self.supplier)(partition);
+        let before = self.outputs.len();
         let task = Task::start(
             partition,
             positions,
@@ -931,29 +1088,19 @@ impl Engine {
             Box::new(backend),
             processor,
             &mut self.outputs,
-        )
-        .map_err(|e| RuntimeError::Processor(format!("task {partition} init: {e}")))?;
-        self.tasks.insert(partition, task);
-        let started = self.flush_outputs().and_then(|()| {
-            consumer
-                .resume(&inputs)
-                .map_err(RuntimeError::kafka("resume inputs"))
-        });
-        if let Err(e) = started {
-            // Not running after all: closed again, so the next attempt starts it from scratch.
-            if let Some(task) = self.tasks.remove(&partition) {
-                task.close();
+        );
+        match task {
+            Ok(task) => {
+                self.tasks.insert(partition, task);
+                Ok(())
             }
-            let _ = consumer.pause(&inputs);
-            return Err(e);
+            Err(e) => {
+                self.outputs.truncate(before);
+                Err(RuntimeError::Processor(format!(
+                    "task {partition} init: {e}"
+                )))
+            }
         }
-        for topic in &self.config.input_topics {
-            self.fresh.remove(&(topic.clone(), partition));
-        }
-        self.config.status.task_started(partition, reader);
-        tracing::info!(task = partition, "task running");
-        self.report_status();
-        Ok(())
     }
 
     /// Closes tasks whose state write failed after a commit and pauses their inputs: they are
@@ -1084,6 +1231,13 @@ impl Engine {
         }
         self.report_status();
     }
+}
+
+/// Why tasks did not start: a failure of the tasks alone (retried later, the running tasks go on),
+/// or one that left the open transaction with outputs it must not commit.
+enum StartError {
+    Task(RuntimeError),
+    Cycle(RuntimeError),
 }
 
 /// The committed offsets of `inputs`, from the group coordinator.

@@ -142,6 +142,15 @@ pub enum RuntimeError {
     /// on would skip records, so the consumer and producer are rebuilt.
     #[error("rewind failed: {0}")]
     RewindFailed(String),
+    /// The transaction of an aborted cycle could not be aborted for a minute: a new producer
+    /// (whose `init_transactions` aborts it) is the way out.
+    #[error("abort failed: {0}")]
+    AbortFailed(String),
+    /// A Kafka client stopped making progress while the cluster answers others (librdkafka can
+    /// keep a partition without a leader forever after a broker was fenced, or fail every
+    /// lookup): new clients are the way out.
+    #[error("kafka client stuck: {0}")]
+    ClientStuck(String),
     /// Shutdown was requested while waiting.
     #[error("interrupted by shutdown while {0}")]
     Interrupted(&'static str),
@@ -174,6 +183,8 @@ impl RuntimeError {
             RuntimeError::Injected { facts, .. } => classify(*facts),
             RuntimeError::CommitOutcomeUnknown(_)
             | RuntimeError::RewindFailed(_)
+            | RuntimeError::AbortFailed(_)
+            | RuntimeError::ClientStuck(_)
             | RuntimeError::Interrupted(_) => ErrorClass::Fatal,
             // State and processor errors leave the open transaction in an unknown state: abort it.
             RuntimeError::State(_) | RuntimeError::Processor(_) | RuntimeError::Group(_) => {

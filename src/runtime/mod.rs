@@ -9,6 +9,7 @@
 //! - [`topics`]: start-up checks of input and changelog topics.
 //! - [`config`], [`error`]: settings, and the fatal/abortable/retriable decision table.
 //! - [`failpoints`]: named fault-injection points (test builds only).
+//! - [`watchdog`]: bounds blocking client calls librdkafka does not bound itself.
 
 pub mod config;
 pub mod engine;
@@ -20,6 +21,7 @@ pub mod status;
 pub mod stream_thread;
 pub mod task;
 pub mod topics;
+pub mod watchdog;
 
 pub use config::{Guarantee, RuntimeConfig};
 pub use error::{ErrorClass, RuntimeError};

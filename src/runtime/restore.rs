@@ -278,6 +278,21 @@ impl Restorer {
                             .find_partition(&p.topic, p.partition)
                             .map(|e| e.offset())
                         {
+                            if at < p.high {
+                                // Short of the end seen at the start: an open transaction that
+                                // has yet to end (wait for it), or a changelog truncated since
+                                // (its end moved back: take the new end, or this never ends).
+                                if let Ok((_, high)) = self.consumer.fetch_watermarks(
+                                    &p.topic,
+                                    p.partition,
+                                    WATERMARKS_TIMEOUT,
+                                ) {
+                                    if high < p.high {
+                                        tracing::warn!(changelog = %p.topic, partition = p.partition, was = p.high, now = high, "changelog end moved back during restoration");
+                                        p.high = high;
+                                    }
+                                }
+                            }
                             if at >= p.high {
                                 // Past any transaction markers at the end: the next restore
                                 // starts there.

@@ -11,6 +11,7 @@
 //!   on fatal error (fenced...): close tasks, rebuild consumer and producer, rejoin
 //! ```
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -59,7 +60,14 @@ const POLL_BATCH: usize = 5_000;
 
 struct StreamsContext {
     engine: Arc<Mutex<Engine>>,
+    /// Assigned input partitions the consumer knows no leader for, and since when.
+    leaderless: Mutex<BTreeMap<(String, i32), Instant>>,
 }
+
+/// How long an assigned input partition may stay without a known leader before the consumer is
+/// taken for stuck (librdkafka can keep a partition in that state forever after its broker was
+/// fenced, while the cluster is back) and rebuilt.
+const LEADERLESS_REBUILD_AFTER: Duration = Duration::from_secs(60);
 
 impl ClientContext for StreamsContext {
     fn stats(&self, statistics: Statistics) {
@@ -79,7 +87,7 @@ impl StreamsContext {
     /// last stable offset and nothing waits in its queue, every committed record was delivered, so
     /// transaction markers before that offset count for nothing.
     fn report_lag(&self, statistics: &Statistics) {
-        let engine = lock(&self.engine);
+        let mut engine = lock(&self.engine);
         for (topic, stats) in &statistics.topics {
             if !engine.config.input_topics.contains(topic) {
                 continue;
@@ -104,6 +112,38 @@ impl StreamsContext {
                     .set((undelivered.max(0) + buffered) as f64);
             }
         }
+        self.watch_leaders(&mut engine, statistics);
+    }
+
+    /// Notes assigned input partitions without a known leader; one that stays so for
+    /// [`LEADERLESS_REBUILD_AFTER`] fails the generation (new clients).
+    fn watch_leaders(&self, engine: &mut Engine, statistics: &Statistics) {
+        let Ok(mut leaderless) = self.leaderless.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        let mut seen = BTreeSet::new();
+        for (topic, stats) in &statistics.topics {
+            for (partition, p) in &stats.partitions {
+                let assigned = engine
+                    .assigned
+                    .get(partition)
+                    .is_some_and(|topics| topics.contains(topic));
+                if *partition >= 0 && assigned && p.leader < 0 {
+                    seen.insert((topic.clone(), *partition));
+                    let since = *leaderless.entry((topic.clone(), *partition)).or_insert(now);
+                    if now.duration_since(since) >= LEADERLESS_REBUILD_AFTER
+                        && engine.failure.is_none()
+                    {
+                        engine.failure = Some(RuntimeError::ClientStuck(format!(
+                            "{topic} [{partition}] has had no known leader for {} s",
+                            now.duration_since(since).as_secs()
+                        )));
+                    }
+                }
+            }
+        }
+        leaderless.retain(|key, _| seen.contains(key));
     }
 }
 
@@ -204,6 +244,8 @@ fn rebuild_reason(error: &RuntimeError) -> &'static str {
     match error {
         RuntimeError::CommitOutcomeUnknown(_) => "commit_outcome_unknown",
         RuntimeError::RewindFailed(_) => "rewind_failed",
+        RuntimeError::AbortFailed(_) => "abort_failed",
+        RuntimeError::ClientStuck(_) => "client_stuck",
         e => {
             use rdkafka::error::RDKafkaErrorCode::{Fenced, InvalidProducerEpoch, ProducerFenced};
             match e.facts().and_then(|f| f.code) {
@@ -262,7 +304,15 @@ fn run_generation(
             guard.close_all();
         }
     }
-    drop(consumer);
+    if matches!(result, Err(RuntimeError::ClientStuck(_))) {
+        // Closing a stuck client can wait forever for its coordinator: leave it behind (the
+        // group expires the member after its session timeout; the transaction is fenced by the
+        // next producer's init_transactions).
+        tracing::warn!("leaving the stuck consumer and producer behind without closing them");
+        std::mem::forget(consumer);
+    } else {
+        drop(consumer);
+    }
     result
 }
 
@@ -297,7 +347,10 @@ fn build_consumer(
         client.set("partition.assignment.strategy", "range");
     }
     client
-        .create_with_context(StreamsContext { engine })
+        .create_with_context(StreamsContext {
+            engine,
+            leaderless: Mutex::new(BTreeMap::new()),
+        })
         .map_err(RuntimeError::kafka("create consumer"))
 }
 

@@ -5,9 +5,10 @@
 //! For each input record with key K and value V it increments `counts[K]` and sends
 //! `K -> "V:<count>"` to the output topic. A record whose value starts with `fail-once:` makes
 //! `process` fail, after its state write and output, the first time this process sees it (the
-//! cycle aborts and the record is processed again), which is how tests inject an abort. Every `--punctuate-ms` it writes the
-//! number of distinct keys to `meta["keys"]` (a prefix scan) and sends it to `<output>.stats`
-//! when that topic is named with `--stats`.
+//! cycle aborts and the record is processed again), which is how tests inject an abort. Every
+//! `--punctuate-ms` it writes the number of distinct keys to `meta["keys"]` (a prefix scan) and,
+//! when it changed and a topic is named with `--stats`, sends it there keyed
+//! `task-<partition>@<instance-id>` (tests tell which instance wrote it).
 //!
 //!     cargo run --example counter -- --bootstrap 127.0.0.1:19092 --application-id app \
 //!         --instance-id a --state-dir /tmp/state --input in1,in2 --output out
@@ -84,6 +85,7 @@ impl Processor for PassThrough {
 }
 
 struct Counter {
+    instance_id: String,
     output: String,
     stats: Option<String>,
     punctuate: Duration,
@@ -134,7 +136,8 @@ impl Processor for Counter {
         ctx: &mut ProcessorContext<'_>,
         _now: SystemTime,
     ) -> Result<(), ProcessorError> {
-        let keys = ctx.store("counts")?.prefix(b"")?.len();
+        // Counts distinct keys up to a million (a test subject, not a production pattern).
+        let keys = ctx.store("counts")?.prefix(b"", 1_000_000)?.len();
         let mut meta = ctx.store("meta")?;
         let previous = meta.get(b"keys")?;
         let current = keys.to_string().into_bytes();
@@ -149,8 +152,12 @@ impl Processor for Counter {
         if let Some(stats) = &self.stats {
             let partition = ctx.partition();
             ctx.send(
-                OutputRecord::new(stats.clone(), format!("task-{partition}"), current)
-                    .with_partition(partition),
+                OutputRecord::new(
+                    stats.clone(),
+                    format!("task-{partition}@{}", self.instance_id),
+                    current,
+                )
+                .with_partition(partition),
             );
         }
         Ok(())
@@ -187,8 +194,10 @@ fn main() -> std::process::ExitCode {
     let stats = args.stats.clone();
     let punctuate = Duration::from_millis(args.punctuate_ms);
     let mode = args.mode;
+    let instance_id = args.instance_id.clone();
     let supplier = Arc::new(move |_partition: i32| match mode {
         Mode::Count => Box::new(Counter {
+            instance_id: instance_id.clone(),
             output: output.clone(),
             stats: stats.clone(),
             punctuate,

@@ -225,16 +225,24 @@ impl Store<'_> {
         self.pending.delete(key.to_vec());
     }
 
-    /// Entries with `from <= key < to` (`to = None`: to the end), in key order.
-    pub fn range(&self, from: &[u8], to: Option<&[u8]>) -> Result<Entries, StateError> {
-        let committed = self.backend.scan(&self.name, from, to)?;
-        Ok(self.pending.merge_scan(committed, from, to))
+    /// The first `limit` entries with `from <= key < to` (`to = None`: to the end), in key
+    /// order. Only those (plus as many as this cycle deleted in the range) are read: a scan
+    /// never loads more than it returns.
+    pub fn range(
+        &self,
+        from: &[u8],
+        to: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Entries, StateError> {
+        let wanted = limit.saturating_add(self.pending.deletes_in(from, to));
+        let committed = self.backend.scan(&self.name, from, to, wanted)?;
+        Ok(self.pending.merge_scan(committed, from, to, limit))
     }
 
-    /// Entries whose key starts with `prefix`, in key order.
-    pub fn prefix(&self, prefix: &[u8]) -> Result<Entries, StateError> {
+    /// The first `limit` entries whose key starts with `prefix`, in key order.
+    pub fn prefix(&self, prefix: &[u8], limit: usize) -> Result<Entries, StateError> {
         let end = prefix_end(prefix);
-        self.range(prefix, end.as_deref())
+        self.range(prefix, end.as_deref(), limit)
     }
 
     /// Typed read: the value decoded from JSON.
@@ -304,7 +312,7 @@ mod tests {
         assert_eq!(store.get(b"k1").unwrap(), Some(b"new".to_vec()));
         assert_eq!(store.get(b"k2").unwrap(), None);
         let keys: Vec<Vec<u8>> = store
-            .prefix(b"k")
+            .prefix(b"k", 10)
             .unwrap()
             .into_iter()
             .map(|(k, _)| k)

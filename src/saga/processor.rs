@@ -31,6 +31,8 @@ const SAGA_PREFIX: &[u8] = b"s/";
 const TIMER_PREFIX: &[u8] = b"t/";
 /// Timers fired per punctuation at most, so one cycle stays bounded after a long outage.
 const TIMERS_PER_PUNCTUATION: usize = 5_000;
+/// Saga statuses counted in the store, at most (a topology has a few dozen at most).
+const MAX_STATUSES: usize = 1_000;
 
 /// Header names on dead letters.
 pub mod dlq_headers {
@@ -80,7 +82,8 @@ impl StatusCounts {
     /// Reads the committed counts and moves the gauge by the difference from what it had.
     fn load(&mut self, store: &Store<'_>) -> Result<(), ProcessorError> {
         let mut fresh: BTreeMap<String, i64> = BTreeMap::new();
-        for (key, value) in store.prefix(COUNT_PREFIX)? {
+        // One entry per saga status: a handful.
+        for (key, value) in store.prefix(COUNT_PREFIX, MAX_STATUSES)? {
             let status = String::from_utf8_lossy(&key[COUNT_PREFIX.len()..]).into_owned();
             let n: i64 = serde_json::from_slice(&value)
                 .map_err(|e| ProcessorError(format!("saga store: undecodable count: {e}")))?;
@@ -439,7 +442,8 @@ impl Processor for SagaProcessor {
             Some(at) => timer_key(at, ""),
             None => TIMER_PREFIX.to_vec(),
         };
-        let due = store.range(&start, Some(&end))?;
+        // One more than a punctuation takes, to know whether more are due.
+        let due = store.range(&start, Some(&end), TIMERS_PER_PUNCTUATION + 1)?;
         // All due timers are handled, unless there are more than one punctuation takes.
         let mut complete = due.len() <= TIMERS_PER_PUNCTUATION;
         let mut fired = Vec::new();

@@ -25,6 +25,9 @@ use crate::codec::{Codec, DecodeError};
 use crate::runtime::{InputRecord, OutputRecord, Processor, ProcessorContext, ProcessorError};
 use crate::saga::topology::{FieldKind, SagaDefinition, StepSpec};
 
+/// Held replies sent by one punctuation, at most.
+const HELD_REPLIES_PER_PUNCTUATION: usize = 10_000;
+
 /// The participant's store.
 pub const PARTICIPANT_STORE: &str = "participant";
 
@@ -334,7 +337,8 @@ impl Processor for Participant {
         let mut due = Vec::new();
         {
             let mut store = ctx.store(PARTICIPANT_STORE)?;
-            for (key, value) in store.range(b"d/", Some(&end))? {
+            // A bounded batch per punctuation; the rest are due next time.
+            for (key, value) in store.range(b"d/", Some(&end), HELD_REPLIES_PER_PUNCTUATION)? {
                 store.delete(&key);
                 match serde_json::from_slice::<HeldReply>(&value) {
                     Ok(reply) => due.push(reply),

@@ -22,7 +22,13 @@ impl StoreBackend for MemoryBackend {
         Ok(self.stores.get(store).and_then(|s| s.get(key).cloned()))
     }
 
-    fn scan(&self, store: &str, from: &[u8], to: Option<&[u8]>) -> Result<Entries, StateError> {
+    fn scan(
+        &self,
+        store: &str,
+        from: &[u8],
+        to: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Entries, StateError> {
         let Some(entries) = self.stores.get(store) else {
             return Ok(Vec::new());
         };
@@ -32,6 +38,7 @@ impl StoreBackend for MemoryBackend {
         };
         Ok(entries
             .range((Bound::Included(from.to_vec()), upper))
+            .take(limit)
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect())
     }

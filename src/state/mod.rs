@@ -72,8 +72,15 @@ pub trait StoreBackend: Send {
 
     /// The committed value of `key` in `store`.
     fn get(&self, store: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StateError>;
-    /// Committed entries of `store` with `from <= key` (and `key < to` when given), in key order.
-    fn scan(&self, store: &str, from: &[u8], to: Option<&[u8]>) -> Result<Entries, StateError>;
+    /// Committed entries of `store` with `from <= key` (and `key < to` when given), in key order,
+    /// at most `limit` of them (the scan stops there: memory stays bounded).
+    fn scan(
+        &self,
+        store: &str,
+        from: &[u8],
+        to: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Entries, StateError>;
     /// Writes all changes and checkpoints of the batch atomically.
     fn apply(&mut self, batch: CommitBatch) -> Result<(), StateError>;
     /// Deletes every store's data and checkpoint (the changelog no longer matches them).
@@ -125,26 +132,43 @@ impl PendingWrites {
         self.changes.clear();
     }
 
-    /// Merges committed entries with this overlay over `[from, to)`: overlay puts replace or add,
-    /// overlay deletes hide.
+    /// Deletes in `[from, to)`: how many committed entries the overlay can hide there.
+    pub fn deletes_in(&self, from: &[u8], to: Option<&[u8]>) -> usize {
+        self.changes
+            .range((Bound::Included(from.to_vec()), upper_bound(to)))
+            .filter(|(_, change)| change.is_none())
+            .count()
+    }
+
+    /// Merges committed entries with this overlay over `[from, to)` (overlay puts replace or
+    /// add, overlay deletes hide) and keeps the first `limit`. `committed` holds the first
+    /// `limit + deletes_in(from, to)` committed entries of the range (or all of them): each
+    /// delete hides at most one, so the first `limit` merged entries are all among them.
     pub fn merge_scan(
         &self,
         committed: Vec<(Vec<u8>, Vec<u8>)>,
         from: &[u8],
         to: Option<&[u8]>,
+        limit: usize,
     ) -> Entries {
-        let upper = match to {
-            Some(to) => Bound::Excluded(to.to_vec()),
-            None => Bound::Unbounded,
-        };
         let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = committed.into_iter().collect();
-        for (key, change) in self.changes.range((Bound::Included(from.to_vec()), upper)) {
+        for (key, change) in self
+            .changes
+            .range((Bound::Included(from.to_vec()), upper_bound(to)))
+        {
             match change {
                 Some(value) => merged.insert(key.clone(), value.clone()),
                 None => merged.remove(key),
             };
         }
-        merged.into_iter().collect()
+        merged.into_iter().take(limit).collect()
+    }
+}
+
+fn upper_bound(to: Option<&[u8]>) -> Bound<Vec<u8>> {
+    match to {
+        Some(to) => Bound::Excluded(to.to_vec()),
+        None => Bound::Unbounded,
     }
 }
 
@@ -185,13 +209,23 @@ mod tests {
             (b"b".to_vec(), b"B".to_vec()),
             (b"c".to_vec(), b"C".to_vec()),
         ];
-        let merged = pending.merge_scan(committed, b"a", Some(b"y"));
+        let merged = pending.merge_scan(committed.clone(), b"a", Some(b"y"), usize::MAX);
         assert_eq!(
             merged,
             vec![
                 (b"a".to_vec(), b"A".to_vec()),
                 (b"b".to_vec(), b"B2".to_vec()),
                 (b"d".to_vec(), b"D".to_vec()),
+            ]
+        );
+        // With a limit of 2 the committed scan needs 2 + 1 (one delete) entries: a, b, c.
+        assert_eq!(pending.deletes_in(b"a", Some(b"y")), 1);
+        let limited = pending.merge_scan(committed, b"a", Some(b"y"), 2);
+        assert_eq!(
+            limited,
+            vec![
+                (b"a".to_vec(), b"A".to_vec()),
+                (b"b".to_vec(), b"B2".to_vec()),
             ]
         );
     }

@@ -150,16 +150,23 @@ impl StoreBackend for RocksBackend {
             .map_err(|e| self.rocks_error(&format!("get from '{store}'"), e))
     }
 
-    fn scan(&self, store: &str, from: &[u8], to: Option<&[u8]>) -> Result<Entries, StateError> {
+    fn scan(
+        &self,
+        store: &str,
+        from: &[u8],
+        to: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Entries, StateError> {
         let cf = self.cf(&store_cf(store))?;
         let mut options = ReadOptions::default();
         if let Some(to) = to {
             options.set_iterate_upper_bound(to.to_vec());
         }
         let mut entries = Vec::new();
-        for item in
-            self.db
-                .iterator_cf_opt(cf, options, IteratorMode::From(from, Direction::Forward))
+        for item in self
+            .db
+            .iterator_cf_opt(cf, options, IteratorMode::From(from, Direction::Forward))
+            .take(limit)
         {
             let (key, value) =
                 item.map_err(|e| self.rocks_error(&format!("scan of '{store}'"), e))?;
@@ -273,14 +280,14 @@ mod tests {
         assert_eq!(db.checkpoint("counts").unwrap(), Some(9));
         assert_eq!(db.get("counts", b"a").unwrap(), None);
         assert_eq!(db.get("counts", b"b").unwrap(), Some(b"2".to_vec()));
-        let all = db.scan("counts", b"", None).unwrap();
+        let all = db.scan("counts", b"", None, usize::MAX).unwrap();
         assert_eq!(all.len(), 2);
-        let bounded = db.scan("counts", b"b", Some(b"c")).unwrap();
+        let bounded = db.scan("counts", b"b", Some(b"c"), usize::MAX).unwrap();
         assert_eq!(bounded, vec![(b"b".to_vec(), b"2".to_vec())]);
         let mut db = db;
         db.wipe().unwrap();
         assert_eq!(db.checkpoint("counts").unwrap(), None);
-        assert!(db.scan("counts", b"", None).unwrap().is_empty());
+        assert!(db.scan("counts", b"", None, usize::MAX).unwrap().is_empty());
         assert!(matches!(
             db.get("nope", b"a"),
             Err(StateError::UnknownStore(_))

@@ -346,6 +346,7 @@ fn produce_orders(run: &Run<'_>, orders: u64, rate: f64, id_prefix: &str) {
             rate,
             id_prefix: id_prefix.to_string(),
             transaction_size: 0,
+            deliver_within: std::time::Duration::from_secs(30),
         },
         &|n| progress.set_position(n),
     )

@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::counter_env::*;
-use common::{produce_all, producer, CounterProcess};
+use common::{create_topic, produce_all, producer, CounterArgs, CounterProcess, TopicReader};
 
 /// Runs the counter with `failpoints` armed over 1,200 inputs fed in chunks (a record that fails
 /// its cycle once sits in the middle when `poison` is set, to cause an abort), checks the
@@ -162,4 +162,135 @@ async fn a_restore_write_that_fails_is_retried_from_the_checkpoint() {
     let log = second.log_text();
     assert!(log.contains("(injected)"), "{log}");
     drop(second);
+}
+
+/// `kill -SIG<signal> pid`.
+fn signal(process: &CounterProcess, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &process.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Stats records (`task-<partition>@<instance>`) visible to `read_committed` readers.
+fn stats_by(args: &CounterArgs, stats: &str, instance: &str) -> usize {
+    let reader = TopicReader::new(&args.bootstrap, &[stats], "read_committed");
+    let mut records = Vec::new();
+    reader.drain(&mut records, Duration::from_secs(3));
+    records
+        .iter()
+        .filter(|(_, _, key, _)| key.ends_with(&format!("@{instance}")))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_member_frozen_past_its_session_timeout_commits_nothing_when_it_thaws() {
+    let stats = common::unique("zombie-timers-stats");
+    create_topic(&common::kafka_bootstrap(), &stats, PARTITIONS).await;
+    // Timers fire every 15 s: the frozen member's next one comes due while it is frozen.
+    let setup = setup(
+        "zombie-timers",
+        &["--punctuate-ms", "15000", "--stats", &stats],
+    )
+    .await;
+    let (a, b) = (instance(&setup.args, "a"), instance(&setup.args, "b"));
+    let first = CounterProcess::spawn(&a, "a");
+    wait_running(&first, PARTITIONS as usize, Duration::from_secs(120));
+    // New keys, processed and committed: the key count the timer reports has changed.
+    let sent = inputs(&a, 0..300, 30);
+    produce_all(&producer(&a.bootstrap), &sent);
+    let outputs = read_outputs(&a, sent.len(), Duration::from_secs(60));
+    check_exactly_once(&outputs, &sent);
+    signal(&first, "STOP");
+    let before = stats_by(&a, &stats, "a");
+
+    // Another member takes the tasks over once the frozen one's session expires, and its own
+    // timers report.
+    let second = CounterProcess::spawn(&b, "b");
+    wait_running(&second, PARTITIONS as usize, Duration::from_secs(180));
+    let reported = common::poll_until(Duration::from_secs(90), || {
+        stats_by(&b, &stats, "b") >= PARTITIONS as usize
+    });
+    assert!(reported, "the new owner never fired its timers");
+
+    signal(&first, "CONT");
+    // The zombie runs again: its due timers fire before it learns it was fenced. Whatever it
+    // writes must never become visible.
+    let noticed = common::poll_until(Duration::from_secs(60), || {
+        first.log_lines().iter().any(|l| {
+            l["message"] == "partitions revoked"
+                || l["message"]
+                    == "stream thread failed; rebuilding producer and consumer and rejoining"
+                || l["message"] == "aborting the commit cycle and rewinding inputs"
+        })
+    });
+    assert!(
+        noticed,
+        "the thawed member never noticed; log:\n{}",
+        first.log_text()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        stats_by(&a, &stats, "a"),
+        before,
+        "the fenced member's timer output became visible; log:\n{}",
+        first.log_text()
+    );
+    drop((first, second));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_during_a_long_restore_exits_cleanly_within_seconds() {
+    use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
+    let setup = setup("restore-sigterm", &[]).await;
+    let args = setup.args.clone();
+    // A large changelog to restore, written directly.
+    let changelog = format!("{}-counts-changelog", args.application_id);
+    let admin = common::admin(&args.bootstrap);
+    admin
+        .create_topics(
+            &[
+                NewTopic::new(&changelog, PARTITIONS, TopicReplication::Fixed(1))
+                    .set("cleanup.policy", "compact"),
+            ],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    let records: Vec<(String, String, String)> = (0..600_000)
+        .map(|i| (changelog.clone(), format!("key-{i}"), "1".to_string()))
+        .collect();
+    produce_all(&producer(&args.bootstrap), &records);
+
+    let mut process = CounterProcess::spawn(&args, "restoring");
+    let restoring = common::poll_until(Duration::from_secs(120), || {
+        process
+            .log_lines()
+            .iter()
+            .any(|l| l["message"] == "restoring")
+    });
+    assert!(
+        restoring,
+        "no long restore happened; log:\n{}",
+        process.log_text()
+    );
+    let status = process.sigterm(Duration::from_secs(10)).unwrap_or_else(|| {
+        panic!(
+            "still running 10 s after SIGTERM; log:\n{}",
+            process.log_text()
+        )
+    });
+    assert!(
+        status.success(),
+        "exit {status}; log:\n{}",
+        process.log_text()
+    );
+    assert!(
+        !process
+            .log_lines()
+            .iter()
+            .any(|l| l["message"] == "task running"),
+        "the restore finished before SIGTERM: the test proves nothing"
+    );
 }

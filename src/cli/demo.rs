@@ -216,6 +216,7 @@ fn drive(
         rate: args.rate,
         id_prefix: format!("{prefix}order-"),
         transaction_size: 0,
+        deliver_within: std::time::Duration::from_secs(30),
     };
     let load_def = def.clone();
     let bootstrap = args.bootstrap.clone();

@@ -25,6 +25,9 @@ pub struct LoadArgs {
     /// Produce in transactions of this many events; 0: a plain idempotent producer.
     #[arg(long, default_value_t = 0)]
     pub transaction_size: usize,
+    /// How long each order may take to be delivered (a broker restarting) before the load fails.
+    #[arg(long, default_value = "30s", value_parser = super::args::parse_duration)]
+    pub deliver_within: std::time::Duration,
 }
 
 pub fn progress_bar(len: u64, what: &str) -> ProgressBar {
@@ -50,6 +53,7 @@ pub fn run(args: LoadArgs) -> anyhow::Result<ExitCode> {
             format!("order-{}-", &uuid::Uuid::new_v4().simple().to_string()[..8])
         }),
         transaction_size: args.transaction_size,
+        deliver_within: args.deliver_within,
     };
     let bar = progress_bar(spec.orders, "produced");
     load::run(&args.kafka.bootstrap, &def, &codec, &spec, &|n| {

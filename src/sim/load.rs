@@ -28,6 +28,9 @@ pub struct LoadSpec {
     /// Produce inside transactions of `transaction_size` orders (read_committed consumers see them
     /// only once committed); 0 produces with a plain idempotent producer.
     pub transaction_size: usize,
+    /// How long the producer keeps trying to deliver each order (a broker restarting) before
+    /// the load fails.
+    pub deliver_within: Duration,
 }
 
 /// The start event of order `n`: an OrderCreated with one to three items.
@@ -91,7 +94,11 @@ pub fn run(
     config
         .set("bootstrap.servers", bootstrap)
         .set("enable.idempotence", "true")
-        .set("linger.ms", "5");
+        .set("linger.ms", "5")
+        .set(
+            "message.timeout.ms",
+            spec.deliver_within.as_millis().max(1).to_string(),
+        );
     if spec.transaction_size > 0 {
         config.set(
             "transactional.id",
@@ -175,7 +182,9 @@ pub fn run(
             .commit_transaction(timeout)
             .map_err(SimError::kafka("commit transaction"))?;
     }
-    producer.flush(timeout).map_err(SimError::kafka("flush"))?;
+    producer
+        .flush(spec.deliver_within.max(timeout))
+        .map_err(SimError::kafka("flush"))?;
     let failed = producer.context().failed.load(Ordering::Relaxed);
     if failed > 0 {
         return Err(SimError::Other(format!(

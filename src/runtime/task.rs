@@ -98,6 +98,12 @@ impl Task {
         }
     }
 
+    /// A reader of the task's committed stores for other threads (queries), when its backend
+    /// offers one.
+    pub fn reader(&self) -> Option<std::sync::Arc<dyn crate::state::ReadStore>> {
+        self.backend.reader()
+    }
+
     /// Bytes queued for input `topic`.
     pub fn queued_bytes(&self, topic: &str) -> usize {
         self.queued_bytes.get(topic).copied().unwrap_or(0)

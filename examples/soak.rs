@@ -49,6 +49,10 @@ struct Args {
         default_value = "kill,freeze,broker-restart,broker-freeze"
     )]
     faults: Vec<String>,
+    /// Inject each kind of fault of `--faults` once, in order, before drawing at random (a short
+    /// run then still meets every kind).
+    #[arg(long)]
+    cover: bool,
     /// The step timeout of both steps.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     step_timeout: Duration,
@@ -355,6 +359,7 @@ fn soak(args: &Args) -> Result<bool, String> {
     let mut faults: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut freezes = 0u64;
     let mut broker_frozen_until: Option<Instant> = None;
+    let mut drawn = 0usize;
     let mut next_fault = Instant::now() + args.fault_every;
     // Faults stop a little before the load ends, so the last one is over when it does.
     let faults_until = started + args.duration.saturating_sub(args.fault_every);
@@ -385,7 +390,11 @@ fn soak(args: &Args) -> Result<bool, String> {
             continue;
         }
         next_fault = now + args.fault_every;
-        let fault = args.faults[rng.below(args.faults.len())].as_str();
+        let fault = match args.faults.get(drawn) {
+            Some(fault) if args.cover => fault.as_str(),
+            _ => args.faults[rng.below(args.faults.len())].as_str(),
+        };
+        drawn += 1;
         let live: Vec<usize> = (0..instances.len())
             .filter(|i| instances[*i].frozen_until.is_none())
             .collect();

@@ -10,6 +10,10 @@
 //!   output is read minus when the input was produced (carried in the value).
 //!
 //! Results: medians over `--repeat` runs, printed as a Markdown table with the ratios.
+//!
+//! With `--backlog N` it measures memory under a backlog instead: N inputs on one partition (one
+//! task) produced before the engine starts, then a quarter of that, for both engines; peak RSS of
+//! the engine process while it catches up. A bounded engine's peak does not grow with the backlog.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -49,6 +53,13 @@ struct Args {
     /// Length of each latency run.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// Measure catching up a backlog of this many records on one task instead (and of a quarter
+    /// of it, to show the peak does not grow with the backlog).
+    #[arg(long)]
+    backlog: Option<usize>,
+    /// Size of each input value in the backlog runs, bytes.
+    #[arg(long, default_value_t = 200)]
+    value_bytes: usize,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -130,7 +141,14 @@ struct Engine {
 }
 
 impl Engine {
-    fn spawn(bootstrap: &str, mode: &str, input: &str, output: &str, dir: &Path) -> Self {
+    fn spawn(
+        bootstrap: &str,
+        mode: &str,
+        input: &str,
+        output: &str,
+        dir: &Path,
+        extra: &[&str],
+    ) -> Self {
         let binary = std::env::current_exe()
             .expect("own path")
             .with_file_name("counter");
@@ -154,6 +172,7 @@ impl Engine {
             ])
             .arg("--state-dir")
             .arg(dir.join("state"))
+            .args(extra)
             .env("SAGA_STREAMS_LOG_FORMAT", "json")
             .env("RUST_LOG", "info,rdkafka=warn,librdkafka=warn")
             .stdout(Stdio::null())
@@ -257,7 +276,7 @@ fn throughput_run(args: &Args, mode: &str) -> Figures {
     }
     p.flush(Duration::from_secs(60)).expect("flush inputs");
     let consumer = reader(&args.bootstrap, &output);
-    let mut engine = Engine::spawn(&args.bootstrap, mode, &input, &output, dir.path());
+    let mut engine = Engine::spawn(&args.bootstrap, mode, &input, &output, dir.path(), &[]);
     let (first, last, _) = read_until(
         &consumer,
         &mut engine,
@@ -281,7 +300,7 @@ fn latency_run(args: &Args, mode: &str) -> (f64, f64) {
     let (input, output) = (unique("bench-lat-in"), unique("bench-lat-out"));
     create_topics(&args.bootstrap, &[&input, &output], args.partitions);
     let consumer = reader(&args.bootstrap, &output);
-    let mut engine = Engine::spawn(&args.bootstrap, mode, &input, &output, dir.path());
+    let mut engine = Engine::spawn(&args.bootstrap, mode, &input, &output, dir.path(), &[]);
     // Warm up until the engine answers, so the group join is not measured as latency.
     let p = producer(&args.bootstrap);
     send(&p, &input, "warm-up", &format!("t{}", now_ms()));
@@ -330,8 +349,75 @@ fn median(values: impl Iterator<Item = f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
+/// Catches up `records` inputs produced beforehand on one partition: (records/s, CPU s, peak RSS
+/// MiB). The counter's store scan (a test subject's punctuation) is turned off, so what is
+/// measured is the runtime's buffering.
+fn backlog_run(args: &Args, mode: &str, records: usize) -> Figures {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (input, output) = (unique("bench-backlog-in"), unique("bench-backlog-out"));
+    create_topics(&args.bootstrap, &[&input, &output], 1);
+    let p = producer(&args.bootstrap);
+    let padding = "x".repeat(args.value_bytes.saturating_sub(16));
+    for i in 0..records {
+        send(
+            &p,
+            &input,
+            &format!("k{}", i % args.keys),
+            &format!("t{}:{padding}", now_ms()),
+        );
+    }
+    p.flush(Duration::from_secs(120)).expect("flush inputs");
+    let consumer = reader(&args.bootstrap, &output);
+    let mut engine = Engine::spawn(
+        &args.bootstrap,
+        mode,
+        &input,
+        &output,
+        dir.path(),
+        &["--punctuate-ms", "86400000"],
+    );
+    let (first, last, _) = read_until(&consumer, &mut engine, records, Duration::from_secs(1800));
+    let (cpu_s, peak_rss_mib) = engine.usage();
+    engine.stop();
+    Figures {
+        records_per_s: records as f64 / last.duration_since(first).as_secs_f64().max(1e-3),
+        cpu_s,
+        peak_rss_mib,
+        ..Default::default()
+    }
+}
+
+fn backlog_main(args: &Args, backlog: usize) {
+    let sizes = [backlog / 4, backlog];
+    let modes = ["passthrough", "count"];
+    let mut rows = Vec::new();
+    for records in sizes {
+        for mode in modes {
+            eprintln!("backlog of {records} records: {mode}");
+            let figures = backlog_run(args, mode, records);
+            eprintln!("  {figures:?}");
+            rows.push((records, mode, figures));
+        }
+    }
+    println!(
+        "| backlog on one task, {} keys, {}-byte values | records/s | CPU s | peak RSS (MiB) |",
+        args.keys, args.value_bytes
+    );
+    println!("|---|---|---|---|");
+    for (records, mode, f) in rows {
+        println!(
+            "| {records} records, {mode} | {:.0} | {:.1} | {:.1} |",
+            f.records_per_s, f.cpu_s, f.peak_rss_mib
+        );
+    }
+}
+
 fn main() {
     let args = Args::parse();
+    if let Some(backlog) = args.backlog {
+        backlog_main(&args, backlog);
+        return;
+    }
     let modes = ["passthrough", "count"];
     let mut runs: BTreeMap<&str, Vec<Figures>> = BTreeMap::new();
     for repetition in 1..=args.repeat {

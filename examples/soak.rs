@@ -227,8 +227,18 @@ fn produce_orders(
     Ok(orders)
 }
 
+/// The checkout whose scripts and topology the soak uses: the working directory when it is one
+/// (`scripts/soak` runs from it; a build may come from a cache shared with another checkout),
+/// else the one the example was built from.
+fn project_dir() -> PathBuf {
+    std::env::current_dir()
+        .ok()
+        .filter(|dir| dir.join("topologies/order_saga.yaml").is_file())
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 fn stack(args: &[&str]) -> Result<(), String> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/stack");
+    let script = project_dir().join("scripts/stack");
     let status = Command::new(&script)
         .args(args)
         .stderr(Stdio::null())
@@ -276,7 +286,7 @@ fn soak(args: &Args) -> Result<bool, String> {
         None => std::env::temp_dir().join(format!("saga-streams-soak-{run_id}")),
     };
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let topology = Path::new(env!("CARGO_MANIFEST_DIR")).join("topologies/order_saga.yaml");
+    let topology = project_dir().join("topologies/order_saga.yaml");
     let prefix = format!("soak-{run_id}.");
     let def = SagaDefinition::load(&topology)
         .map_err(|e| e.to_string())?

@@ -79,6 +79,7 @@ impl Processor for PassThrough {
             key: record.key.clone(),
             value: record.value.clone(),
             headers: record.headers.clone(),
+            timestamp_ms: None,
         });
         Ok(())
     }

@@ -19,6 +19,7 @@ use rdkafka::{ClientContext, Message};
 use super::config::{Guarantee, RuntimeConfig};
 use super::error::{on_commit_error, CommitDecision, ErrorClass, RuntimeError};
 use super::failpoints;
+use super::input_ends::InputEndsTracker;
 use super::processor::{InputRecord, OutputRecord, ProcessorSupplier};
 use super::restore::{Restoration, Restorer};
 use super::stream_thread::Shutdown;
@@ -171,6 +172,8 @@ pub struct Engine {
     consumed: HashMap<String, metrics::Counter>,
     produced: HashMap<String, metrics::Counter>,
     process_latency: metrics::Histogram,
+    /// How far the tasks have consumed their inputs, in time (for timers in input time).
+    input_ends: InputEndsTracker,
 }
 
 fn topic_counter<'a>(
@@ -260,6 +263,7 @@ impl Engine {
             }
         }
         let restorer = Restorer::new(&config)?;
+        let input_ends = InputEndsTracker::start(&config, &shutdown)?;
         Ok(Self {
             config,
             supplier,
@@ -289,6 +293,7 @@ impl Engine {
             consumed: HashMap::new(),
             produced: HashMap::new(),
             process_latency: metrics::histogram!(m::PROCESS_LATENCY),
+            input_ends,
         })
     }
 
@@ -440,6 +445,15 @@ impl Engine {
         self.restoring.is_some()
     }
 
+    /// Moves the tasks' input times forward from the latest input ends (see
+    /// [`super::input_ends`]). Call after the polled records were enqueued.
+    pub fn observe_input_ends<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) {
+        if self.recovery_pending() || self.broken {
+            return;
+        }
+        self.input_ends.observe(consumer, &mut self.tasks);
+    }
+
     /// Processes buffered records of every task in turn (up to 1,000 per task, and no more than
     /// the cycle may still take), then fires due punctuations. Returns the records processed.
     pub fn process_buffered(&mut self) -> Result<usize, RuntimeError> {
@@ -548,6 +562,7 @@ impl Engine {
                             key: Some(key.clone()),
                             value: change.clone(),
                             headers: Vec::new(),
+                            timestamp_ms: None,
                         },
                         index + 1,
                     ));
@@ -1281,6 +1296,9 @@ fn send_record(
     }
     if let Some(partition) = record.partition {
         base = base.partition(partition);
+    }
+    if let Some(timestamp) = record.timestamp_ms {
+        base = base.timestamp(timestamp);
     }
     loop {
         match producer.send(base) {

@@ -79,6 +79,9 @@ pub struct OutputRecord {
     pub key: Option<Vec<u8>>,
     pub value: Option<Vec<u8>>,
     pub headers: Vec<(String, Vec<u8>)>,
+    /// The record's timestamp (ms since the epoch); `None` lets the producer stamp it when it
+    /// is sent.
+    pub timestamp_ms: Option<i64>,
 }
 
 impl OutputRecord {
@@ -93,7 +96,13 @@ impl OutputRecord {
             key: Some(key.into()),
             value: Some(value.into()),
             headers: Vec::new(),
+            timestamp_ms: None,
         }
+    }
+
+    pub fn with_timestamp(mut self, timestamp_ms: i64) -> Self {
+        self.timestamp_ms = Some(timestamp_ms);
+        self
     }
 
     pub fn with_header(mut self, name: impl Into<String>, value: impl Into<Vec<u8>>) -> Self {
@@ -168,12 +177,26 @@ pub struct ProcessorContext<'a> {
     pub(crate) stores: TaskStores<'a>,
     pub(crate) outputs: &'a mut Vec<OutputRecord>,
     pub(crate) punctuation: &'a mut Option<Duration>,
+    pub(crate) input_time_ms: Option<i64>,
 }
 
 impl<'a> ProcessorContext<'a> {
     /// The task's partition number.
     pub fn partition(&self) -> i32 {
         self.partition
+    }
+
+    /// The time (ms since the epoch) up to which the task has consumed every one of its input
+    /// partitions: on each, it processed a record with a timestamp at or after it, or its
+    /// position reached the partition's end (last stable offset) as read at that time. A record
+    /// appended before it cannot still be on its way. `None` until it is known for every input
+    /// (for instance while the brokers do not answer). It only moves forward, except that an
+    /// aborted cycle takes back what it consumed.
+    ///
+    /// Timers that must not fire while an answer may still be waiting unread in an input (a
+    /// step timeout) compare their deadline with this, not with the wall clock.
+    pub fn input_time_ms(&self) -> Option<i64> {
+        self.input_time_ms
     }
 
     /// The named state store of this task.
@@ -304,6 +327,7 @@ mod tests {
             },
             outputs: &mut outputs,
             punctuation: &mut punctuation,
+            input_time_ms: None,
         };
         let mut store = ctx.store("s").unwrap();
         store.put(b"k1", b"new");

@@ -448,7 +448,10 @@ fn poll_loop(
         let mut committed_records = false;
         let step = step
             .and_then(|()| guard.start_ready_tasks(consumer))
-            .and_then(|()| guard.process_buffered())
+            .and_then(|()| {
+                guard.observe_input_ends(consumer);
+                guard.process_buffered()
+            })
             .and_then(|_| guard.relieve_backpressure(consumer))
             .and_then(|()| {
                 if guard.commit_due() {

@@ -32,6 +32,12 @@ pub struct Task {
     next_punctuation: Option<Instant>,
     /// Since when the task has held records while some input queue is empty.
     idle_since: Option<Instant>,
+    /// Per input topic, the time (ms since the epoch) up to which the task has consumed it: the
+    /// largest timestamp it processed, or a time at which its position had reached the end of
+    /// the partition (see [`super::input_ends`]), whichever is later.
+    input_times: BTreeMap<String, i64>,
+    /// The same as of the last commit: an abort takes back what its cycle consumed.
+    committed_input_times: BTreeMap<String, i64>,
 }
 
 impl Task {
@@ -60,6 +66,7 @@ impl Task {
                 },
                 outputs,
                 punctuation: &mut punctuation,
+                input_time_ms: None,
             };
             processor.init(&mut ctx)?;
         }
@@ -79,7 +86,38 @@ impl Task {
             next_punctuation: punctuation.map(|p| Instant::now() + p),
             punctuation,
             idle_since: None,
+            input_times: BTreeMap::new(),
+            committed_input_times: BTreeMap::new(),
         })
+    }
+
+    /// The time up to which every input partition of the task has been consumed: no record
+    /// appended before it is still to come. `None` until every input has a known time.
+    pub fn input_time(&self) -> Option<i64> {
+        self.queues
+            .keys()
+            .map(|topic| self.input_times.get(topic).copied())
+            .try_fold(i64::MAX, |min, t| t.map(|t| min.min(t)))
+    }
+
+    /// Notes that input `topic` was consumed up to `as_of_ms`: its position has reached an end
+    /// of the partition read at that time, and nothing of it is left in the queue.
+    pub fn caught_up(&mut self, topic: &str, as_of_ms: i64) {
+        if let Some(t) = self.input_times.get_mut(topic) {
+            *t = (*t).max(as_of_ms);
+        } else if self.queues.contains_key(topic) {
+            self.input_times.insert(topic.to_string(), as_of_ms);
+        }
+    }
+
+    /// The next offset the task processes on input `topic`.
+    pub fn position(&self, topic: &str) -> Option<i64> {
+        self.positions.get(topic).copied()
+    }
+
+    /// The input topics of the task.
+    pub fn input_topics(&self) -> impl Iterator<Item = &String> {
+        self.queues.keys()
     }
 
     /// Buffers a fetched record; returns the bytes now queued for its input partition.
@@ -171,6 +209,7 @@ impl Task {
         outputs: &mut Vec<OutputRecord>,
         call: impl FnOnce(&mut dyn Processor, &mut ProcessorContext<'_>) -> R,
     ) -> R {
+        let input_time_ms = self.input_time();
         let mut ctx = ProcessorContext {
             partition: self.partition,
             stores: TaskStores {
@@ -179,6 +218,7 @@ impl Task {
             },
             outputs,
             punctuation: &mut self.punctuation,
+            input_time_ms,
         };
         call(self.processor.as_mut(), &mut ctx)
     }
@@ -196,6 +236,13 @@ impl Task {
             None => {
                 self.positions
                     .insert(record.topic.clone(), record.offset + 1);
+            }
+        }
+        match self.input_times.get_mut(&record.topic) {
+            Some(t) => *t = (*t).max(record.timestamp_ms),
+            None => {
+                self.input_times
+                    .insert(record.topic.clone(), record.timestamp_ms);
             }
         }
         self.processed_in_cycle += 1;
@@ -254,6 +301,7 @@ impl Task {
         checkpoints: BTreeMap<String, i64>,
     ) -> Result<(), StateError> {
         self.committed.clone_from(&self.positions);
+        self.committed_input_times.clone_from(&self.input_times);
         self.processed_in_cycle = 0;
         let mut batch = CommitBatch {
             checkpoints,
@@ -283,6 +331,7 @@ impl Task {
             *bytes = 0;
         }
         self.positions.clone_from(&self.committed);
+        self.input_times.clone_from(&self.committed_input_times);
         self.processed_in_cycle = 0;
         self.idle_since = None;
         self.processor.cycle_aborted();
@@ -401,6 +450,28 @@ mod tests {
             t.committed_positions().collect::<Vec<_>>(),
             vec![(&"a".to_string(), 42)]
         );
+    }
+
+    #[test]
+    fn input_time_is_the_slowest_input_and_an_abort_takes_back_its_cycle() {
+        let mut t = task();
+        let mut out = Vec::new();
+        assert_eq!(t.input_time(), None);
+        t.process(&record("a", 0, 10), &mut out).unwrap();
+        // Nothing is known of input b yet.
+        assert_eq!(t.input_time(), None);
+        t.caught_up("b", 5);
+        assert_eq!(t.input_time(), Some(5));
+        t.process(&record("b", 0, 20), &mut out).unwrap();
+        assert_eq!(t.input_time(), Some(10));
+        // An older end does not move it back.
+        t.caught_up("a", 3);
+        assert_eq!(t.input_time(), Some(10));
+        t.apply_committed(BTreeMap::new()).unwrap();
+        t.caught_up("a", 50);
+        assert_eq!(t.input_time(), Some(20));
+        t.discard_cycle();
+        assert_eq!(t.input_time(), Some(10));
     }
 
     #[test]

@@ -120,8 +120,12 @@ pub struct SagaEvent {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum SagaInput<'a> {
     Event(&'a SagaEvent),
-    /// The wall clock passed the saga's next timer.
-    Timer,
+    /// The saga's next timer may be due: the task has consumed every input up to
+    /// `input_time_ms` (see `ProcessorContext::input_time_ms`), so a deadline at or before it
+    /// passed with no reply written in time.
+    Timer {
+        input_time_ms: i64,
+    },
 }
 
 /// What an output is, for metrics and audit.
@@ -177,7 +181,8 @@ pub enum Applied {
 }
 
 impl SagaRecord {
-    /// The wall-clock time at which [`apply`] with [`SagaInput::Timer`] has something to do.
+    /// The time at which [`apply`] with [`SagaInput::Timer`] has something to do: a step's
+    /// deadline (its command's timestamp plus the step timeout) or the end of the retention.
     pub fn next_timer_ms(&self) -> Option<i64> {
         self.deadline_ms.or(self.expires_at_ms)
     }
@@ -316,8 +321,8 @@ pub fn apply(
             }
             (event.event_type.clone(), Some(event.event_id.clone()), note)
         }
-        SagaInput::Timer => {
-            let due = |at: Option<i64>| at.is_some_and(|t| t <= now_ms);
+        SagaInput::Timer { input_time_ms } => {
+            let due = |at: Option<i64>| at.is_some_and(|t| t <= input_time_ms);
             match current.phase.clone() {
                 Phase::Running { step } if due(current.deadline_ms) => {
                     record.timed_out_step = Some(step);
@@ -681,11 +686,25 @@ mod tests {
         let d = def("order_saga.yaml");
         let (r, _) = started(&d);
         assert_eq!(
-            apply(&d, &r, SagaInput::Timer, 1_000),
+            apply(
+                &d,
+                &r,
+                SagaInput::Timer {
+                    input_time_ms: 1_000
+                },
+                1_000
+            ),
             Applied::Ignored(Ignored::NotDue)
         );
         let deadline = r.deadline_ms.unwrap();
-        let (r, out) = changed(apply(&d, &r, SagaInput::Timer, deadline));
+        let (r, out) = changed(apply(
+            &d,
+            &r,
+            SagaInput::Timer {
+                input_time_ms: deadline,
+            },
+            deadline,
+        ));
         assert_eq!(
             (r.status.as_str(), types(&out)),
             ("FAILED", vec!["OrderCancelled"])
@@ -827,7 +846,7 @@ mod tests {
             now += 1;
             let result = match &input_event {
                 Some(e) => apply(d, &record, SagaInput::Event(e), now),
-                None => apply(d, &record, SagaInput::Timer, now),
+                None => apply(d, &record, SagaInput::Timer { input_time_ms: now }, now),
             };
             match result {
                 Applied::Changed { record: r, outputs } => {
@@ -844,7 +863,12 @@ mod tests {
             now = record
                 .deadline_ms
                 .expect("an unfinished saga has a deadline");
-            let (r, outputs) = changed(apply(d, &record, SagaInput::Timer, now));
+            let (r, outputs) = changed(apply(
+                d,
+                &record,
+                SagaInput::Timer { input_time_ms: now },
+                now,
+            ));
             record = r;
             all.extend(outputs);
         }
@@ -924,7 +948,7 @@ mod tests {
             for s in 0..done {
                 r = changed(apply(&d, &r, SagaInput::Event(&event(&format!("ok{s}"), &d, EventRole::Success(s))), 2_000)).0;
             }
-            let (mut r, mut out) = changed(apply(&d, &r, SagaInput::Timer, r.deadline_ms.unwrap()));
+            let (mut r, mut out) = changed(apply(&d, &r, SagaInput::Timer { input_time_ms: r.deadline_ms.unwrap() }, r.deadline_ms.unwrap()));
             let mut refunds = Vec::new();
             while !r.is_finished() {
                 for o in &out {

@@ -173,6 +173,16 @@ impl SagaProcessor {
         }
     }
 
+    /// Keeps a timer written before the point scans start from findable: a wall clock that
+    /// stepped back gives deadlines earlier than timers already fired.
+    fn timer_written(&mut self, record: &SagaRecord) {
+        if let (Some(at), Some(from)) = (record.next_timer_ms(), self.scanned_to) {
+            if at < from {
+                self.scanned_to = Some(at);
+            }
+        }
+    }
+
     /// How often timers are checked: a tenth of the shortest step timeout, within 20 ms..1 s.
     pub fn default_tick(def: &SagaDefinition) -> Duration {
         let shortest = def
@@ -215,6 +225,7 @@ impl SagaProcessor {
             key: record.key.clone(),
             value: record.value.clone(),
             headers,
+            timestamp_ms: None,
         });
     }
 
@@ -297,6 +308,7 @@ impl SagaProcessor {
             }
         };
         drop(store);
+        self.timer_written(&record_after);
         span.record("correlation_id", record_after.correlation_id.as_str());
         tracing::debug!(
             status = %record_after.status, step_awaited = ?record_after.step_awaited,
@@ -327,9 +339,12 @@ impl SagaProcessor {
                     self.def.wrap_outputs,
                 )
                 .map_err(|e| ProcessorError(format!("saga {}: {e}", saga.saga_id)))?;
+            // Stamped with the time its deadline counts from (the command's timestamp plus the
+            // step timeout).
             let mut record =
                 OutputRecord::new(output.topic.clone(), saga.saga_id.as_bytes(), value)
-                    .with_header(CORRELATION_HEADER, saga.correlation_id.as_bytes());
+                    .with_header(CORRELATION_HEADER, saga.correlation_id.as_bytes())
+                    .with_timestamp(now);
             if let Some(tp) = &saga.traceparent {
                 record = record.with_header(TRACEPARENT_HEADER, tp.as_bytes());
             }
@@ -433,11 +448,17 @@ impl Processor for SagaProcessor {
         now: SystemTime,
     ) -> Result<(), ProcessorError> {
         let now = now_ms(now);
+        // A deadline has passed only once every input was consumed up to it: a reply written
+        // in time may still be waiting, unread, behind an outage or a backlog.
+        let Some(input_time) = ctx.input_time_ms() else {
+            return Ok(());
+        };
+        let cutoff = input_time.min(now);
         let mut store = ctx.store(SAGA_STORE)?;
         if self.counts.stale {
             self.counts.load(&store)?;
         }
-        let end = timer_key(now.saturating_add(1), "");
+        let end = timer_key(cutoff.saturating_add(1), "");
         let start = match self.scanned_to {
             Some(at) => timer_key(at, ""),
             None => TIMER_PREFIX.to_vec(),
@@ -459,7 +480,10 @@ impl Processor for SagaProcessor {
                 continue;
             };
             let current = decode_record(&bytes)?;
-            match machine::apply(&self.def, &current, SagaInput::Timer, now) {
+            let timer = SagaInput::Timer {
+                input_time_ms: cutoff,
+            };
+            match machine::apply(&self.def, &current, timer, now) {
                 Applied::Changed { record, outputs } => {
                     if let Some(step) = current.step_awaited.as_ref() {
                         metrics::counter!(m::TIMEOUTS, "step" => step.clone()).increment(1);
@@ -484,8 +508,11 @@ impl Processor for SagaProcessor {
                 }
             }
         }
-        self.scanned_to = complete.then(|| now.saturating_add(1));
+        self.scanned_to = complete.then(|| cutoff.saturating_add(1));
         drop(store);
+        for (record, _) in &fired {
+            self.timer_written(record);
+        }
         for (record, outputs) in fired {
             self.emit(ctx, &record, outputs, now)?;
         }

@@ -390,6 +390,15 @@ impl BinProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Sends `signal` (`STOP`, `CONT`, ...) to the process.
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
     /// Fails the test if the process exited (with its log in the message).
     pub fn assert_alive(&mut self) {
         if let Ok(Some(status)) = self.child.try_wait() {

@@ -141,6 +141,18 @@ impl SagaEnv {
     }
 
     pub fn reply_with_id(&self, step: usize, which: Reply, order: &str, id: &str) {
+        let (topic, value) = self.reply_record(step, which, order, id);
+        self.send_raw(&topic, Some(order), value.as_bytes(), &[]);
+    }
+
+    /// A reply of step `step` for `order` as (topic, wrapped JSON body), not sent.
+    pub fn reply_record(
+        &self,
+        step: usize,
+        which: Reply,
+        order: &str,
+        id: &str,
+    ) -> (String, String) {
         let s = &self.def.steps[step];
         let event_type = match which {
             Reply::Success => &s.success,
@@ -157,7 +169,7 @@ impl SagaEnv {
         for field in &self.def.events[event_type] {
             body[field.name.as_str()] = json!(format!("{}-{order}", field.name));
         }
-        self.send(&s.reply_topic, order, body, &[]);
+        (s.reply_topic.clone(), json!({ "event": body }).to_string())
     }
 
     /// Reads what the saga wrote until `done` holds; fails with everything seen otherwise.

@@ -121,3 +121,30 @@ async fn broker_frozen_past_the_transaction_and_session_timeouts_loses_and_dupli
     feeder.join().unwrap();
     check(&args, &sent, &process);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_started_while_the_broker_is_down_waits_for_it() {
+    let setup = setup("broker-late", &[]).await;
+    let args = setup.args.clone();
+    let sent = inputs(&args, 0..600, 12);
+    stack(&["stop", "kafka"]);
+    let mut process = CounterProcess::spawn(&args, "broker-late");
+    let waiting = common::poll_until(Duration::from_secs(60), || {
+        process
+            .log_text()
+            .contains("cannot reach the Kafka cluster yet")
+    });
+    // It says why it waits, and it waits: it has not exited.
+    let exited = process.child.try_wait().ok().flatten();
+    stack(&["start", "kafka"]);
+    assert!(waiting, "no line about waiting:\n{}", process.log_text());
+    assert!(
+        exited.is_none(),
+        "exited ({exited:?}):\n{}",
+        process.log_text()
+    );
+    wait_running(&process, PARTITIONS as usize, Duration::from_secs(180));
+    let feeder = feed_through_outages(&args, &sent, Duration::from_millis(100));
+    feeder.join().unwrap();
+    check(&args, &sent, &process);
+}

@@ -296,3 +296,68 @@ async fn sigterm_during_a_long_restore_exits_cleanly_within_seconds() {
         "the restore finished before SIGTERM: the test proves nothing"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_ahead_of_a_recreated_changelog_is_wiped_not_kept() {
+    let setup = setup("recreated-changelog", &[]).await;
+    let args = setup.args.clone();
+    let first = inputs(&args, 0..300, 6);
+    let mut process = CounterProcess::spawn(&args, "recreated-1");
+    wait_running(&process, PARTITIONS as usize, Duration::from_secs(120));
+    produce_all(&producer(&args.bootstrap), &first);
+    check_exactly_once(
+        &read_outputs(&args, first.len(), Duration::from_secs(120)),
+        &first,
+    );
+    assert!(process.sigterm(Duration::from_secs(30)).is_some());
+    drop(process);
+
+    // The changelogs are deleted; the next start creates them again, empty, so every local
+    // checkpoint lies beyond their end.
+    let changelogs: Vec<String> = ["counts", "meta"]
+        .iter()
+        .map(|store| format!("{}-{store}-changelog", args.application_id))
+        .collect();
+    let admin = common::admin(&args.bootstrap);
+    let names: Vec<&str> = changelogs.iter().map(String::as_str).collect();
+    for result in admin
+        .delete_topics(&names, &rdkafka::admin::AdminOptions::new())
+        .await
+        .unwrap()
+    {
+        result.unwrap();
+    }
+    let gone = common::poll_until(Duration::from_secs(60), || {
+        common::topic_names(&args.bootstrap)
+            .is_some_and(|topics| changelogs.iter().all(|c| !topics.contains(c)))
+    });
+    assert!(gone, "the changelogs were not deleted");
+
+    let process = CounterProcess::spawn(&args, "recreated-2");
+    wait_running(&process, PARTITIONS as usize, Duration::from_secs(120));
+    let after: Vec<(String, String, String)> = (0..6)
+        .map(|k| {
+            (
+                args.inputs[0].clone(),
+                format!("k{k}"),
+                format!("after-{k}"),
+            )
+        })
+        .collect();
+    produce_all(&producer(&args.bootstrap), &after);
+    let outputs = read_outputs(&args, first.len() + after.len(), Duration::from_secs(120));
+    let log = process.log_text();
+    assert!(
+        log.contains("checkpoint beyond the end of the changelog"),
+        "{log}"
+    );
+    // Counted from the recreated (empty) changelog's state, not from the stale local store.
+    for (_, key, value) in &after {
+        let counted: Vec<&String> = outputs
+            .iter()
+            .filter(|(_, _, k, v)| k == key && v.starts_with(&format!("{value}:")))
+            .map(|(_, _, _, v)| v)
+            .collect();
+        assert_eq!(counted, vec![&format!("{value}:1")], "{log}");
+    }
+}

@@ -112,3 +112,46 @@ fn a_step_without_a_reply_still_times_out() {
     let cancelled = env.expect("silent", &env.def.cancelled.event_type.clone());
     assert_eq!(cancelled["reason"], "timeout:payment");
 }
+
+#[test]
+fn a_transaction_left_open_on_a_reply_topic_does_not_time_out_replies_behind_it() {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let mut env = SagaEnv::new("order_saga.yaml", 1);
+    let _orchestrator = env.orchestrator("a", &["--step-timeout", PAYMENT_TIMEOUT]);
+    env.complete("open-txn-warm-up");
+    let order = "open-txn";
+    env.create(order, &[]);
+    env.expect(order, &env.def.steps[0].command.event_type.clone());
+    // Another service's transaction, opened on the reply topic and left open: the last stable
+    // offset stays behind it, and so does every reply committed after it.
+    let stuck: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &env.bootstrap)
+        .set("transactional.id", common::unique("stuck-service"))
+        .set("transaction.timeout.ms", "60000")
+        .create()
+        .unwrap();
+    stuck.init_transactions(Duration::from_secs(30)).unwrap();
+    stuck.begin_transaction().unwrap();
+    let reply_topic = env.def.steps[0].reply_topic.clone();
+    stuck
+        .send(BaseRecord::to(&reply_topic).key(order).payload("{}"))
+        .map_err(|(e, _)| e)
+        .unwrap();
+    stuck.flush(Duration::from_secs(10)).unwrap();
+    env.reply(0, Reply::Success, order);
+    // Past the payment timeout, the reply is written but cannot be read yet.
+    std::thread::sleep(OUTAGE);
+    stuck.abort_transaction(Duration::from_secs(30)).unwrap();
+    env.expect(order, &env.def.steps[1].command.event_type.clone());
+    env.reply(1, Reply::Success, order);
+    env.expect(order, &env.def.completed.event_type.clone());
+    let refund = env.def.steps[0].compensation.event_type.clone();
+    let cancelled = env.def.cancelled.event_type.clone();
+    assert_eq!(
+        (env.count(order, &refund), env.count(order, &cancelled)),
+        (0, 0),
+        "timed out behind an open transaction: {:?}",
+        env.trail(order)
+    );
+}

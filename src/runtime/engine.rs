@@ -1161,7 +1161,9 @@ impl Engine {
 
     /// Closes everything without committing (the open transaction is left to abort or time out;
     /// the stores are behind at worst, and restoration catches them up).
+    /// Closes every task at the end of the engine's life, and stops its input-ends thread.
     pub fn close_all(&mut self) {
+        self.input_ends.stop();
         if let Some(restoration) = self.restoring.take() {
             self.restorer.cancel(restoration);
         }

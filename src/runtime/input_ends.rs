@@ -1,19 +1,21 @@
 //! How far the input partitions reach, and since when: the facts that let a task know it has
 //! consumed an input "up to time T" even when no record arrives on it.
 //!
-//! A thread of its own asks the brokers (ListOffsets, `read_committed`, so the answer is the last
-//! stable offset) for the end of every input partition of the running tasks, every
-//! [`QUERY_EVERY`]. Each answer is stored with the wall-clock time taken *before* the request:
-//! every record appended before that time lies below the answered end (a partition's end only
-//! grows), so a task whose position reached the end has consumed the partition up to that time.
-//! While the brokers do not answer, the facts stop moving forward and time-based decisions wait:
-//! nothing is concluded from silence.
+//! A thread of its own asks the brokers (ListOffsets) for the high watermark of every input
+//! partition of the running tasks, every [`QUERY_EVERY`], and keeps the last [`ENDS_KEPT`]
+//! answers per partition, each with the wall-clock time taken *before* the request: every record
+//! appended before that time lies below the answered offset. The high watermark, not the last
+//! stable offset: a transaction still open below it holds back the last stable offset, and a
+//! reply committed after it would lie above. A task's `read_committed` position can only pass an
+//! answered watermark once every transaction below it is resolved, so a task whose position
+//! reached it has consumed everything of the partition appended before that time. While the
+//! brokers do not answer, the facts stop moving forward and time-based decisions wait: nothing is
+//! concluded from silence.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
@@ -26,11 +28,18 @@ use super::{RuntimeConfig, RuntimeError};
 
 /// How often the ends are asked for.
 pub const QUERY_EVERY: Duration = Duration::from_millis(250);
+/// Answers kept per partition (about 16 s): a task a little behind a growing end still finds one
+/// its position has reached.
+pub const ENDS_KEPT: usize = 64;
 /// How long one request may take.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one partition's request may take when they are asked one by one.
+const PARTITION_QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the tasks' positions are compared with the ends.
+const OBSERVE_EVERY: Duration = Duration::from_millis(50);
 
-/// The end of one input partition (its last stable offset) and the wall-clock time, in ms since
-/// the epoch, before which every record of the partition lies below it.
+/// An answered end of one input partition (its high watermark) and the wall-clock time, in ms
+/// since the epoch, before which every record of the partition lies below it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct End {
     pub offset: i64,
@@ -40,8 +49,9 @@ pub struct End {
 #[derive(Default)]
 struct Inner {
     watched: BTreeSet<(String, i32)>,
-    ends: BTreeMap<(String, i32), End>,
-    /// Moves on every new answer, so readers skip work when nothing changed.
+    /// Oldest first.
+    ends: BTreeMap<(String, i32), VecDeque<End>>,
+    /// Moves on every new answer.
     generation: u64,
 }
 
@@ -66,10 +76,16 @@ impl InputEnds {
         }
     }
 
-    /// The latest end known for a partition.
-    pub fn end(&self, topic: &str, partition: i32) -> Option<End> {
+    /// The newest answered end of a partition that `position` has reached.
+    pub fn reached(&self, topic: &str, partition: i32, position: i64) -> Option<End> {
         let inner = self.inner.lock().ok()?;
-        inner.ends.get(&(topic.to_string(), partition)).copied()
+        inner
+            .ends
+            .get(&(topic.to_string(), partition))?
+            .iter()
+            .rev()
+            .find(|end| end.offset <= position)
+            .copied()
     }
 
     pub fn generation(&self) -> u64 {
@@ -83,7 +99,7 @@ impl InputEnds {
             .unwrap_or_default()
     }
 
-    /// Records answers taken at `as_of_ms`; an older answer never replaces a newer one.
+    /// Records answers taken at `as_of_ms`; answers older than the newest kept are ignored.
     pub fn record(&self, answers: &[((String, i32), i64)], as_of_ms: i64) {
         let Ok(mut inner) = self.inner.lock() else {
             return;
@@ -93,72 +109,57 @@ impl InputEnds {
             if !inner.watched.contains(tp) {
                 continue;
             }
-            let newer = inner.ends.get(tp).is_none_or(|e| e.as_of_ms < as_of_ms);
-            if newer {
-                inner.ends.insert(
-                    tp.clone(),
-                    End {
-                        offset: *offset,
-                        as_of_ms,
-                    },
-                );
-                changed = true;
+            let kept = inner.ends.entry(tp.clone()).or_default();
+            if kept.back().is_some_and(|e| e.as_of_ms >= as_of_ms) {
+                continue;
             }
+            kept.push_back(End {
+                offset: *offset,
+                as_of_ms,
+            });
+            while kept.len() > ENDS_KEPT {
+                kept.pop_front();
+            }
+            changed = true;
         }
         if changed {
             inner.generation += 1;
         }
     }
 
-    /// Starts the thread that keeps the table current until `shutdown` (or until `stop` is set
-    /// by the generation that owns it). `client` carries the connection settings.
-    pub fn spawn(
-        self: &Arc<Self>,
-        mut client: ClientConfig,
-        shutdown: Shutdown,
-        stop: Arc<AtomicBool>,
-    ) -> std::io::Result<JoinHandle<()>> {
-        let ends = self.clone();
-        client
-            .set("isolation.level", "read_committed")
-            .set("enable.auto.commit", "false");
-        std::thread::Builder::new()
-            .name("input-ends".into())
-            .spawn(move || {
-                let consumer: BaseConsumer = match client.create() {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot create the client that reads input ends; step timeouts will not fire");
-                        return;
+    /// Keeps the table current on a thread of its own with `consumer` until `shutdown`, or
+    /// until `stop` is set by the engine that owns it.
+    fn run(self: Arc<Self>, consumer: BaseConsumer, shutdown: Shutdown, stop: Arc<AtomicBool>) {
+        let stopped = || shutdown.requested() || stop.load(Ordering::Relaxed);
+        let mut failing = false;
+        while !stopped() {
+            // Serves the client's own events (logs, errors) so they do not pile up.
+            let _ = consumer.poll(Duration::ZERO);
+            let watched = self.watched();
+            if !watched.is_empty() {
+                let as_of_ms = now_ms();
+                let (answers, complete) = query(&consumer, &watched, &stopped);
+                self.record(&answers, as_of_ms);
+                match (complete, failing) {
+                    (false, false) => {
+                        tracing::warn!(
+                            answered = answers.len(),
+                            watched = watched.len(),
+                            "cannot read the ends of some inputs; their step timeouts wait until they answer"
+                        );
+                        failing = true;
                     }
-                };
-                let stopped =
-                    || shutdown.requested() || stop.load(Ordering::Relaxed);
-                let mut failing = false;
-                while !stopped() {
-                    let watched = ends.watched();
-                    if !watched.is_empty() {
-                        match query(&consumer, &watched) {
-                            Ok((answers, as_of_ms)) => {
-                                if failing {
-                                    tracing::info!("input ends answered again");
-                                    failing = false;
-                                }
-                                ends.record(&answers, as_of_ms);
-                            }
-                            Err(e) => {
-                                if !failing {
-                                    tracing::warn!(error = %e, "cannot read the ends of the inputs; time-based decisions wait until they answer");
-                                    failing = true;
-                                }
-                            }
-                        }
+                    (true, true) => {
+                        tracing::info!("the ends of every input answer again");
+                        failing = false;
                     }
-                    if !sleep_unless_shutdown(&shutdown, QUERY_EVERY) {
-                        return;
-                    }
+                    _ => {}
                 }
-            })
+            }
+            if !sleep_unless_shutdown(&shutdown, QUERY_EVERY) {
+                return;
+            }
+        }
     }
 }
 
@@ -170,19 +171,31 @@ pub struct InputEndsTracker {
     stop: Arc<AtomicBool>,
     watched: BTreeSet<(String, i32)>,
     seen: u64,
+    observed_at: Option<Instant>,
 }
 
 impl InputEndsTracker {
-    /// Starts the thread that reads the ends, with the runtime's connection settings.
+    /// Creates the client that reads the ends (with the runtime's connection settings) and
+    /// starts its thread. A client that cannot be created fails the engine's start, like its
+    /// other clients.
     pub fn start(config: &RuntimeConfig, shutdown: &Shutdown) -> Result<Self, RuntimeError> {
         let mut client = ClientConfig::new();
         for (key, value) in &config.kafka {
             client.set(key, value);
         }
-        client.set("bootstrap.servers", &config.bootstrap);
+        let consumer: BaseConsumer = client
+            .set("bootstrap.servers", &config.bootstrap)
+            .set("isolation.level", "read_uncommitted")
+            .set("enable.auto.commit", "false")
+            .set("statistics.interval.ms", "0")
+            .create()
+            .map_err(RuntimeError::kafka("create the input-ends client"))?;
         let ends = Arc::new(InputEnds::default());
         let stop = Arc::new(AtomicBool::new(false));
-        ends.spawn(client, shutdown.clone(), stop.clone())
+        let (table, thread_shutdown, thread_stop) = (ends.clone(), shutdown.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("input-ends".into())
+            .spawn(move || table.run(consumer, thread_shutdown, thread_stop))
             .map_err(|e| {
                 RuntimeError::ClientStuck(format!("cannot start the input-ends thread: {e}"))
             })?;
@@ -191,13 +204,20 @@ impl InputEndsTracker {
             stop,
             watched: BTreeSet::new(),
             seen: 0,
+            observed_at: None,
         })
+    }
+
+    /// Stops the thread (also done on drop; an engine whose consumer is left behind is never
+    /// dropped).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 
     /// Brings the tasks' input times forward: an input whose queue is empty and whose position
     /// (the task's, or the consumer's, which also steps over transaction markers) has reached an
-    /// end read at time T was consumed up to T. Call it after the polled records were handed to
-    /// the tasks, never while a rewind is pending (positions are not the tasks' then).
+    /// end answered at time T was consumed up to T. Call it after the polled records were handed
+    /// to the tasks, never while a rewind is pending (positions are not the tasks' then).
     pub fn observe<C: ConsumerContext>(
         &mut self,
         consumer: &BaseConsumer<C>,
@@ -212,10 +232,14 @@ impl InputEndsTracker {
             self.watched = watched;
         }
         let generation = self.ends.generation();
-        if generation == self.seen || tasks.is_empty() {
+        let recently = self
+            .observed_at
+            .is_some_and(|at| at.elapsed() < OBSERVE_EVERY);
+        if tasks.is_empty() || (generation == self.seen && recently) {
             return;
         }
         self.seen = generation;
+        self.observed_at = Some(Instant::now());
         let positions = consumer.position().ok();
         for (&partition, task) in tasks.iter_mut() {
             let topics: Vec<String> = task.input_topics().cloned().collect();
@@ -223,9 +247,6 @@ impl InputEndsTracker {
                 if task.queued(&topic) > 0 {
                     continue;
                 }
-                let Some(end) = self.ends.end(&topic, partition) else {
-                    continue;
-                };
                 let fetched = positions
                     .as_ref()
                     .and_then(|list| list.find_partition(&topic, partition))
@@ -233,8 +254,10 @@ impl InputEndsTracker {
                         Offset::Offset(o) => Some(o),
                         _ => None,
                     });
-                let position = task.position(&topic).into_iter().chain(fetched).max();
-                if position.is_some_and(|p| p >= end.offset) {
+                let Some(position) = task.position(&topic).into_iter().chain(fetched).max() else {
+                    continue;
+                };
+                if let Some(end) = self.ends.reached(&topic, partition, position) {
                     task.caught_up(&topic, end.as_of_ms);
                 }
             }
@@ -248,30 +271,51 @@ impl Drop for InputEndsTracker {
     }
 }
 
-type Answers = (Vec<((String, i32), i64)>, i64);
+/// Answered ends: (topic, partition) and offset.
+type Answers = Vec<((String, i32), i64)>;
 
-/// One ListOffsets round for `partitions`: their last stable offsets, and the time taken before
-/// the request was sent.
+/// One round of requests for `partitions`' high watermarks: all in one request, or, when that
+/// fails (one partition without a leader fails it all), one partition at a time, so the others
+/// still move on. Returns the answers and whether every partition answered.
 fn query(
     consumer: &BaseConsumer,
     partitions: &BTreeSet<(String, i32)>,
-) -> Result<Answers, rdkafka::error::KafkaError> {
+    stopped: &dyn Fn() -> bool,
+) -> (Answers, bool) {
     let mut list = TopicPartitionList::new();
     for (topic, partition) in partitions {
-        list.add_partition_offset(topic, *partition, Offset::End)?;
+        if list
+            .add_partition_offset(topic, *partition, Offset::End)
+            .is_err()
+        {
+            return (Vec::new(), false);
+        }
     }
-    let as_of_ms = now_ms();
-    let answered = consumer.offsets_for_times(list, QUERY_TIMEOUT)?;
-    let answers = answered
-        .elements()
-        .iter()
-        .filter(|e| e.error().is_ok())
-        .filter_map(|e| match e.offset() {
-            Offset::Offset(offset) => Some(((e.topic().to_string(), e.partition()), offset)),
-            _ => None,
-        })
-        .collect();
-    Ok((answers, as_of_ms))
+    if let Ok(answered) = consumer.offsets_for_times(list, QUERY_TIMEOUT) {
+        let answers: Answers = answered
+            .elements()
+            .iter()
+            .filter(|e| e.error().is_ok())
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(offset) => Some(((e.topic().to_string(), e.partition()), offset)),
+                _ => None,
+            })
+            .collect();
+        let complete = answers.len() == partitions.len();
+        return (answers, complete);
+    }
+    let mut answers = Vec::new();
+    for (topic, partition) in partitions {
+        if stopped() {
+            break;
+        }
+        if let Ok((_, high)) = consumer.fetch_watermarks(topic, *partition, PARTITION_QUERY_TIMEOUT)
+        {
+            answers.push(((topic.clone(), *partition), high));
+        }
+    }
+    let complete = answers.len() == partitions.len();
+    (answers, complete)
 }
 
 #[cfg(test)]
@@ -279,24 +323,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn answers_for_watched_partitions_only_and_never_older() {
+    fn the_newest_end_a_position_reached_counts_for_watched_partitions_only() {
         let ends = InputEnds::default();
         let a = ("a".to_string(), 0);
         ends.watch(BTreeSet::from([a.clone()]));
         ends.record(&[(a.clone(), 10), (("b".into(), 0), 5)], 100);
+        ends.record(&[(a.clone(), 20)], 200);
+        assert_eq!(ends.reached("b", 0, 50), None);
+        // Behind the newest end, the older one it reached still counts.
         assert_eq!(
-            ends.end("a", 0),
+            ends.reached("a", 0, 15),
             Some(End {
                 offset: 10,
                 as_of_ms: 100
             })
         );
-        assert_eq!(ends.end("b", 0), None);
+        assert_eq!(ends.reached("a", 0, 20).map(|e| e.as_of_ms), Some(200));
+        assert_eq!(ends.reached("a", 0, 9), None);
+        // An answer older than the newest kept is ignored.
         let generation = ends.generation();
-        ends.record(&[(a.clone(), 7)], 90);
-        assert_eq!(ends.end("a", 0).map(|e| e.offset), Some(10));
+        ends.record(&[(a.clone(), 30)], 150);
         assert_eq!(ends.generation(), generation);
+        for i in 0..ENDS_KEPT as i64 {
+            ends.record(&[(a.clone(), 100 + i)], 300 + i);
+        }
+        assert_eq!(ends.reached("a", 0, 20), None, "old answers are dropped");
         ends.watch(BTreeSet::new());
-        assert_eq!(ends.end("a", 0), None);
+        assert_eq!(ends.reached("a", 0, 1_000), None);
     }
 }

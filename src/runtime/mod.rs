@@ -9,8 +9,8 @@
 //! - [`topics`]: start-up checks of input and changelog topics.
 //! - [`config`], [`error`]: settings, and the fatal/abortable/retriable decision table.
 //! - [`failpoints`]: named fault-injection points (test builds only).
-//! - [`input_ends`]: the inputs' last stable offsets, read on a thread of their own, from which
-//!   a task knows up to what time it has consumed its inputs.
+//! - [`input_ends`]: the inputs' high watermarks, read on a thread of their own, from which a
+//!   task knows up to what time it has consumed its inputs.
 //! - [`watchdog`]: bounds blocking client calls librdkafka does not bound itself.
 
 pub mod config;

@@ -187,9 +187,9 @@ impl<'a> ProcessorContext<'a> {
     }
 
     /// The time (ms since the epoch) up to which the task has consumed every one of its input
-    /// partitions: on each, it processed a record with a timestamp at or after it, or its
-    /// position reached the partition's end (last stable offset) as read at that time. A record
-    /// appended before it cannot still be on its way. `None` until it is known for every input
+    /// partitions: on each, it processed a record with a timestamp at or after it (none older
+    /// still queued), or its position reached the partition's end (high watermark) as read at
+    /// that time. A record appended before it cannot still be on its way. `None` until it is known for every input
     /// (for instance while the brokers do not answer). It only moves forward, except that an
     /// aborted cycle takes back what it consumed.
     ///

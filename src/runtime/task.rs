@@ -95,8 +95,16 @@ impl Task {
     /// appended before it is still to come. `None` until every input has a known time.
     pub fn input_time(&self) -> Option<i64> {
         self.queues
-            .keys()
-            .map(|topic| self.input_times.get(topic).copied())
+            .iter()
+            .map(|(topic, queue)| {
+                let consumed = self.input_times.get(topic).copied()?;
+                // Timestamps need not grow with offsets: a record still queued may be older
+                // than one processed before it.
+                Some(match queue.front() {
+                    Some(next) => consumed.min(next.timestamp_ms.saturating_sub(1)),
+                    None => consumed,
+                })
+            })
             .try_fold(i64::MAX, |min, t| t.map(|t| min.min(t)))
     }
 
@@ -238,11 +246,12 @@ impl Task {
                     .insert(record.topic.clone(), record.offset + 1);
             }
         }
+        // A producer whose clock runs ahead does not carry input time past the present.
+        let consumed = record.timestamp_ms.min(super::input_ends::now_ms());
         match self.input_times.get_mut(&record.topic) {
-            Some(t) => *t = (*t).max(record.timestamp_ms),
+            Some(t) => *t = (*t).max(consumed),
             None => {
-                self.input_times
-                    .insert(record.topic.clone(), record.timestamp_ms);
+                self.input_times.insert(record.topic.clone(), consumed);
             }
         }
         self.processed_in_cycle += 1;
@@ -472,6 +481,15 @@ mod tests {
         assert_eq!(t.input_time(), Some(20));
         t.discard_cycle();
         assert_eq!(t.input_time(), Some(10));
+        // A queued record older than what was processed holds input time below it.
+        t.enqueue(record("a", 1, 7));
+        assert_eq!(t.input_time(), Some(6));
+        t.next_record(Instant::now(), Duration::ZERO).unwrap();
+        // A timestamp from a clock running ahead counts as the present, not the future.
+        let future = super::super::input_ends::now_ms() + 3_600_000;
+        t.process(&record("a", 2, future), &mut out).unwrap();
+        t.process(&record("b", 1, future), &mut out).unwrap();
+        assert!(t.input_time().is_some_and(|at| at < future));
     }
 
     #[test]

@@ -278,6 +278,24 @@ impl TopicReader {
     }
 }
 
+/// The names of the cluster's topics, or `None` when the metadata request fails.
+pub fn topic_names(bootstrap: &str) -> Option<std::collections::BTreeSet<String>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .ok()?;
+    let metadata = consumer
+        .fetch_metadata(None, Duration::from_secs(10))
+        .ok()?;
+    Some(
+        metadata
+            .topics()
+            .iter()
+            .map(|t| t.name().to_string())
+            .collect(),
+    )
+}
+
 /// A plain (non-transactional) producer for test inputs.
 pub fn producer(bootstrap: &str) -> rdkafka::producer::BaseProducer {
     ClientConfig::new()

@@ -18,7 +18,6 @@ use rdkafka::{ClientContext, Message};
 
 use super::config::{Guarantee, RuntimeConfig};
 use super::error::{on_commit_error, CommitDecision, ErrorClass, RuntimeError};
-use super::failpoints;
 use super::input_ends::InputEndsTracker;
 use super::processor::{InputRecord, OutputRecord, ProcessorSupplier};
 use super::restore::{Restoration, Restorer};
@@ -658,7 +657,7 @@ impl Engine {
         offsets: &TopicPartitionList,
         metadata: rdkafka::consumer::ConsumerGroupMetadata,
     ) -> Result<(), RuntimeError> {
-        fail::fail_point!("send-offsets", |kind| Err(failpoints::kafka_error(
+        fail::fail_point!("send-offsets", |kind| Err(super::failpoints::kafka_error(
             "send offsets to transaction",
             kind
         )));
@@ -676,10 +675,9 @@ impl Engine {
     }
 
     fn try_commit_transaction(&self) -> Result<(), RuntimeError> {
-        fail::fail_point!("commit-transaction", |kind| Err(failpoints::kafka_error(
-            "commit transaction",
-            kind
-        )));
+        fail::fail_point!("commit-transaction", |kind| Err(
+            super::failpoints::kafka_error("commit transaction", kind)
+        ));
         let producer = self.producer.clone();
         self.watchdog
             .run(
@@ -791,10 +789,9 @@ impl Engine {
     }
 
     fn try_abort_transaction(&self) -> Result<(), RuntimeError> {
-        fail::fail_point!("abort-transaction", |kind| Err(failpoints::kafka_error(
-            "abort transaction",
-            kind
-        )));
+        fail::fail_point!("abort-transaction", |kind| Err(
+            super::failpoints::kafka_error("abort transaction", kind)
+        ));
         let producer = self.producer.clone();
         self.watchdog
             .run("abort transaction", CALL_LIMIT, &self.shutdown, move || {
@@ -875,7 +872,9 @@ impl Engine {
         if targets.count() == 0 {
             return Ok(());
         }
-        fail::fail_point!("seek", |kind| Err(failpoints::kafka_error("seek", kind)));
+        fail::fail_point!("seek", |kind| Err(super::failpoints::kafka_error(
+            "seek", kind
+        )));
         let result = consumer
             .seek_partitions(targets, CONSUMER_CALL_TIMEOUT)
             .map_err(RuntimeError::kafka("seek inputs"))?;
@@ -1262,10 +1261,9 @@ fn lookup_committed<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     inputs: TopicPartitionList,
 ) -> Result<TopicPartitionList, RuntimeError> {
-    fail::fail_point!("committed-offsets", |kind| Err(failpoints::kafka_error(
-        "fetch committed offsets",
-        kind
-    )));
+    fail::fail_point!("committed-offsets", |kind| Err(
+        super::failpoints::kafka_error("fetch committed offsets", kind)
+    ));
     consumer
         .committed_offsets(inputs, CONSUMER_CALL_TIMEOUT)
         .map_err(RuntimeError::kafka("fetch committed offsets"))

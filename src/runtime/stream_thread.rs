@@ -206,7 +206,7 @@ pub fn run(
     );
     let config = Arc::new(config);
     let resources = RocksResources::default();
-    let mut backoff = MIN_REBUILD_BACKOFF;
+    let mut backoff = RebuildBackoff::default();
     loop {
         let started = Instant::now();
         match run_generation(&config, &supplier, &resources, &shutdown) {
@@ -218,10 +218,7 @@ pub fn run(
                     return Ok(());
                 }
                 metrics::counter!(m::REBUILDS, "reason" => rebuild_reason(&e)).increment(1);
-                // A generation that ran for a while was healthy: the next failure is a new one.
-                if started.elapsed() >= HEALTHY_GENERATION {
-                    backoff = MIN_REBUILD_BACKOFF;
-                }
+                let backoff = backoff.after_failure(started.elapsed());
                 tracing::error!(error = %e, backoff_ms = backoff.as_millis() as u64, "stream thread failed; rebuilding producer and consumer and rejoining");
                 config
                     .status
@@ -229,9 +226,35 @@ pub fn run(
                 if !sleep_unless_shutdown(&shutdown, backoff) {
                     return Ok(());
                 }
-                backoff = (backoff * 2).min(MAX_REBUILD_BACKOFF);
             }
         }
+    }
+}
+
+/// The pause before rebuilding the clients: doubling from [`MIN_REBUILD_BACKOFF`] to
+/// [`MAX_REBUILD_BACKOFF`] while generations fail quickly, back to the minimum after one that
+/// lived [`HEALTHY_GENERATION`] (its failure is a new one, not the same one again).
+struct RebuildBackoff {
+    next: Duration,
+}
+
+impl Default for RebuildBackoff {
+    fn default() -> Self {
+        Self {
+            next: MIN_REBUILD_BACKOFF,
+        }
+    }
+}
+
+impl RebuildBackoff {
+    /// The pause after a generation that lived `lived` failed.
+    fn after_failure(&mut self, lived: Duration) -> Duration {
+        if lived >= HEALTHY_GENERATION {
+            self.next = MIN_REBUILD_BACKOFF;
+        }
+        let pause = self.next;
+        self.next = (self.next * 2).min(MAX_REBUILD_BACKOFF);
+        pause
     }
 }
 
@@ -510,5 +533,25 @@ fn poll_into(
             // Nothing ready, or a rebalance was just served.
             None => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rebuild_backoff_grows_to_its_cap_and_resets_after_a_healthy_generation() {
+        let mut backoff = RebuildBackoff::default();
+        let quick = Duration::from_secs(1);
+        let pauses: Vec<Duration> = (0..7).map(|_| backoff.after_failure(quick)).collect();
+        assert_eq!(pauses[0], MIN_REBUILD_BACKOFF);
+        assert_eq!(pauses[1], MIN_REBUILD_BACKOFF * 2);
+        assert_eq!(pauses[6], MAX_REBUILD_BACKOFF);
+        assert_eq!(
+            backoff.after_failure(HEALTHY_GENERATION),
+            MIN_REBUILD_BACKOFF
+        );
+        assert_eq!(backoff.after_failure(quick), MIN_REBUILD_BACKOFF * 2);
     }
 }

@@ -427,6 +427,22 @@ mod tests {
     }
 
     #[test]
+    fn a_task_waiting_for_an_empty_input_lets_the_loop_sleep() {
+        // While one input is empty and `max_idle` has not passed, the task has nothing to hand
+        // out, so the loop waits in `poll` instead of spinning.
+        let mut t = task();
+        t.enqueue(record("a", 0, 10));
+        let start = Instant::now();
+        let idle = Duration::from_millis(50);
+        assert!(t.next_record(start, idle).is_none());
+        assert!(!t.can_process(start + Duration::from_millis(10), idle));
+        assert!(t.can_process(start + idle, idle));
+        assert!(t.can_process(start, Duration::ZERO));
+        t.enqueue(record("b", 0, 20));
+        assert!(t.can_process(start, idle));
+    }
+
+    #[test]
     fn commit_applies_writes_and_offsets_abort_discards_them() {
         let mut t = task();
         let mut out = Vec::new();

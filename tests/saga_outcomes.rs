@@ -155,3 +155,66 @@ fn a_transaction_left_open_on_a_reply_topic_does_not_time_out_replies_behind_it(
         env.trail(order)
     );
 }
+
+#[test]
+fn an_input_over_the_size_limit_is_dead_lettered_with_a_prefix_and_the_saga_goes_on() {
+    use rdkafka::admin::{AdminOptions, AlterConfig, ResourceSpecifier};
+    use rdkafka::config::ClientConfig;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use saga_streams::saga::processor::{dlq_headers, DLQ_VALUE_PREFIX};
+    let mut env = SagaEnv::new("order_saga.yaml", 1);
+    let topic = env.def.start_topic.clone();
+    // A topic and a producer configured for large records, as a cluster that allows them would be.
+    let admin = common::admin(&env.bootstrap);
+    let change =
+        AlterConfig::new(ResourceSpecifier::Topic(&topic)).set("max.message.bytes", "4194304");
+    let altered =
+        futures::executor::block_on(admin.alter_configs(&[change], &AdminOptions::new())).unwrap();
+    for result in altered {
+        result.unwrap();
+    }
+    let _orchestrator = env.orchestrator("a", &[]);
+    let big: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &env.bootstrap)
+        .set("message.max.bytes", "4194304")
+        .set("enable.idempotence", "true")
+        .set("message.timeout.ms", "20000")
+        .create()
+        .unwrap();
+    let size = 2 << 20;
+    let mut value = br#"{"event": {"event_type": "OrderCreated", "padding": ""#.to_vec();
+    value.resize(size - 3, b'x');
+    value.extend_from_slice(br#""}}"#);
+    // Sent again only when refused (the broker may take a moment to apply the new limit), so
+    // exactly one copy is written.
+    let delivered = common::poll_until(Duration::from_secs(30), || {
+        big.send_result(FutureRecord::to(&topic).key("huge").payload(&value))
+            .ok()
+            .and_then(|delivery| futures::executor::block_on(delivery).ok())
+            .is_some_and(|result| result.is_ok())
+    });
+    assert!(delivered, "the 2 MiB record was not accepted");
+    env.complete("after-huge");
+    env.wait("the dead letter of the large record", |env| {
+        env.seen.iter().any(|r| r.topic.ends_with(".dlq"))
+    });
+    let dead: Vec<_> = env
+        .seen
+        .iter()
+        .filter(|r| r.topic.ends_with(".dlq"))
+        .collect();
+    assert_eq!(dead.len(), 1);
+    let letter = dead[0];
+    assert_eq!(letter.topic, format!("{topic}.dlq"));
+    assert_eq!(
+        letter.header(dlq_headers::KIND).as_deref(),
+        Some("record_too_large")
+    );
+    assert_eq!(
+        letter.header(dlq_headers::ORIGINAL_SIZE).as_deref(),
+        Some(size.to_string().as_str())
+    );
+    let kept = letter.value.as_deref().unwrap_or_default();
+    assert_eq!(kept.len(), DLQ_VALUE_PREFIX);
+    assert_eq!(kept, &value[..DLQ_VALUE_PREFIX]);
+}

@@ -55,6 +55,8 @@ pub enum BadInputKind {
     InvalidAvro,
     /// Avro: the writer schema cannot be resolved into the reader schema.
     IncompatibleSchema,
+    /// The value is larger than the topology's `max_input_bytes`.
+    RecordTooLarge,
 }
 
 impl BadInputKind {
@@ -71,6 +73,7 @@ impl BadInputKind {
             Self::UnknownSchemaId => "unknown_schema_id",
             Self::InvalidAvro => "invalid_avro",
             Self::IncompatibleSchema => "incompatible_schema",
+            Self::RecordTooLarge => "record_too_large",
         }
     }
 }

@@ -41,7 +41,18 @@ pub mod dlq_headers {
     pub const OFFSET: &str = "dlq.source.offset";
     pub const KIND: &str = "dlq.error.kind";
     pub const MESSAGE: &str = "dlq.error.message";
+    /// On a dead letter whose value was cut (a record over `max_input_bytes` keeps its first
+    /// [`super::DLQ_VALUE_PREFIX`] bytes; any other letter what fits its size budget): the size
+    /// of the original value.
+    pub const ORIGINAL_SIZE: &str = "dlq.original.size";
 }
+
+/// How much of a too-large value its dead letter keeps.
+pub const DLQ_VALUE_PREFIX: usize = 64 << 10;
+/// The most a dead letter (key, headers and value) may hold: below the producer's message size
+/// limit (librdkafka's `message.max.bytes`, 1,000,000 by default), so that writing it can never
+/// fail for its size. A value cut to fit has its full size in `dlq.original.size`.
+const DLQ_RECORD_BUDGET: usize = 900_000;
 
 pub fn saga_key(saga_id: &str) -> Vec<u8> {
     [SAGA_PREFIX, saga_id.as_bytes()].concat()
@@ -201,29 +212,51 @@ impl SagaProcessor {
         );
         metrics::counter!(m::DLQ_RECORDS, "topic" => record.topic.clone(), "reason" => bad.kind.as_str())
             .increment(1);
-        let mut headers = record.headers.clone();
-        headers.push((dlq_headers::TOPIC.into(), record.topic.clone().into_bytes()));
-        headers.push((
-            dlq_headers::PARTITION.into(),
-            record.partition.to_string().into_bytes(),
-        ));
-        headers.push((
-            dlq_headers::OFFSET.into(),
-            record.offset.to_string().into_bytes(),
-        ));
-        headers.push((
-            dlq_headers::KIND.into(),
-            bad.kind.as_str().as_bytes().to_vec(),
-        ));
-        headers.push((
-            dlq_headers::MESSAGE.into(),
-            bad.message.clone().into_bytes(),
-        ));
+        let ours = [
+            (dlq_headers::TOPIC, record.topic.clone().into_bytes()),
+            (
+                dlq_headers::PARTITION,
+                record.partition.to_string().into_bytes(),
+            ),
+            (dlq_headers::OFFSET, record.offset.to_string().into_bytes()),
+            (dlq_headers::KIND, bad.kind.as_str().as_bytes().to_vec()),
+            (dlq_headers::MESSAGE, bad.message.clone().into_bytes()),
+        ];
+        let header_bytes = |headers: &[(String, Vec<u8>)]| -> usize {
+            headers.iter().map(|(n, v)| n.len() + v.len()).sum()
+        };
+        let key_bytes = record.key.as_ref().map_or(0, Vec::len);
+        // The original headers go along unless they alone would make the letter too large.
+        let mut headers = if key_bytes + header_bytes(&record.headers) <= DLQ_RECORD_BUDGET / 2 {
+            record.headers.clone()
+        } else {
+            Vec::new()
+        };
+        headers.extend(ours.into_iter().map(|(n, v)| (n.to_string(), v)));
+        // The value is cut to what fits: a prefix for a too-large record, else what the budget
+        // leaves; the full size is then named in a header.
+        let room = DLQ_RECORD_BUDGET.saturating_sub(key_bytes + header_bytes(&headers) + 64);
+        let keep = if bad.kind == BadInputKind::RecordTooLarge {
+            DLQ_VALUE_PREFIX.min(room)
+        } else {
+            room
+        };
+        let value = record.value.as_ref().map(|v| {
+            if v.len() > keep {
+                headers.push((
+                    dlq_headers::ORIGINAL_SIZE.to_string(),
+                    v.len().to_string().into_bytes(),
+                ));
+                v[..keep].to_vec()
+            } else {
+                v.clone()
+            }
+        });
         ctx.send(OutputRecord {
             topic: dlq_topic(&record.topic),
             partition: None,
             key: record.key.clone(),
-            value: record.value.clone(),
+            value,
             headers,
             timestamp_ms: None,
         });
@@ -422,6 +455,19 @@ impl Processor for SagaProcessor {
         let now = now_ms(SystemTime::now());
         if self.counts.stale {
             self.counts.load(&ctx.store(SAGA_STORE)?)?;
+        }
+        let size = record.value.as_ref().map_or(0, Vec::len);
+        if size > self.def.max_input_bytes {
+            let bad = BadInput::new(
+                BadInputKind::RecordTooLarge,
+                format!(
+                    "the value has {size} bytes, more than max_input_bytes ({}); its first {} bytes are kept",
+                    self.def.max_input_bytes,
+                    DLQ_VALUE_PREFIX.min(size)
+                ),
+            );
+            self.dead_letter(ctx, record, &bad);
+            return Ok(());
         }
         let decoded = self
             .codec

@@ -41,6 +41,8 @@ struct RawTopology {
     #[serde(default)]
     wrap_outputs: Option<Spanned<bool>>,
     #[serde(default)]
+    max_input_bytes: Option<Spanned<u64>>,
+    #[serde(default)]
     schemas: Option<Spanned<String>>,
     topics: BTreeMap<String, RawTopic>,
     start: RawStart,
@@ -269,6 +271,9 @@ pub enum EventRole {
     Compensated(usize),
 }
 
+/// The default input size limit: 1 MiB.
+pub const DEFAULT_MAX_INPUT_BYTES: usize = 1 << 20;
+
 /// A validated saga definition.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SagaDefinition {
@@ -281,6 +286,9 @@ pub struct SagaDefinition {
     pub compensated_state: String,
     /// Outputs are written as `{"event": {...}}` (the Laravel shape; default) or flat.
     pub wrap_outputs: bool,
+    /// Input values larger than this are dead-lettered (`record_too_large`) with a bounded
+    /// prefix of their value, never decoded. Default [`DEFAULT_MAX_INPUT_BYTES`].
+    pub max_input_bytes: usize,
     /// The directory of the Avro schemas (`<record full name>.v<N>.avsc`), needed when a topic is
     /// Avro; relative paths in the file are taken from the topology file's directory.
     pub schemas_dir: Option<std::path::PathBuf>,
@@ -615,6 +623,14 @@ impl Validator<'_> {
             Some(r) => self.duration(r, "retention"),
             None => Duration::from_secs(7 * 24 * 3600),
         };
+        let max_input_bytes = match &raw.max_input_bytes {
+            Some(n) if **n == 0 => {
+                self.problem(n, "max_input_bytes must be more than 0");
+                DEFAULT_MAX_INPUT_BYTES
+            }
+            Some(n) => usize::try_from(**n).unwrap_or(usize::MAX),
+            None => DEFAULT_MAX_INPUT_BYTES,
+        };
         let compensated_state = raw
             .compensated_state
             .as_ref()
@@ -878,6 +894,7 @@ impl Validator<'_> {
             retention,
             compensated_state,
             wrap_outputs: raw.wrap_outputs.map(|w| *w).unwrap_or(true),
+            max_input_bytes,
             schemas_dir: raw.schemas.map(|s| std::path::PathBuf::from(s.as_str())),
             topics,
             start_event: raw.start.event.to_string(),
@@ -1005,5 +1022,19 @@ mod tests {
         assert!(def
             .set_step_timeout("shipping", Duration::from_secs(5))
             .is_err());
+    }
+
+    #[test]
+    fn the_input_size_limit_defaults_to_a_mebibyte_and_must_be_positive() {
+        let def = SagaDefinition::parse("t", &order_saga()).unwrap();
+        assert_eq!(def.max_input_bytes, DEFAULT_MAX_INPUT_BYTES);
+        let text = order_saga().replacen("name:", "max_input_bytes: 4096\nname:", 1);
+        assert_eq!(
+            SagaDefinition::parse("t", &text).unwrap().max_input_bytes,
+            4096
+        );
+        let text = order_saga().replacen("name:", "max_input_bytes: 0\nname:", 1);
+        let err = SagaDefinition::parse("t", &text).unwrap_err();
+        assert!(err.to_string().contains("max_input_bytes"), "{err}");
     }
 }

@@ -240,7 +240,7 @@ impl InputEndsTracker {
         }
         self.seen = generation;
         self.observed_at = Some(Instant::now());
-        let positions = fetch_positions(consumer, &self.watched);
+        let positions = consumer.position().ok();
         for (&partition, task) in tasks.iter_mut() {
             let topics: Vec<String> = task.input_topics().cloned().collect();
             for topic in topics {
@@ -269,28 +269,6 @@ impl Drop for InputEndsTracker {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
     }
-}
-
-/// The consumer's positions (the offset after the last record polled, or after the transaction
-/// marker that followed it) of `partitions`, without asking the group thread:
-/// `Consumer::position` first asks it for the assignment and waits for its answer without a
-/// bound, which this hot path must never do. A partition the client does not fetch comes back
-/// without a position (`Offset::Invalid`), and is then skipped.
-fn fetch_positions<C: ConsumerContext>(
-    consumer: &BaseConsumer<C>,
-    partitions: &BTreeSet<(String, i32)>,
-) -> Option<TopicPartitionList> {
-    let mut list = TopicPartitionList::with_capacity(partitions.len());
-    for (topic, partition) in partitions {
-        list.add_partition(topic, *partition);
-    }
-    // SAFETY: rd_kafka_position looks each listed partition up in the client (creating an
-    // unfetched placeholder for one it does not know, under the client's own locks) and writes
-    // its position into the list's element (rdkafka.c); the client handle and the list, owned
-    // here, stay valid for the whole call, and the call is thread-safe.
-    let error =
-        unsafe { rdkafka::bindings::rd_kafka_position(consumer.client().native_ptr(), list.ptr()) };
-    (error == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR).then_some(list)
 }
 
 /// Answered ends: (topic, partition) and offset.

@@ -59,6 +59,48 @@ async fn counted_exactly_once_with(name: &str, failpoints: &str, poison: bool) -
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn at_least_once_a_failing_offset_commit_skips_nothing_and_keeps_state_in_step() {
+    let setup = setup("fp-alos", &["--guarantee", "at-least-once"]).await;
+    let mut args = setup.args.clone();
+    args.env.push((
+        "SAGA_STREAMS_FAILPOINTS".into(),
+        "commit-offsets=5*off->3*return(timeout)".into(),
+    ));
+    let sent = inputs(&args, 0..1_200, 24);
+    let process = CounterProcess::spawn(&args, "fp-alos");
+    wait_running(&process, PARTITIONS as usize, Duration::from_secs(120));
+    feed_slowly(&args, &sent, Duration::from_millis(150))
+        .join()
+        .unwrap();
+    let reader = common::TopicReader::new(&args.bootstrap, &[&args.output], "read_committed");
+    let mut outputs = Vec::new();
+    let wanted: std::collections::BTreeSet<&str> =
+        sent.iter().map(|(_, _, v)| v.as_str()).collect();
+    let all_seen = common::poll_until(Duration::from_secs(180), || {
+        reader.drain(&mut outputs, Duration::from_millis(500));
+        let seen: std::collections::BTreeSet<&str> = outputs
+            .iter()
+            .filter_map(|(_, _, _, v)| v.rsplit_once(':').map(|(input, _)| input))
+            .collect();
+        wanted.is_subset(&seen)
+    });
+    let log = process.log_text();
+    assert!(all_seen, "not every input was counted; log:\n{log}");
+    reader.drain(&mut outputs, Duration::from_secs(2));
+    let finals = check_at_least_once(&outputs, &sent);
+    let committed =
+        common::poll_until(Duration::from_secs(30), || changelog_state(&args) == finals);
+    assert!(
+        committed,
+        "changelog state differs from the counted outputs; log:\n{log}"
+    );
+    assert!(
+        log.contains("injected failure"),
+        "the failpoint never fired; log:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn send_offsets_failing_aborts_and_retries_the_cycle() {
     let log =
         counted_exactly_once_with("fp-send-offsets", "send-offsets=5*off->2*return", false).await;

@@ -604,6 +604,9 @@ impl Engine {
             // at-least-once allows).
             self.apply_cycle(consumer);
             if offsets.count() > 0 {
+                fail::fail_point!("commit-offsets", |kind| Err(
+                    super::failpoints::kafka_error("commit offsets", kind)
+                ));
                 consumer
                     .commit(&offsets, CommitMode::Sync)
                     .map_err(RuntimeError::kafka("commit offsets"))?;

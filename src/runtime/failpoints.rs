@@ -10,6 +10,7 @@
 //! |---|---|---|
 //! | `send-offsets` | `send_offsets_to_transaction` | `timeout` (default), `abortable`, `fatal`, `unknown` |
 //! | `commit-transaction` | `commit_transaction` | same |
+//! | `commit-offsets` | the consumer's offset commit under at-least-once | same |
 //! | `abort-transaction` | `abort_transaction` | same |
 //! | `committed-offsets` | the committed-offsets lookup when a task starts | same |
 //! | `seek` | seeking inputs (rewind after an abort, task start) | same |

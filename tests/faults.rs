@@ -171,6 +171,17 @@ async fn a_committed_offsets_lookup_that_fails_delays_the_task_start() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn task_starts_failing_eight_times_rebuild_the_clients() {
+    let log =
+        counted_exactly_once_with("fp-start-stuck", "committed-offsets=8*return", false).await;
+    assert!(
+        log.contains("could not be started 8 times in a row"),
+        "{log}"
+    );
+    assert!(log.contains("rebuilding producer and consumer"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_state_write_failing_after_commit_closes_and_restores_the_task() {
     // A fresh start writes one empty checkpoint per store and task (2 x 3) while restoring; the
     // eleventh write is one after a commit.

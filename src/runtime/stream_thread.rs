@@ -328,11 +328,23 @@ fn run_generation(
         }
     }
     if matches!(result, Err(RuntimeError::ClientStuck(_))) {
-        // Closing a stuck client can wait forever for its coordinator: leave it behind (the
-        // group expires the member after its session timeout; the transaction is fenced by the
-        // next producer's init_transactions).
-        tracing::warn!("leaving the stuck consumer and producer behind without closing them");
-        std::mem::forget(consumer);
+        // Closing a stuck client can wait forever for its coordinator, so it is closed on a
+        // thread of its own that nobody waits for. Not closing it at all would be worse: its
+        // background threads keep the member alive in the group (heartbeats go on without
+        // polls) until `max.poll.interval.ms`, and its partitions would wait that long for the
+        // next generation. If the close hangs, the thread and the clients are left behind; the
+        // transaction is fenced by the next producer's init_transactions either way.
+        tracing::warn!("closing the stuck consumer and producer in the background");
+        let closing = std::thread::Builder::new()
+            .name("close-stuck-client".into())
+            .spawn(move || {
+                drop(consumer);
+                drop(engine);
+                tracing::info!("the stuck consumer and producer are closed");
+            });
+        if let Err(e) = closing {
+            tracing::warn!(error = %e, "no thread to close the stuck clients on; they were closed on this one");
+        }
     } else {
         drop(consumer);
     }

@@ -218,3 +218,154 @@ fn an_input_over_the_size_limit_is_dead_lettered_with_a_prefix_and_the_saga_goes
     assert_eq!(kept.len(), DLQ_VALUE_PREFIX);
     assert_eq!(kept, &value[..DLQ_VALUE_PREFIX]);
 }
+
+/// The order saga with retries (payment: 2 attempts; refunds: 4 attempts, 1 s backoff doubling to
+/// 2 s), 4 s step timeouts and a 20 s retention.
+const RETRIES: &str = "../tests/fixtures/order_saga_retries.yaml";
+
+fn saga_json(orchestrator: &mut common::BinProcess, order: &str) -> serde_json::Value {
+    let addr = orchestrator.http_addr(Duration::from_secs(30));
+    let (status, body) = common::http_get(&format!("http://{addr}/sagas/{order}"));
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Payment done, inventory refused: the refund goes out. Returns the refund's event id.
+fn until_refund(env: &mut SagaEnv, order: &str) -> String {
+    env.create(order, &[]);
+    env.expect(order, &env.def.steps[0].command.event_type.clone());
+    env.reply(0, Reply::Success, order);
+    env.expect(order, &env.def.steps[1].command.event_type.clone());
+    env.reply(1, Reply::Failure, order);
+    let refund = env.expect(order, &env.def.steps[0].compensation.event_type.clone());
+    refund["event_id"].as_str().unwrap().to_string()
+}
+
+fn event_ids(env: &SagaEnv, order: &str, event_type: &str) -> Vec<String> {
+    env.of(order, event_type)
+        .iter()
+        .map(|r| {
+            common::saga_env::body(r)["event_id"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn an_unconfirmed_refund_is_sent_again_until_confirmed_or_given_up_as_stuck() {
+    let mut env = SagaEnv::new(RETRIES, 1);
+    let mut orchestrator = env.orchestrator("a", &[]);
+    let refund = env.def.steps[0].compensation.event_type.clone();
+    let cancelled = env.def.cancelled.event_type.clone();
+
+    // Confirmed on the third attempt.
+    let first = until_refund(&mut env, "third");
+    env.wait("the third refund attempt", |env| {
+        env.count("third", &refund) >= 3
+    });
+    env.reply(0, Reply::Compensated, "third");
+    let outcome = env.expect("third", &cancelled);
+    assert_eq!(outcome["reason"], "inventory_failed");
+    assert_eq!(event_ids(&env, "third", &refund), vec![first.clone(); 3]);
+    assert_eq!(saga_json(&mut orchestrator, "third")["status"], "REFUNDED");
+
+    // Never confirmed: four attempts, then the saga is cancelled as stuck.
+    let first = until_refund(&mut env, "never");
+    let outcome = env.expect("never", &cancelled);
+    assert_eq!(
+        outcome["reason"],
+        "inventory_failed; compensation_stuck:payment"
+    );
+    assert_eq!(event_ids(&env, "never", &refund), vec![first; 4]);
+    let saga = saga_json(&mut orchestrator, "never");
+    assert_eq!(saga["status"], "COMPENSATION_STUCK", "{saga}");
+    assert_eq!(saga["stuck_steps"], serde_json::json!([0]));
+    let addr = orchestrator.http_addr(Duration::from_secs(5));
+    let (_, metrics) = common::http_get(&format!("http://{addr}/metrics"));
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("saga_streams_compensations_stuck_total{")
+                && l.contains("step=\"payment\"")
+                && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    // The refund is confirmed after all: no longer stuck, and no second outcome.
+    env.reply(0, Reply::Compensated, "never");
+    let ok = common::poll_until(Duration::from_secs(30), || {
+        saga_json(&mut orchestrator, "never")["status"] == "REFUNDED"
+    });
+    assert!(ok, "{}", saga_json(&mut orchestrator, "never"));
+    env.complete("never-barrier");
+    assert_eq!(env.count("never", &cancelled), 1);
+}
+
+#[test]
+fn a_payment_that_succeeds_after_failing_or_after_the_saga_shrank_is_refunded() {
+    let mut env = SagaEnv::new(RETRIES, 1);
+    let mut orchestrator = env.orchestrator("a", &[]);
+    let payment = env.def.steps[0].command.event_type.clone();
+    let refund = env.def.steps[0].compensation.event_type.clone();
+    let cancelled = env.def.cancelled.event_type.clone();
+    for order in ["late", "tomb"] {
+        env.create(order, &[]);
+        env.expect(order, &payment);
+        env.reply(0, Reply::Failure, order);
+        let outcome = env.expect(order, &cancelled);
+        assert_eq!(outcome["reason"], "payment_failed");
+    }
+    // The payment service succeeds after all, having said it failed: the money goes back.
+    env.reply(0, Reply::Success, "late");
+    env.expect("late", &refund);
+    env.reply(0, Reply::Compensated, "late");
+    let ok = common::poll_until(Duration::from_secs(30), || {
+        saga_json(&mut orchestrator, "late")["status"] == "REFUNDED"
+    });
+    assert!(ok, "{}", saga_json(&mut orchestrator, "late"));
+
+    // Past the retention the saga shrinks to a tombstone; it still knows the order.
+    let ok = common::poll_until(Duration::from_secs(90), || {
+        saga_json(&mut orchestrator, "tomb")["tombstone"] == true
+    });
+    assert!(ok, "{}", saga_json(&mut orchestrator, "tomb"));
+    // The start re-delivered (a new event id, as an outbox re-send makes): no second saga.
+    env.create("tomb", &[]);
+    env.complete("tomb-barrier");
+    assert_eq!(env.count("tomb", &payment), 1, "{:?}", env.trail("tomb"));
+    // A late success is still refunded, with the amount the order had.
+    env.reply(0, Reply::Success, "tomb");
+    let refunded = env.expect("tomb", &refund);
+    let created = common::saga_env::body(env.of("tomb", &payment)[0]);
+    assert_eq!(refunded["amount"], created["amount"]);
+    assert_eq!(env.count("tomb", &cancelled), 1);
+}
+
+#[test]
+fn a_step_with_a_retry_policy_succeeds_on_its_second_attempt() {
+    let mut env = SagaEnv::new(RETRIES, 1);
+    let _orchestrator = env.orchestrator("a", &[]);
+    let payment = env.def.steps[0].command.event_type.clone();
+    env.create("retried", &[]);
+    env.wait("the payment command sent again", |env| {
+        env.count("retried", &payment) >= 2
+    });
+    let ids = event_ids(&env, "retried", &payment);
+    assert_eq!(
+        ids[0], ids[1],
+        "a retry must carry the first send's event id"
+    );
+    env.reply(0, Reply::Success, "retried");
+    env.expect("retried", &env.def.steps[1].command.event_type.clone());
+    env.reply(1, Reply::Success, "retried");
+    env.expect("retried", &env.def.completed.event_type.clone());
+    let refund = env.def.steps[0].compensation.event_type.clone();
+    assert_eq!(
+        env.count("retried", &refund),
+        0,
+        "{:?}",
+        env.trail("retried")
+    );
+    assert_eq!(env.count("retried", &payment), 2);
+}

@@ -5,7 +5,19 @@
 
 use std::fmt::Write;
 
-use super::topology::{SagaDefinition, COMPLETED, FAILED, PENDING};
+use super::topology::{
+    RetryPolicy, SagaDefinition, COMPENSATION_STUCK, COMPLETED, FAILED, PENDING,
+};
+
+/// `timeout 30s`, or `timeout 30s x 3 attempts` when the message is sent again.
+fn timeout_label(timeout: std::time::Duration, retry: &RetryPolicy) -> String {
+    let base = format!("timeout {}", humantime::format_duration(timeout));
+    if retry.attempts > 1 {
+        format!("{base} x {} attempts", retry.attempts)
+    } else {
+        base
+    }
+}
 
 /// One transition of the state machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,7 +99,7 @@ pub fn edges(def: &SagaDefinition) -> Vec<Edge> {
         edges.push(Edge {
             from,
             to,
-            on: format!("timeout {}", humantime::format_duration(step.timeout)),
+            on: timeout_label(step.timeout, &step.retry),
             emits,
         });
     }
@@ -112,29 +124,56 @@ pub fn edges(def: &SagaDefinition) -> Vec<Edge> {
                 def.steps[j - 1].compensation.event_type.clone(),
             )
         };
-        for on in [
-            step.confirmed_by.clone(),
-            format!(
-                "timeout {} (unconfirmed)",
-                humantime::format_duration(step.timeout)
+        edges.push(Edge {
+            from: compensating(def, j),
+            to: to.clone(),
+            on: step.confirmed_by.clone(),
+            emits: emits.clone(),
+        });
+        // Given up: the remaining compensations still run; the saga ends stuck.
+        let (to, emits) = if j == 0 {
+            (
+                COMPENSATION_STUCK.to_string(),
+                format!(
+                    "{} (reason of the failure, compensation_stuck)",
+                    def.cancelled.event_type
+                ),
+            )
+        } else {
+            (to, emits)
+        };
+        edges.push(Edge {
+            from: compensating(def, j),
+            to,
+            on: format!(
+                "{} (unconfirmed: given up)",
+                timeout_label(step.timeout, &step.compensation_retry)
             ),
-        ] {
-            edges.push(Edge {
-                from: compensating(def, j),
-                to: to.clone(),
-                on,
-                emits: emits.clone(),
-            });
-        }
+            emits,
+        });
     }
-    for terminal in [COMPLETED, FAILED, def.compensated_state.as_str()] {
+    for terminal in [
+        COMPLETED,
+        FAILED,
+        def.compensated_state.as_str(),
+        COMPENSATION_STUCK,
+    ] {
         edges.push(Edge {
             from: terminal.into(),
-            to: "[*]".into(),
+            to: "TOMBSTONE".into(),
             on: format!("retention {}", humantime::format_duration(def.retention)),
             emits: String::new(),
         });
     }
+    edges.push(Edge {
+        from: "TOMBSTONE".into(),
+        to: "[*]".into(),
+        on: format!(
+            "dedupe_retention {} after the outcome",
+            humantime::format_duration(def.dedupe_retention)
+        ),
+        emits: String::new(),
+    });
     edges
 }
 
@@ -183,7 +222,11 @@ pub fn text(def: &SagaDefinition) -> String {
     }
     let _ = writeln!(
         out,
-        "  a success that arrives after its step timed out: the saga keeps its outcome and emits that step's compensation"
+        "  a success that arrives after its step failed or timed out (outcome or tombstone included): its compensation is queued in reverse step order; the outcome stays"
+    );
+    let _ = writeln!(
+        out,
+        "  a message sent again after its timeout (retry) carries its first send's event_id"
     );
     let _ = writeln!(
         out,
@@ -191,7 +234,7 @@ pub fn text(def: &SagaDefinition) -> String {
     );
     let _ = writeln!(
         out,
-        "  a duplicate event_id, or a reply the saga does not wait for: ignored, no output"
+        "  a duplicate event_id, a second start event, or a reply the saga does not wait for: ignored, no output"
     );
     out
 }

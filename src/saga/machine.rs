@@ -4,14 +4,22 @@
 //! outputs into Kafka records and keeps the timer index in step with `next_timer_ms`, all in the
 //! same commit cycle.
 //!
-//! Rules (DESIGN.md section 4):
+//! Rules (DESIGN.md section 4, README "Saga rules"):
 //! - a step's success starts the next step, or completes the saga after the last one;
+//! - a step whose reply does not come within its timeout is sent again (same message, same event
+//!   id) while its `retry` policy allows, with a growing pause; then it has timed out;
 //! - a step's failure, or its timeout, compensates the steps that succeeded, one at a time in
-//!   reverse order, each waiting for its confirmation (or its own timeout), then cancels;
-//! - a duplicate event (same `event_id`) or a reply the saga does not wait for changes nothing;
-//! - a success that arrives after its step timed out gets that step's compensation and nothing
-//!   else (money taken late is refunded);
-//! - a finished saga stays until its retention passes, then expires.
+//!   reverse order, each waiting for its confirmation; an unconfirmed compensation is sent again
+//!   (same event id) up to its `retry` attempts, then given up: the saga ends
+//!   `COMPENSATION_STUCK`, never as cleanly compensated;
+//! - a success that arrives after its step failed or timed out, even after the outcome, gets that
+//!   step's compensation, queued with the others in reverse step order (money taken late is
+//!   refunded); each step is compensated at most once;
+//! - a duplicate event (same `event_id`), a second start, or a reply the saga does not wait for
+//!   changes nothing;
+//! - a finished saga stays until its retention passes, then shrinks to a tombstone until its
+//!   dedupe retention passes: a start re-delivered meanwhile starts nothing, a late success is
+//!   still compensated.
 
 use std::collections::VecDeque;
 
@@ -19,11 +27,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::topology::{
-    EventRole, MessageSpec, SagaDefinition, COMPENSATING, COMPLETED, FAILED, PENDING,
+    EventRole, MessageSpec, RetryPolicy, SagaDefinition, COMPENSATING, COMPENSATION_STUCK,
+    COMPLETED, FAILED, PENDING,
 };
 
-/// The encoding version of [`SagaRecord`] as stored in RocksDB and the changelog.
-pub const RECORD_VERSION: u32 = 1;
+/// The encoding version of [`SagaRecord`] as stored in RocksDB and the changelog. Version 1
+/// records (no retries, no tombstones) are read and upgraded by [`SagaRecord::upgrade`].
+pub const RECORD_VERSION: u32 = 2;
 /// How many applied event ids a saga remembers for deduplication.
 pub const RECENT_EVENT_IDS: usize = 32;
 /// Transitions kept in the history (a saga has far fewer; this bounds a misbehaving producer).
@@ -36,11 +46,14 @@ pub enum Phase {
     /// Waiting for the reply of step `step`.
     Running { step: usize },
     /// Waiting for the confirmation of step `step`'s compensation; `pending` are still to be
-    /// compensated after it, in this order.
+    /// compensated after it, in this order. `after_outcome`: late compensations of a saga whose
+    /// outcome was emitted already (it returns to `Finished` without a second outcome).
     Compensating {
         step: usize,
         pending: Vec<usize>,
         reason: String,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        after_outcome: bool,
     },
     /// An outcome was emitted.
     Finished,
@@ -64,7 +77,7 @@ pub struct Outcome {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Transition {
     pub at_ms: i64,
-    /// The event type that caused it, or `timeout`.
+    /// The event type that caused it, `timeout`, `retry` or `retention`.
     pub cause: String,
     pub event_id: Option<String>,
     pub from: String,
@@ -73,29 +86,61 @@ pub struct Transition {
     pub note: Option<String>,
 }
 
+/// The command or compensation a saga waits on, as sent: a retry sends exactly this again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InFlight {
+    pub step: usize,
+    pub compensation: bool,
+    pub topic: String,
+    pub event_type: String,
+    pub event_id: String,
+    pub payload: Map<String, Value>,
+    /// Sends so far.
+    pub attempt: u32,
+    /// Set while pausing before the next send (then `deadline_ms` is that time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resend_at_ms: Option<i64>,
+}
+
 /// One saga as stored (JSON, versioned by `record_version`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SagaRecord {
     pub record_version: u32,
     pub saga_id: String,
-    /// PENDING, a step's state, COMPENSATING, COMPLETED, FAILED or the compensated state.
+    /// PENDING, a step's state, COMPENSATING, COMPLETED, FAILED, COMPENSATION_STUCK or the
+    /// compensated state.
     pub status: String,
     pub phase: Phase,
     /// The step whose reply (or compensation confirmation) the saga waits for.
     pub step_awaited: Option<String>,
-    /// When the awaited reply times out (ms since the epoch).
+    /// When the awaited reply times out, or the next retry is due (ms since the epoch).
     pub deadline_ms: Option<i64>,
-    /// When a finished saga is removed.
+    /// When a finished saga shrinks to a tombstone, or a tombstone is removed.
     pub expires_at_ms: Option<i64>,
-    /// The start event's payload plus each successful step's reply payload.
+    /// The start event's payload plus each successful step's reply payload (a tombstone keeps
+    /// only what compensations need).
     pub context: Map<String, Value>,
     pub correlation_id: String,
     pub traceparent: Option<String>,
-    /// Steps that succeeded, in order.
+    /// Steps that succeeded in their turn, in order.
     pub completed_steps: Vec<usize>,
-    /// The step that timed out, if any: its late success must be compensated.
+    /// Steps that failed or timed out: a success of theirs arriving later is compensated.
+    #[serde(default)]
+    pub abandoned_steps: Vec<usize>,
+    /// Steps whose compensation was sent: each at most once (a retry re-sends the same message).
+    #[serde(default)]
+    pub compensated_steps: Vec<usize>,
+    /// Steps whose compensation was never confirmed after all its attempts.
+    #[serde(default)]
+    pub stuck_steps: Vec<usize>,
+    /// The message awaited, kept for retries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_flight: Option<InFlight>,
+    /// Version 1 only: the step that timed out (read into `abandoned_steps`).
+    #[serde(default, skip_serializing)]
     pub timed_out_step: Option<usize>,
-    /// The late success of `timed_out_step` was compensated already.
+    /// Version 1 only: its late success was compensated (read into `compensated_steps`).
+    #[serde(default, skip_serializing)]
     pub late_compensated: bool,
     pub outcome: Option<Outcome>,
     pub recent_event_ids: VecDeque<String>,
@@ -104,6 +149,9 @@ pub struct SagaRecord {
     /// Messages emitted so far; numbers them for deterministic event ids.
     pub messages_sent: u32,
     pub history: Vec<Transition>,
+    /// The record shrank to what deduplication and late compensations need.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tombstone: bool,
 }
 
 /// An input event as the machine sees it: decoded, validated, its role known.
@@ -128,13 +176,24 @@ pub enum SagaInput<'a> {
     },
 }
 
-/// What an output is, for metrics and audit.
+/// What an output is, for metrics and audit. `attempt` is 1 for a first send, more for a retry
+/// (which carries the first send's event id).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OutputKind {
-    Command { step: usize },
-    Compensation { step: usize, late: bool },
+    Command {
+        step: usize,
+        attempt: u32,
+    },
+    /// `late`: the step's success came after it failed or timed out.
+    Compensation {
+        step: usize,
+        late: bool,
+        attempt: u32,
+    },
     Completed,
-    Cancelled { reason: String },
+    Cancelled {
+        reason: String,
+    },
 }
 
 /// A message to emit.
@@ -150,8 +209,10 @@ pub struct SagaOutput {
 /// Why an input changed nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ignored {
-    /// The event was applied before, or the saga already exists.
+    /// The event was applied before.
     Duplicate,
+    /// A start event for a saga that exists (live, finished or a tombstone).
+    AlreadyStarted,
     /// A reply the saga does not wait for in its current phase.
     Unexpected,
     /// A timer that is not due (yet).
@@ -162,6 +223,7 @@ impl Ignored {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Duplicate => "duplicate",
+            Self::AlreadyStarted => "already_started",
             Self::Unexpected => "unexpected",
             Self::NotDue => "not_due",
         }
@@ -176,19 +238,57 @@ pub enum Applied {
         outputs: Vec<SagaOutput>,
     },
     Ignored(Ignored),
-    /// The retention of a finished saga passed: remove it.
+    /// The dedupe retention of a finished saga passed: remove it.
     Expired,
 }
 
 impl SagaRecord {
     /// The time at which [`apply`] with [`SagaInput::Timer`] has something to do: a step's
-    /// deadline (its command's timestamp plus the step timeout) or the end of the retention.
+    /// deadline (its command's timestamp plus the step timeout), a retry, or the end of a
+    /// retention.
     pub fn next_timer_ms(&self) -> Option<i64> {
         self.deadline_ms.or(self.expires_at_ms)
     }
 
     pub fn is_finished(&self) -> bool {
         matches!(self.phase, Phase::Finished)
+    }
+
+    /// Brings a record of an earlier version to the current one (a no-op for current ones).
+    pub fn upgrade(mut self) -> Self {
+        if self.record_version >= RECORD_VERSION {
+            return self;
+        }
+        // Version 1: one timed-out step and a flag for its late compensation; compensations
+        // were sent for every completed step except those still pending.
+        if let Some(step) = self.timed_out_step.take() {
+            push_once(&mut self.abandoned_steps, step);
+            if self.late_compensated {
+                push_once(&mut self.compensated_steps, step);
+            }
+        }
+        let not_yet: Vec<usize> = match &self.phase {
+            Phase::Running { .. } => self.completed_steps.clone(),
+            Phase::Compensating { pending, .. } => pending.clone(),
+            Phase::Finished => match self.outcome.as_ref().map(|o| o.kind) {
+                Some(OutcomeKind::Cancelled) => Vec::new(),
+                _ => self.completed_steps.clone(),
+            },
+        };
+        for step in self.completed_steps.clone() {
+            if !not_yet.contains(&step) {
+                push_once(&mut self.compensated_steps, step);
+            }
+        }
+        self.late_compensated = false;
+        self.record_version = RECORD_VERSION;
+        self
+    }
+}
+
+fn push_once(steps: &mut Vec<usize>, step: usize) {
+    if !steps.contains(&step) {
+        steps.push(step);
     }
 }
 
@@ -215,6 +315,10 @@ pub fn start(
         correlation_id,
         traceparent: event.traceparent.clone(),
         completed_steps: Vec::new(),
+        abandoned_steps: Vec::new(),
+        compensated_steps: Vec::new(),
+        stuck_steps: Vec::new(),
+        in_flight: None,
         timed_out_step: None,
         late_compensated: false,
         outcome: None,
@@ -223,6 +327,7 @@ pub fn start(
         updated_at_ms: now_ms,
         messages_sent: 0,
         history: Vec::new(),
+        tombstone: false,
     };
     let mut outputs = Vec::new();
     run_step(def, &mut record, 0, now_ms, &mut outputs);
@@ -257,100 +362,33 @@ pub fn apply(
             {
                 return Applied::Ignored(Ignored::Duplicate);
             }
-            let note = match (&current.phase, event.role) {
-                (_, EventRole::Start) => return Applied::Ignored(Ignored::Duplicate),
-                (Phase::Running { step }, EventRole::Success(s)) if *step == s => {
-                    merge(&mut record.context, &event.payload);
-                    record.completed_steps.push(s);
-                    record.status = def.steps[s].state.clone();
-                    if s + 1 < def.steps.len() {
-                        run_step(def, &mut record, s + 1, now_ms, &mut outputs);
-                    } else {
-                        // The last step's state is passed through on the way to COMPLETED; the
-                        // history shows both.
-                        push_history(
-                            &mut record,
-                            now_ms,
-                            &event.event_type,
-                            Some(&event.event_id),
-                            &from,
-                            None,
-                        );
-                        from = record.status.clone();
-                        finish(
-                            def,
-                            &mut record,
-                            OutcomeKind::Completed,
-                            None,
-                            now_ms,
-                            &mut outputs,
-                        );
-                    }
-                    None
-                }
-                (Phase::Running { step }, EventRole::Failure(s)) if *step == s => {
-                    let reason = format!("{}_failed", def.steps[s].name);
-                    begin_compensation(def, &mut record, reason, now_ms, &mut outputs);
-                    None
-                }
-                (Phase::Compensating { step, .. }, EventRole::Compensated(s)) if *step == s => {
-                    next_compensation(def, &mut record, now_ms, &mut outputs);
-                    None
-                }
-                (_, EventRole::Success(s))
-                    if current.timed_out_step == Some(s) && !current.late_compensated =>
-                {
-                    merge(&mut record.context, &event.payload);
-                    record.late_compensated = true;
-                    let compensation = &def.steps[s].compensation;
-                    let kind = OutputKind::Compensation {
-                        step: s,
-                        late: true,
-                    };
-                    outputs.push(message(&mut record, compensation, kind, None));
-                    Some(format!(
-                        "step '{}' succeeded after its timeout: compensated",
-                        def.steps[s].name
-                    ))
-                }
-                _ => return Applied::Ignored(Ignored::Unexpected),
+            let Some(note) = apply_event(def, &mut record, event, now_ms, &mut from, &mut outputs)
+            else {
+                return Applied::Ignored(match event.role {
+                    EventRole::Start => Ignored::AlreadyStarted,
+                    _ => Ignored::Unexpected,
+                });
             };
             record.recent_event_ids.push_back(event.event_id.clone());
             while record.recent_event_ids.len() > RECENT_EVENT_IDS {
                 record.recent_event_ids.pop_front();
             }
+            if event.traceparent.is_some() {
+                record.traceparent = event.traceparent.clone();
+            }
             (event.event_type.clone(), Some(event.event_id.clone()), note)
         }
         SagaInput::Timer { input_time_ms } => {
-            let due = |at: Option<i64>| at.is_some_and(|t| t <= input_time_ms);
-            match current.phase.clone() {
-                Phase::Running { step } if due(current.deadline_ms) => {
-                    record.timed_out_step = Some(step);
-                    let reason = format!("timeout:{}", def.steps[step].name);
-                    begin_compensation(def, &mut record, reason, now_ms, &mut outputs);
-                    ("timeout".to_string(), None, None)
-                }
-                Phase::Compensating { step, .. } if due(current.deadline_ms) => {
-                    next_compensation(def, &mut record, now_ms, &mut outputs);
-                    (
-                        "timeout".to_string(),
-                        None,
-                        Some(format!(
-                            "compensation of step '{}' was not confirmed in time",
-                            def.steps[step].name
-                        )),
-                    )
-                }
-                Phase::Finished if due(current.expires_at_ms) => return Applied::Expired,
-                _ => return Applied::Ignored(Ignored::NotDue),
+            if current.next_timer_ms().is_none_or(|t| t > input_time_ms) {
+                return Applied::Ignored(Ignored::NotDue);
+            }
+            match apply_timer(def, &mut record, input_time_ms, now_ms, &mut outputs) {
+                TimerResult::Changed { cause, note } => (cause.to_string(), None, note),
+                TimerResult::Expired => return Applied::Expired,
+                TimerResult::NotDue => return Applied::Ignored(Ignored::NotDue),
             }
         }
     };
-    if let SagaInput::Event(event) = input {
-        if event.traceparent.is_some() {
-            record.traceparent = event.traceparent.clone();
-        }
-    }
     record.updated_at_ms = now_ms;
     push_history(
         &mut record,
@@ -364,6 +402,254 @@ pub fn apply(
         record: Box::new(record),
         outputs,
     }
+}
+
+/// The effect of an event; `None` when it changes nothing. `Some(note)` otherwise.
+fn apply_event(
+    def: &SagaDefinition,
+    record: &mut SagaRecord,
+    event: &SagaEvent,
+    now_ms: i64,
+    from: &mut String,
+    outputs: &mut Vec<SagaOutput>,
+) -> Option<Option<String>> {
+    match (record.phase.clone(), event.role) {
+        (_, EventRole::Start) => None,
+        (Phase::Running { step }, EventRole::Success(s)) if step == s => {
+            merge(&mut record.context, &event.payload);
+            record.completed_steps.push(s);
+            record.in_flight = None;
+            record.status = def.steps[s].state.clone();
+            if s + 1 < def.steps.len() {
+                run_step(def, record, s + 1, now_ms, outputs);
+            } else {
+                // The last step's state is passed through on the way to COMPLETED; the history
+                // shows both.
+                push_history(
+                    record,
+                    now_ms,
+                    &event.event_type,
+                    Some(&event.event_id),
+                    from,
+                    None,
+                );
+                from.clone_from(&record.status);
+                finish(def, record, OutcomeKind::Completed, None, now_ms, outputs);
+            }
+            Some(None)
+        }
+        (Phase::Running { step }, EventRole::Failure(s)) if step == s => {
+            record.in_flight = None;
+            push_once(&mut record.abandoned_steps, s);
+            let reason = format!("{}_failed", def.steps[s].name);
+            begin_compensation(def, record, reason, now_ms, outputs);
+            Some(None)
+        }
+        (Phase::Compensating { step, .. }, EventRole::Compensated(s)) if step == s => {
+            record.in_flight = None;
+            next_compensation(def, record, now_ms, outputs);
+            Some(None)
+        }
+        (_, EventRole::Compensated(s)) if record.stuck_steps.contains(&s) => {
+            record.stuck_steps.retain(|x| *x != s);
+            if record.is_finished() {
+                record.status = final_status(def, record);
+            }
+            Some(Some(format!(
+                "the compensation of step '{}' was confirmed after it was given up",
+                def.steps[s].name
+            )))
+        }
+        (phase, EventRole::Success(s))
+            if record.abandoned_steps.contains(&s)
+                && !record.compensated_steps.contains(&s)
+                && !matches!(phase, Phase::Running { .. }) =>
+        {
+            merge(&mut record.context, &event.payload);
+            let why = if record.is_finished() {
+                "after the saga ended"
+            } else {
+                "after the step failed or timed out"
+            };
+            match phase {
+                Phase::Compensating {
+                    step,
+                    mut pending,
+                    reason,
+                    after_outcome,
+                } => {
+                    if !pending.contains(&s) {
+                        pending.push(s);
+                        // Reverse step order, as the compensations of the steps done in their
+                        // turn: a late one waits behind the one in flight.
+                        pending.sort_unstable_by(|a, b| b.cmp(a));
+                    }
+                    record.phase = Phase::Compensating {
+                        step,
+                        pending,
+                        reason,
+                        after_outcome,
+                    };
+                }
+                _ => {
+                    let reason = record
+                        .outcome
+                        .as_ref()
+                        .and_then(|o| o.reason.clone())
+                        .unwrap_or_default();
+                    record.phase = Phase::Compensating {
+                        step: usize::MAX,
+                        pending: vec![s],
+                        reason,
+                        after_outcome: true,
+                    };
+                    next_compensation(def, record, now_ms, outputs);
+                }
+            }
+            Some(Some(format!(
+                "step '{}' succeeded {why}: its compensation is queued",
+                def.steps[s].name
+            )))
+        }
+        _ => None,
+    }
+}
+
+enum TimerResult {
+    Changed {
+        cause: &'static str,
+        note: Option<String>,
+    },
+    Expired,
+    NotDue,
+}
+
+fn apply_timer(
+    def: &SagaDefinition,
+    record: &mut SagaRecord,
+    input_time_ms: i64,
+    now_ms: i64,
+    outputs: &mut Vec<SagaOutput>,
+) -> TimerResult {
+    match record.phase.clone() {
+        Phase::Running { step } | Phase::Compensating { step, .. }
+            if record.deadline_ms.is_some_and(|d| d <= input_time_ms) =>
+        {
+            let compensating = matches!(record.phase, Phase::Compensating { .. });
+            let spec = &def.steps[step];
+            let policy = if compensating {
+                spec.compensation_retry
+            } else {
+                spec.retry
+            };
+            let what = if compensating {
+                format!("the compensation of step '{}'", spec.name)
+            } else {
+                format!("step '{}'", spec.name)
+            };
+            if let Some(note) = retry(record, &policy, spec.timeout, &what, now_ms, outputs) {
+                return TimerResult::Changed {
+                    cause: "retry",
+                    note: Some(note),
+                };
+            }
+            record.in_flight = None;
+            if compensating {
+                push_once(&mut record.stuck_steps, step);
+                next_compensation(def, record, now_ms, outputs);
+                TimerResult::Changed {
+                    cause: "timeout",
+                    note: Some(format!(
+                        "{what} was not confirmed after {} attempts: given up (COMPENSATION_STUCK)",
+                        policy.attempts
+                    )),
+                }
+            } else {
+                push_once(&mut record.abandoned_steps, step);
+                let reason = format!("timeout:{}", spec.name);
+                begin_compensation(def, record, reason, now_ms, outputs);
+                TimerResult::Changed {
+                    cause: "timeout",
+                    note: None,
+                }
+            }
+        }
+        Phase::Finished if record.expires_at_ms.is_some_and(|t| t <= input_time_ms) => {
+            let ended = record.outcome.as_ref().map_or(now_ms, |o| o.at_ms);
+            let tombstone_until = ended.saturating_add(def.dedupe_retention.as_millis() as i64);
+            if record.tombstone || tombstone_until <= input_time_ms {
+                return TimerResult::Expired;
+            }
+            shrink_to_tombstone(def, record, tombstone_until);
+            TimerResult::Changed {
+                cause: "retention",
+                note: Some("retention passed: kept as a tombstone for deduplication".into()),
+            }
+        }
+        _ => TimerResult::NotDue,
+    }
+}
+
+/// Re-sends the awaited message, or starts the pause before it, while the policy has attempts
+/// left. Returns the history note, or `None` when the attempts are used up.
+fn retry(
+    record: &mut SagaRecord,
+    policy: &RetryPolicy,
+    timeout: std::time::Duration,
+    what: &str,
+    now_ms: i64,
+    outputs: &mut Vec<SagaOutput>,
+) -> Option<String> {
+    let flight = record.in_flight.as_mut()?;
+    if flight.resend_at_ms.is_some() {
+        flight.resend_at_ms = None;
+        flight.attempt += 1;
+        let kind = if flight.compensation {
+            OutputKind::Compensation {
+                step: flight.step,
+                late: record.abandoned_steps.contains(&flight.step),
+                attempt: flight.attempt,
+            }
+        } else {
+            OutputKind::Command {
+                step: flight.step,
+                attempt: flight.attempt,
+            }
+        };
+        outputs.push(SagaOutput {
+            kind,
+            topic: flight.topic.clone(),
+            event_type: flight.event_type.clone(),
+            event_id: flight.event_id.clone(),
+            payload: flight.payload.clone(),
+        });
+        let note = format!("{what}: sent again (attempt {})", flight.attempt);
+        record.deadline_ms = Some(now_ms.saturating_add(timeout.as_millis() as i64));
+        return Some(note);
+    }
+    if flight.attempt >= policy.attempts {
+        return None;
+    }
+    let pause = policy.pause_before(flight.attempt);
+    let at = now_ms.saturating_add(pause.as_millis() as i64);
+    flight.resend_at_ms = Some(at);
+    record.deadline_ms = Some(at);
+    Some(format!(
+        "{what}: no reply to attempt {}; sending again in {}",
+        flight.attempt,
+        humantime::format_duration(pause)
+    ))
+}
+
+fn shrink_to_tombstone(def: &SagaDefinition, record: &mut SagaRecord, until_ms: i64) {
+    let keep = def.compensation_fields();
+    record
+        .context
+        .retain(|field, _| *field == def.key_field || keep.contains(field.as_str()));
+    record.history.clear();
+    record.recent_event_ids.clear();
+    record.tombstone = true;
+    record.expires_at_ms = Some(until_ms);
 }
 
 fn merge(context: &mut Map<String, Value>, payload: &Map<String, Value>) {
@@ -427,6 +713,32 @@ fn message(
     }
 }
 
+/// Sends a command or compensation and remembers it for retries.
+fn send_awaited(
+    record: &mut SagaRecord,
+    spec: &MessageSpec,
+    kind: OutputKind,
+    outputs: &mut Vec<SagaOutput>,
+) {
+    let output = message(record, spec, kind.clone(), None);
+    let (step, compensation) = match kind {
+        OutputKind::Compensation { step, .. } => (step, true),
+        OutputKind::Command { step, .. } => (step, false),
+        _ => (usize::MAX, false),
+    };
+    record.in_flight = Some(InFlight {
+        step,
+        compensation,
+        topic: output.topic.clone(),
+        event_type: output.event_type.clone(),
+        event_id: output.event_id.clone(),
+        payload: output.payload.clone(),
+        attempt: 1,
+        resend_at_ms: None,
+    });
+    outputs.push(output);
+}
+
 fn run_step(
     def: &SagaDefinition,
     record: &mut SagaRecord,
@@ -438,12 +750,8 @@ fn run_step(
     record.phase = Phase::Running { step };
     record.step_awaited = Some(spec.name.clone());
     record.deadline_ms = Some(now_ms.saturating_add(spec.timeout.as_millis() as i64));
-    outputs.push(message(
-        record,
-        &spec.command,
-        OutputKind::Command { step },
-        None,
-    ));
+    let kind = OutputKind::Command { step, attempt: 1 };
+    send_awaited(record, &spec.command, kind, outputs);
 }
 
 fn begin_compensation(
@@ -458,11 +766,13 @@ fn begin_compensation(
         step: usize::MAX,
         pending,
         reason,
+        after_outcome: false,
     };
     next_compensation(def, record, now_ms, outputs);
 }
 
-/// Sends the next pending compensation, or cancels the saga when none is left.
+/// Sends the next pending compensation, or ends the compensating phase when none is left:
+/// cancels the saga, or (late compensations after the outcome) returns it to `Finished`.
 fn next_compensation(
     def: &SagaDefinition,
     record: &mut SagaRecord,
@@ -470,11 +780,15 @@ fn next_compensation(
     outputs: &mut Vec<SagaOutput>,
 ) {
     let Phase::Compensating {
-        pending, reason, ..
+        mut pending,
+        reason,
+        after_outcome,
+        ..
     } = record.phase.clone()
     else {
         return;
     };
+    pending.retain(|s| !record.compensated_steps.contains(s));
     match pending.split_first() {
         Some((&step, rest)) => {
             let spec = &def.steps[step];
@@ -482,21 +796,59 @@ fn next_compensation(
                 step,
                 pending: rest.to_vec(),
                 reason,
+                after_outcome,
             };
             record.status = COMPENSATING.to_string();
             record.step_awaited = Some(spec.name.clone());
             record.deadline_ms = Some(now_ms.saturating_add(spec.timeout.as_millis() as i64));
-            let kind = OutputKind::Compensation { step, late: false };
-            outputs.push(message(record, &spec.compensation, kind, None));
+            record.compensated_steps.push(step);
+            let kind = OutputKind::Compensation {
+                step,
+                late: record.abandoned_steps.contains(&step),
+                attempt: 1,
+            };
+            send_awaited(record, &spec.compensation, kind, outputs);
         }
-        None => finish(
-            def,
-            record,
-            OutcomeKind::Cancelled,
-            Some(reason),
-            now_ms,
-            outputs,
-        ),
+        None if after_outcome => {
+            record.phase = Phase::Finished;
+            record.step_awaited = None;
+            record.deadline_ms = None;
+            record.status = final_status(def, record);
+            if record.expires_at_ms.is_none() {
+                record.expires_at_ms =
+                    Some(now_ms.saturating_add(def.retention.as_millis() as i64));
+            }
+        }
+        None => {
+            let reason = if record.stuck_steps.is_empty() {
+                reason
+            } else {
+                let names: Vec<&str> = record
+                    .stuck_steps
+                    .iter()
+                    .map(|s| def.steps[*s].name.as_str())
+                    .collect();
+                format!("{reason}; compensation_stuck:{}", names.join(","))
+            };
+            finish(
+                def,
+                record,
+                OutcomeKind::Cancelled,
+                Some(reason),
+                now_ms,
+                outputs,
+            )
+        }
+    }
+}
+
+/// The status of a finished saga: its outcome, or how its compensations ended.
+fn final_status(def: &SagaDefinition, record: &SagaRecord) -> String {
+    match record.outcome.as_ref().map(|o| o.kind) {
+        Some(OutcomeKind::Completed) => COMPLETED.to_string(),
+        _ if !record.stuck_steps.is_empty() => COMPENSATION_STUCK.to_string(),
+        _ if record.compensated_steps.is_empty() => FAILED.to_string(),
+        _ => def.compensated_state.clone(),
     }
 }
 
@@ -508,18 +860,16 @@ fn finish(
     now_ms: i64,
     outputs: &mut Vec<SagaOutput>,
 ) {
+    record.outcome = Some(Outcome {
+        kind,
+        reason: reason.clone(),
+        at_ms: now_ms,
+    });
+    record.status = final_status(def, record);
     let output = match kind {
-        OutcomeKind::Completed => {
-            record.status = COMPLETED.to_string();
-            message(record, &def.completed, OutputKind::Completed, None)
-        }
+        OutcomeKind::Completed => message(record, &def.completed, OutputKind::Completed, None),
         OutcomeKind::Cancelled => {
-            let reason = reason.clone().unwrap_or_default();
-            record.status = if record.completed_steps.is_empty() {
-                FAILED.to_string()
-            } else {
-                def.compensated_state.clone()
-            };
+            let reason = reason.unwrap_or_default();
             message(
                 record,
                 &def.cancelled,
@@ -534,12 +884,8 @@ fn finish(
     record.phase = Phase::Finished;
     record.step_awaited = None;
     record.deadline_ms = None;
+    record.in_flight = None;
     record.expires_at_ms = Some(now_ms.saturating_add(def.retention.as_millis() as i64));
-    record.outcome = Some(Outcome {
-        kind,
-        reason,
-        at_ms: now_ms,
-    });
 }
 
 #[cfg(test)]
@@ -716,7 +1062,15 @@ mod tests {
         let late = event("late", &d, EventRole::Success(0));
         let (r2, out) = changed(apply(&d, &r, SagaInput::Event(&late), deadline + 5));
         assert_eq!(types(&out), ["RefundPayment"]);
-        assert_eq!(r2.status, "FAILED");
+        assert!(matches!(
+            out[0].kind,
+            OutputKind::Compensation {
+                step: 0,
+                late: true,
+                attempt: 1
+            }
+        ));
+        assert_eq!(r2.status, "COMPENSATING");
         assert_eq!(r2.outcome, r.outcome);
         // The same late success again, or another one: nothing more.
         assert_eq!(
@@ -726,6 +1080,315 @@ mod tests {
         let other = event("late2", &d, EventRole::Success(0));
         assert_eq!(
             apply(&d, &r2, SagaInput::Event(&other), deadline + 6),
+            Applied::Ignored(Ignored::Unexpected)
+        );
+        // Confirmed: finished again, no second outcome, the money given back.
+        let (r3, out) = changed(apply(
+            &d,
+            &r2,
+            SagaInput::Event(&event("refunded", &d, EventRole::Compensated(0))),
+            deadline + 7,
+        ));
+        assert!(out.is_empty() && r3.is_finished());
+        assert_eq!(r3.status, "REFUNDED");
+        assert_eq!(r3.outcome, r.outcome);
+    }
+
+    fn confirm(
+        d: &SagaDefinition,
+        r: &SagaRecord,
+        step: usize,
+        at: i64,
+    ) -> (SagaRecord, Vec<SagaOutput>) {
+        let e = event(
+            &format!("confirm-{step}-{at}"),
+            d,
+            EventRole::Compensated(step),
+        );
+        changed(apply(d, r, SagaInput::Event(&e), at))
+    }
+
+    fn fire(d: &SagaDefinition, r: &SagaRecord) -> (SagaRecord, Vec<SagaOutput>) {
+        let at = r.next_timer_ms().expect("a timer");
+        changed(apply(d, r, SagaInput::Timer { input_time_ms: at }, at))
+    }
+
+    /// Payment done, inventory failed: the refund is in flight.
+    fn refunding(d: &SagaDefinition) -> (SagaRecord, Vec<SagaOutput>) {
+        let (r, _) = started(d);
+        let (r, _) = changed(apply(
+            d,
+            &r,
+            SagaInput::Event(&event("e1", d, EventRole::Success(0))),
+            2_000,
+        ));
+        changed(apply(
+            d,
+            &r,
+            SagaInput::Event(&event("e2", d, EventRole::Failure(1))),
+            3_000,
+        ))
+    }
+
+    #[test]
+    fn an_unconfirmed_compensation_is_sent_again_with_its_id_then_given_up_as_stuck() {
+        let d = def("order_saga.yaml");
+        let (mut r, first) = refunding(&d);
+        let policy = d.steps[0].compensation_retry;
+        let mut sent = first.clone();
+        let mut pauses = Vec::new();
+        while !r.is_finished() {
+            let before = r.deadline_ms.unwrap();
+            let (next, out) = fire(&d, &r);
+            if next
+                .in_flight
+                .as_ref()
+                .is_some_and(|f| f.resend_at_ms.is_some())
+            {
+                pauses.push(next.deadline_ms.unwrap() - before);
+            }
+            sent.extend(out);
+            r = next;
+        }
+        let refunds: Vec<&SagaOutput> = sent
+            .iter()
+            .filter(|o| o.event_type == "RefundPayment")
+            .collect();
+        assert_eq!(refunds.len() as u32, policy.attempts);
+        assert!(refunds
+            .iter()
+            .all(|o| o.event_id == first[0].event_id && o.payload == first[0].payload));
+        let attempts: Vec<u32> = refunds
+            .iter()
+            .map(|o| match o.kind {
+                OutputKind::Compensation { attempt, .. } => attempt,
+                _ => 0,
+            })
+            .collect();
+        assert_eq!(attempts, (1..=policy.attempts).collect::<Vec<_>>());
+        // The pauses grow: 5 s, 10 s, 20 s, 40 s by default.
+        let expected: Vec<i64> = (1..policy.attempts)
+            .map(|n| policy.pause_before(n).as_millis() as i64)
+            .collect();
+        assert_eq!(pauses, expected);
+        assert!(pauses.windows(2).all(|w| w[0] < w[1]));
+        // Given up: cancelled, but never as cleanly refunded.
+        assert_eq!(r.status, COMPENSATION_STUCK);
+        assert_eq!(r.stuck_steps, vec![0]);
+        let outcome = sent.last().unwrap();
+        assert_eq!(outcome.event_type, "OrderCancelled");
+        assert_eq!(
+            outcome.payload["reason"],
+            serde_json::json!("inventory_failed; compensation_stuck:payment")
+        );
+        // A confirmation after all clears it.
+        let (r, out) = confirm(&d, &r, 0, i64::MAX / 4);
+        assert!(out.is_empty());
+        assert_eq!((r.status.as_str(), r.stuck_steps.len()), ("REFUNDED", 0));
+    }
+
+    #[test]
+    fn a_compensation_confirmed_on_its_third_attempt_ends_refunded() {
+        let d = def("order_saga.yaml");
+        let (mut r, first) = refunding(&d);
+        let mut refunds = first.len();
+        while r.in_flight.as_ref().map(|f| f.attempt) < Some(3) {
+            let (next, out) = fire(&d, &r);
+            refunds += out.len();
+            r = next;
+        }
+        assert_eq!(refunds, 3);
+        let (r, out) = confirm(&d, &r, 0, r.deadline_ms.unwrap() - 1);
+        assert_eq!(types(&out), ["OrderCancelled"]);
+        assert_eq!(
+            out[0].payload["reason"],
+            serde_json::json!("inventory_failed")
+        );
+        assert_eq!(r.status, "REFUNDED");
+    }
+
+    #[test]
+    fn a_payment_success_after_its_failure_is_refunded() {
+        let d = def("order_saga.yaml");
+        let (r, _) = started(&d);
+        let (r, out) = changed(apply(
+            &d,
+            &r,
+            SagaInput::Event(&event("f", &d, EventRole::Failure(0))),
+            2_000,
+        ));
+        assert_eq!(
+            (r.status.as_str(), types(&out)),
+            ("FAILED", vec!["OrderCancelled"])
+        );
+        let (r, out) = changed(apply(
+            &d,
+            &r,
+            SagaInput::Event(&event("s", &d, EventRole::Success(0))),
+            3_000,
+        ));
+        assert_eq!(types(&out), ["RefundPayment"]);
+        assert_eq!(out[0].payload["payment_id"], serde_json::json!("pay-s"));
+        let (r, out) = confirm(&d, &r, 0, 4_000);
+        assert!(out.is_empty());
+        assert_eq!(r.status, "REFUNDED");
+    }
+
+    #[test]
+    fn late_compensations_wait_their_turn_in_reverse_step_order() {
+        let d = def("order_with_shipping.yaml");
+        let (r, _) = started(&d);
+        let (r, _) = changed(apply(
+            &d,
+            &r,
+            SagaInput::Event(&event("e1", &d, EventRole::Success(0))),
+            2,
+        ));
+        let (r, _) = changed(apply(
+            &d,
+            &r,
+            SagaInput::Event(&event("e2", &d, EventRole::Success(1))),
+            3,
+        ));
+        // Shipping times out: the release of the inventory is sent first.
+        let (r, out) = fire(&d, &r);
+        assert_eq!(types(&out), ["ReleaseInventory"]);
+        // Shipping succeeds late, while the release waits: nothing is sent beside it.
+        let (r, out) = changed(apply(
+            &d,
+            &r,
+            SagaInput::Event(&event("late", &d, EventRole::Success(2))),
+            5,
+        ));
+        assert!(out.is_empty(), "{out:?}");
+        let (r, out) = confirm(&d, &r, 1, 6);
+        assert_eq!(types(&out), [d.steps[2].compensation.event_type.as_str()]);
+        assert!(matches!(
+            out[0].kind,
+            OutputKind::Compensation {
+                step: 2,
+                late: true,
+                attempt: 1
+            }
+        ));
+        let (r, out) = confirm(&d, &r, 2, 7);
+        assert_eq!(types(&out), ["RefundPayment"]);
+        let (r, out) = confirm(&d, &r, 0, 8);
+        assert_eq!(types(&out), ["OrderCancelled"]);
+        assert_eq!(r.compensated_steps, vec![1, 2, 0]);
+    }
+
+    #[test]
+    fn a_step_with_a_retry_policy_is_sent_again_before_it_times_out() {
+        let mut d = def("order_saga.yaml");
+        d.steps[0].retry = RetryPolicy {
+            attempts: 3,
+            backoff: std::time::Duration::from_secs(2),
+            max_backoff: std::time::Duration::from_secs(60),
+        };
+        let (r, first) = started(&d);
+        // The timeout passes: a pause of 2 s, then the same command again.
+        let (r, out) = fire(&d, &r);
+        assert!(out.is_empty());
+        assert_eq!(r.deadline_ms, Some(1_000 + 30_000 + 2_000));
+        let (r, out) = fire(&d, &r);
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            (out[0].event_id.as_str(), &out[0].payload),
+            (first[0].event_id.as_str(), &first[0].payload)
+        );
+        assert!(matches!(
+            out[0].kind,
+            OutputKind::Command {
+                step: 0,
+                attempt: 2
+            }
+        ));
+        assert_eq!(r.status, "PENDING");
+        // The second attempt is answered.
+        let (r, out) = changed(apply(
+            &d,
+            &r,
+            SagaInput::Event(&event("ok", &d, EventRole::Success(0))),
+            r.deadline_ms.unwrap() - 1,
+        ));
+        assert_eq!(types(&out), ["ReserveInventory"]);
+        assert!(r.abandoned_steps.is_empty());
+        // Without an answer, the third attempt's timeout compensates.
+        let (r, _) = started(&d);
+        let (r, _) = fire(&d, &r);
+        let (r, _) = fire(&d, &r);
+        let (r, _) = fire(&d, &r);
+        let (r, out) = fire(&d, &r);
+        assert_eq!(out.len(), 1, "{out:?}");
+        let (r, out) = fire(&d, &r);
+        assert_eq!(types(&out), ["OrderCancelled"], "{:?}", r.history);
+        assert_eq!(r.in_flight, None);
+    }
+
+    #[test]
+    fn a_finished_saga_becomes_a_tombstone_that_still_dedupes_and_compensates() {
+        let d = def("order_saga.yaml");
+        let (r, _) = started(&d);
+        let (r, _) = fire(&d, &r); // payment timed out: cancelled
+        let outcome_at = r.outcome.as_ref().unwrap().at_ms;
+        let (t, out) = fire(&d, &r);
+        assert!(out.is_empty());
+        assert!(t.tombstone && t.history.len() == 1 && t.recent_event_ids.is_empty());
+        assert_eq!(
+            t.expires_at_ms,
+            Some(outcome_at + d.dedupe_retention.as_millis() as i64)
+        );
+        assert!(!t.context.contains_key("user_id"), "{:?}", t.context);
+        assert!(t.context.contains_key("total"));
+        // A start re-delivered, with a new event id: nothing.
+        let again = event("restart", &d, EventRole::Start);
+        assert_eq!(
+            apply(&d, &t, SagaInput::Event(&again), outcome_at + 1),
+            Applied::Ignored(Ignored::AlreadyStarted)
+        );
+        // The payment goes through after all: refunded.
+        let (t2, out) = changed(apply(
+            &d,
+            &t,
+            SagaInput::Event(&event("late", &d, EventRole::Success(0))),
+            outcome_at + 2,
+        ));
+        assert_eq!(types(&out), ["RefundPayment"]);
+        assert_eq!(out[0].payload["amount"], serde_json::json!(12.5));
+        let (t3, _) = confirm(&d, &t2, 0, outcome_at + 3);
+        assert!(t3.tombstone && t3.is_finished());
+        assert_eq!(t3.next_timer_ms(), t.expires_at_ms);
+        let end = t3.expires_at_ms.unwrap();
+        assert_eq!(
+            apply(&d, &t3, SagaInput::Timer { input_time_ms: end }, end),
+            Applied::Expired
+        );
+    }
+
+    #[test]
+    fn a_version_1_record_upgrades_its_late_compensation_state() {
+        let d = def("order_saga.yaml");
+        let (r, _) = started(&d);
+        let (r, _) = fire(&d, &r);
+        let mut v1 = serde_json::to_value(&r).unwrap();
+        let obj = v1.as_object_mut().unwrap();
+        obj.insert("record_version".into(), 1.into());
+        for f in ["abandoned_steps", "compensated_steps", "stuck_steps"] {
+            obj.remove(f);
+        }
+        obj.insert("timed_out_step".into(), 0.into());
+        obj.insert("late_compensated".into(), true.into());
+        let back: SagaRecord = serde_json::from_value::<SagaRecord>(v1).unwrap().upgrade();
+        assert_eq!(
+            (back.abandoned_steps.clone(), back.compensated_steps.clone()),
+            (vec![0], vec![0])
+        );
+        assert_eq!(back.record_version, RECORD_VERSION);
+        // Its late success was refunded already: a second one is not refunded again.
+        let late = event("late", &d, EventRole::Success(0));
+        assert_eq!(
+            apply(&d, &back, SagaInput::Event(&late), 99_000),
             Applied::Ignored(Ignored::Unexpected)
         );
     }
@@ -885,10 +1548,54 @@ mod tests {
                 .collect();
             prop_assert_eq!(outcomes.len(), 1);
             prop_assert!(record.outcome.is_some());
-            // Nothing but a late compensation follows the outcome.
+            // Nothing but a late compensation (or its re-send) follows the outcome.
             let at = outputs.iter().position(|o| matches!(o.kind, OutputKind::Completed | OutputKind::Cancelled { .. })).unwrap();
             for o in &outputs[at + 1..] {
                 prop_assert!(matches!(o.kind, OutputKind::Compensation { late: true, .. }), "{:?} after the outcome", o.kind);
+            }
+            prop_assert!(record.in_flight.is_none());
+        }
+
+        #[test]
+        fn re_sends_repeat_the_first_send_exactly(script in script(), shipping in any::<bool>()) {
+            let d = def(if shipping { "order_with_shipping.yaml" } else { "order_saga.yaml" });
+            let (_, outputs) = run_script(&d, &script);
+            let mut first: std::collections::BTreeMap<String, &SagaOutput> = Default::default();
+            for o in &outputs {
+                match o.kind {
+                    OutputKind::Command { attempt: 1, .. } | OutputKind::Compensation { attempt: 1, .. } => {
+                        prop_assert!(first.insert(o.event_id.clone(), o).is_none(), "an event id used twice by first sends");
+                    }
+                    OutputKind::Command { .. } | OutputKind::Compensation { .. } => {
+                        let f = first.get(&o.event_id);
+                        prop_assert!(f.is_some_and(|f| f.payload == o.payload && f.topic == o.topic && f.event_type == o.event_type), "a re-send differs from its first send: {:?}", o);
+                    }
+                    _ => {}
+                }
+            }
+        }
+
+        #[test]
+        fn money_taken_for_a_cancelled_order_is_always_given_back(script in script(), shipping in any::<bool>()) {
+            let d = def(if shipping { "order_with_shipping.yaml" } else { "order_saga.yaml" });
+            let (record, outputs) = run_script(&d, &script);
+            if record.outcome.as_ref().unwrap().kind == OutcomeKind::Cancelled {
+                let commanded: Vec<usize> = outputs.iter().filter_map(|o| match o.kind {
+                    OutputKind::Command { step, .. } => Some(step),
+                    _ => None,
+                }).collect();
+                // Every commanded step that replied a success in the script is compensated.
+                for (i, s) in script.iter().enumerate() {
+                    if let Script::Reply { role: 0, step } = s {
+                        let step = step % d.steps.len();
+                        let _ = i;
+                        if commanded.contains(&step) && record.history.iter().any(|t| t.cause == d.steps[step].success) {
+                            prop_assert!(record.compensated_steps.contains(&step), "step {step} succeeded but was not compensated; history {:?}", record.history);
+                        }
+                    }
+                }
+                let stuck = !record.stuck_steps.is_empty();
+                prop_assert_eq!(record.status == COMPENSATION_STUCK, stuck);
             }
         }
 
@@ -897,15 +1604,15 @@ mod tests {
             let d = def(if shipping { "order_with_shipping.yaml" } else { "order_saga.yaml" });
             let (record, outputs) = run_script(&d, &script);
             let compensated: Vec<usize> = outputs.iter().filter_map(|o| match o.kind {
-                OutputKind::Compensation { step, late: false } => Some(step),
+                OutputKind::Compensation { step, late: false, attempt: 1 } => Some(step),
                 _ => None,
             }).collect();
             let late: Vec<usize> = outputs.iter().filter_map(|o| match o.kind {
-                OutputKind::Compensation { step, late: true } => Some(step),
+                OutputKind::Compensation { step, late: true, attempt: 1 } => Some(step),
                 _ => None,
             }).collect();
             let commanded: Vec<usize> = outputs.iter().filter_map(|o| match o.kind {
-                OutputKind::Command { step } => Some(step),
+                OutputKind::Command { step, attempt: 1 } => Some(step),
                 _ => None,
             }).collect();
             // Each step is commanded at most once, in order.
@@ -918,12 +1625,15 @@ mod tests {
                 OutcomeKind::Cancelled => {
                     let mut expected = record.completed_steps.clone();
                     expected.reverse();
-                    prop_assert_eq!(compensated, expected);
-                    // A late compensation only ever for the step that timed out, at most once.
+                    prop_assert_eq!(compensated.clone(), expected);
+                    // A late compensation only ever for a step that failed or timed out (one per
+                    // saga: the step it stopped at), at most once.
                     prop_assert!(late.len() <= 1);
-                    if let Some(step) = late.first() {
-                        prop_assert_eq!(Some(*step), record.timed_out_step);
+                    for step in &late {
+                        prop_assert!(record.abandoned_steps.contains(step));
                     }
+                    // One at a time: no compensation is sent while another is in flight.
+                    prop_assert_eq!(record.compensated_steps.len(), compensated.len() + late.len());
                 }
             }
         }

@@ -155,7 +155,8 @@ impl StatusCounts {
 
 /// Decodes a stored saga record.
 pub fn decode_record(bytes: &[u8]) -> Result<SagaRecord, ProcessorError> {
-    serde_json::from_slice(bytes)
+    serde_json::from_slice::<SagaRecord>(bytes)
+        .map(SagaRecord::upgrade)
         .map_err(|e| ProcessorError(format!("saga store: undecodable saga record: {e}")))
 }
 
@@ -394,10 +395,24 @@ impl SagaProcessor {
 fn count_output(def: &SagaDefinition, saga: &SagaRecord, output: &SagaOutput, now: i64) {
     let duration = || (now - saga.started_at_ms).max(0) as f64 / 1000.0;
     match &output.kind {
-        OutputKind::Command { .. } => {}
-        OutputKind::Compensation { step, late } => {
-            metrics::counter!(m::COMPENSATIONS, "step" => def.steps[*step].name.clone(), "late" => late.to_string())
-                .increment(1);
+        OutputKind::Command { step, attempt } => {
+            if *attempt > 1 {
+                metrics::counter!(m::RETRIES, "step" => def.steps[*step].name.clone(), "kind" => "command")
+                    .increment(1);
+            }
+        }
+        OutputKind::Compensation {
+            step,
+            late,
+            attempt,
+        } => {
+            if *attempt > 1 {
+                metrics::counter!(m::RETRIES, "step" => def.steps[*step].name.clone(), "kind" => "compensation")
+                    .increment(1);
+            } else {
+                metrics::counter!(m::COMPENSATIONS, "step" => def.steps[*step].name.clone(), "late" => late.to_string())
+                    .increment(1);
+            }
         }
         OutputKind::Completed => {
             metrics::counter!(m::SAGA_OUTCOMES, "outcome" => "completed", "reason" => "")
@@ -531,8 +546,17 @@ impl Processor for SagaProcessor {
             };
             match machine::apply(&self.def, &current, timer, now) {
                 Applied::Changed { record, outputs } => {
-                    if let Some(step) = current.step_awaited.as_ref() {
+                    let timed_out = record.history.last().is_some_and(|t| t.cause == "timeout");
+                    if let (true, Some(step)) = (timed_out, current.step_awaited.as_ref()) {
                         metrics::counter!(m::TIMEOUTS, "step" => step.clone()).increment(1);
+                    }
+                    for stuck in &record.stuck_steps {
+                        if !current.stuck_steps.contains(stuck) {
+                            let step = self.def.steps.get(*stuck).map_or("", |s| s.name.as_str());
+                            tracing::warn!(saga_id = %saga_id, step, "compensation given up unconfirmed: the saga is COMPENSATION_STUCK");
+                            metrics::counter!(m::COMPENSATIONS_STUCK, "step" => step.to_string())
+                                .increment(1);
+                        }
                     }
                     tracing::debug!(saga_id = %saga_id, status = %record.status, "timer fired");
                     self.counts.save(&mut store, Some(&current), &record)?;
@@ -570,20 +594,26 @@ impl Processor for SagaProcessor {
 mod tests {
     use super::*;
 
+    fn fixture(name: &str) -> Vec<u8> {
+        std::fs::read(format!(
+            "{}/tests/fixtures/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
+    }
+
     /// State written by this version must stay readable by every later one: the fixture holds
     /// record bytes as the current encoder writes them. A change that cannot read it breaks old
     /// stores and changelogs; bump `RECORD_VERSION` and read both instead.
     #[test]
-    fn saga_records_written_by_version_1_stay_readable() {
-        let bytes = std::fs::read(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/saga-record-v1.json"
-        ))
-        .unwrap();
+    fn saga_records_written_by_version_2_stay_readable() {
+        let bytes = fixture("saga-record-v2.json");
         let record = decode_record(&bytes).unwrap();
-        assert_eq!(record.record_version, 1);
+        assert_eq!(record.record_version, 2);
         assert_eq!(record.status, "REFUNDED");
         assert_eq!(record.completed_steps, vec![0]);
+        assert_eq!(record.abandoned_steps, vec![1]);
+        assert_eq!(record.compensated_steps, vec![0]);
         assert_eq!(record.history.len(), 4);
         assert_eq!(record.context["payment_id"], "pay-9");
         assert_eq!(
@@ -592,6 +622,18 @@ mod tests {
         );
         // The current encoder still writes exactly these bytes.
         assert_eq!(serde_json::to_vec(&record).unwrap(), bytes);
+    }
+
+    /// Version 1 records (before retries and tombstones) are read and upgraded: a cancelled
+    /// saga's completed steps count as compensated, so nothing is compensated twice.
+    #[test]
+    fn saga_records_written_by_version_1_are_upgraded() {
+        let record = decode_record(&fixture("saga-record-v1.json")).unwrap();
+        assert_eq!(record.record_version, 2);
+        assert_eq!(record.status, "REFUNDED");
+        assert_eq!(record.compensated_steps, vec![0]);
+        assert!(record.abandoned_steps.is_empty());
+        assert_eq!(record.history.len(), 4);
     }
 
     #[test]

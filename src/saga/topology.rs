@@ -18,6 +18,8 @@ pub const PENDING: &str = "PENDING";
 pub const COMPENSATING: &str = "COMPENSATING";
 pub const COMPLETED: &str = "COMPLETED";
 pub const FAILED: &str = "FAILED";
+/// A cancelled saga with a compensation that was never confirmed after all its attempts.
+pub const COMPENSATION_STUCK: &str = "COMPENSATION_STUCK";
 
 /// A topology that cannot be used, with every problem found.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +38,8 @@ struct RawTopology {
     key: Option<Spanned<String>>,
     #[serde(default)]
     retention: Option<Spanned<String>>,
+    #[serde(default)]
+    dedupe_retention: Option<Spanned<String>>,
     #[serde(default)]
     compensated_state: Option<Spanned<String>>,
     #[serde(default)]
@@ -77,6 +81,18 @@ struct RawStep {
     #[serde(default)]
     compensation: Option<RawCompensation>,
     timeout: Spanned<String>,
+    #[serde(default)]
+    retry: Option<RawRetry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    attempts: Spanned<u64>,
+    #[serde(default)]
+    backoff: Option<Spanned<String>>,
+    #[serde(default)]
+    max_backoff: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -107,6 +123,8 @@ struct RawCompensation {
     fields: BTreeMap<String, Spanned<String>>,
     #[serde(default)]
     confirmed_by: Option<Spanned<String>>,
+    #[serde(default)]
+    retry: Option<RawRetry>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -256,6 +274,43 @@ pub struct StepSpec {
     pub confirmed_by: String,
     /// How long the step (or its compensation) may wait for a reply.
     pub timeout: Duration,
+    /// How often the command is sent before the step counts as timed out (default once).
+    pub retry: RetryPolicy,
+    /// How often the compensation is sent before it is given up as stuck (default
+    /// [`RetryPolicy::COMPENSATION_DEFAULT`]).
+    pub compensation_retry: RetryPolicy,
+}
+
+/// Re-sending a message whose reply did not come within the step's timeout: the same message
+/// with the same event id (participants deduplicate it), `attempts` sends in all, the n-th re-send
+/// after a pause of `backoff` x 2^(n-1), at most `max_backoff`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Sends in all, the first included (at least 1).
+    pub attempts: u32,
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl RetryPolicy {
+    /// A command is sent once unless its step says otherwise.
+    pub const ONCE: RetryPolicy = RetryPolicy {
+        attempts: 1,
+        backoff: Duration::from_secs(1),
+        max_backoff: Duration::from_secs(300),
+    };
+    /// A compensation is sent up to 5 times, 5 s after the first timeout, doubling to 5 min.
+    pub const COMPENSATION_DEFAULT: RetryPolicy = RetryPolicy {
+        attempts: 5,
+        backoff: Duration::from_secs(5),
+        max_backoff: Duration::from_secs(300),
+    };
+
+    /// The pause before re-send number `resend` (1 for the first re-send).
+    pub fn pause_before(&self, resend: u32) -> Duration {
+        let factor = 2u32.saturating_pow(resend.saturating_sub(1).min(30));
+        self.backoff.saturating_mul(factor).min(self.max_backoff)
+    }
 }
 
 /// What an incoming event type means to the saga.
@@ -282,6 +337,10 @@ pub struct SagaDefinition {
     pub key_field: String,
     /// How long a finished saga stays in the store: queryable, and deduplicating late replies.
     pub retention: Duration,
+    /// How long a small tombstone of a finished saga stays after `retention` (counted from the
+    /// outcome, default 30 days): a start event re-delivered until then starts nothing, and a
+    /// late success is still compensated.
+    pub dedupe_retention: Duration,
     /// Status of a cancelled saga whose compensations ran (default REFUNDED).
     pub compensated_state: String,
     /// Outputs are written as `{"event": {...}}` (the Laravel shape; default) or flat.
@@ -439,6 +498,15 @@ impl SagaDefinition {
         topics
     }
 
+    /// The context fields some compensation reads: what a tombstone keeps so that a late
+    /// success can still be compensated.
+    pub fn compensation_fields(&self) -> BTreeSet<&str> {
+        self.steps
+            .iter()
+            .flat_map(|s| s.compensation.fields.iter().map(|(_, from)| from.as_str()))
+            .collect()
+    }
+
     /// What `event_type` means when it arrives on `topic`; `None` when it has no business there.
     pub fn role_of(&self, topic: &str, event_type: &str) -> Option<EventRole> {
         if topic == self.start_topic && event_type == self.start_event {
@@ -521,6 +589,42 @@ impl Validator<'_> {
     fn problem<T>(&mut self, at: &Spanned<T>, message: impl std::fmt::Display) {
         self.problems
             .push(format!("{}:{}: {message}", self.file, line(at)));
+    }
+
+    fn retry(&mut self, raw: Option<&RawRetry>, default: RetryPolicy, what: &str) -> RetryPolicy {
+        let Some(raw) = raw else {
+            return default;
+        };
+        let attempts = match u32::try_from(*raw.attempts) {
+            Ok(0) | Err(_) => {
+                self.problem(
+                    &raw.attempts,
+                    format!("{what}: attempts must be between 1 and {}", u32::MAX),
+                );
+                1
+            }
+            Ok(n) => n,
+        };
+        let backoff = raw
+            .backoff
+            .as_ref()
+            .map(|b| self.duration(b, &format!("{what}: backoff")))
+            .unwrap_or(default.backoff);
+        let max_backoff = raw
+            .max_backoff
+            .as_ref()
+            .map(|b| self.duration(b, &format!("{what}: max_backoff")))
+            .unwrap_or(default.max_backoff.max(backoff));
+        if max_backoff < backoff {
+            if let Some(at) = &raw.max_backoff {
+                self.problem(at, format!("{what}: max_backoff is shorter than backoff"));
+            }
+        }
+        RetryPolicy {
+            attempts,
+            backoff,
+            max_backoff,
+        }
     }
 
     fn duration(&mut self, at: &Spanned<String>, what: &str) -> Duration {
@@ -623,6 +727,19 @@ impl Validator<'_> {
             Some(r) => self.duration(r, "retention"),
             None => Duration::from_secs(7 * 24 * 3600),
         };
+        let dedupe_retention = match &raw.dedupe_retention {
+            Some(r) => {
+                let d = self.duration(r, "dedupe_retention");
+                if d < retention {
+                    self.problem(
+                        r,
+                        "dedupe_retention is shorter than retention: the tombstone would go before the saga",
+                    );
+                }
+                d
+            }
+            None => retention.max(Duration::from_secs(30 * 24 * 3600)),
+        };
         let max_input_bytes = match &raw.max_input_bytes {
             Some(n) if **n == 0 => {
                 self.problem(n, "max_input_bytes must be more than 0");
@@ -705,7 +822,7 @@ impl Validator<'_> {
             self.problems
                 .push(format!("{file}: a saga needs at least one step"));
         }
-        let reserved_states = [PENDING, COMPENSATING, COMPLETED, FAILED];
+        let reserved_states = [PENDING, COMPENSATING, COMPLETED, FAILED, COMPENSATION_STUCK];
         if reserved_states.contains(&compensated_state.as_str()) {
             if let Some(at) = &raw.compensated_state {
                 self.problem(at, format!("'{compensated_state}' is a status of its own"));
@@ -742,6 +859,19 @@ impl Validator<'_> {
                 );
             }
             let timeout = self.duration(&raw_step.timeout, &format!("step '{step_name}': timeout"));
+            let retry = self.retry(
+                raw_step.retry.as_ref(),
+                RetryPolicy::ONCE,
+                &format!("step '{step_name}': retry"),
+            );
+            let compensation_retry = self.retry(
+                raw_step
+                    .compensation
+                    .as_ref()
+                    .and_then(|c| c.retry.as_ref()),
+                RetryPolicy::COMPENSATION_DEFAULT,
+                &format!("step '{step_name}': compensation retry"),
+            );
             let command = self.message(&raw.topics, &raw_step.command, &context, &[]);
             output_topics.insert(command.topic.clone());
             let reply_topic = self.topic(&raw.topics, &raw_step.replies.topic);
@@ -852,6 +982,8 @@ impl Validator<'_> {
                 compensation,
                 confirmed_by,
                 timeout,
+                retry,
+                compensation_retry,
             });
         }
 
@@ -892,6 +1024,7 @@ impl Validator<'_> {
             name,
             key_field,
             retention,
+            dedupe_retention,
             compensated_state,
             wrap_outputs: raw.wrap_outputs.map(|w| *w).unwrap_or(true),
             max_input_bytes,

@@ -1,11 +1,12 @@
 //! The auditor (`saga-streams audit`): reads every topic of a saga `read_committed` and checks the
 //! invariants of DESIGN.md section 11:
 //! - each started saga has exactly one outcome, and no outcome belongs to an unknown saga;
-//! - each step's command is sent at most once, the first step's exactly once;
-//! - a step's compensation is sent exactly once when the step succeeded and the saga was
-//!   cancelled, never otherwise;
+//! - each step's command is sent at most once, the first step's exactly once (a retry re-sends
+//!   the same message with the same event id: it counts as the same command);
+//! - a step's compensation is sent exactly once (same rule for re-sends) when the step succeeded
+//!   and the saga was cancelled, never otherwise;
 //! - nothing is sent after the outcome except the compensation of a step whose success came after
-//!   that step timed out.
+//!   that step failed or timed out.
 //!
 //! Input records that were dead-lettered (found through the DLQ's source headers) are left out: a
 //! dead-lettered start event is not a saga, a dead-lettered reply was never applied.
@@ -24,7 +25,8 @@ use crate::saga::topology::SagaDefinition;
 #[derive(Debug, Default)]
 struct Trail {
     created_at: Option<i64>,
-    commands: Vec<(String, i64)>,
+    /// Commands and compensations: type, event id, timestamp.
+    commands: Vec<(String, String, i64)>,
     success: HashSet<usize>,
     outcomes: Vec<(String, Option<String>, i64)>,
 }
@@ -193,11 +195,11 @@ pub fn check(def: &SagaDefinition, codec: &Codec, records: &[ReadRecord]) -> Aud
                 .messages_by_type
                 .entry(event_type.clone())
                 .or_default() += 1;
-            trails
-                .entry(saga_id)
-                .or_default()
-                .commands
-                .push((event_type, r.timestamp_ms));
+            trails.entry(saga_id).or_default().commands.push((
+                event_type,
+                event_id(&body),
+                r.timestamp_ms,
+            ));
         } else if r.topic == def.completed.topic && event_type == def.completed.event_type
             || r.topic == def.cancelled.topic && event_type == def.cancelled.event_type
         {
@@ -262,21 +264,23 @@ pub fn check(def: &SagaDefinition, codec: &Codec, records: &[ReadRecord]) -> Aud
             report.durations_ms.push(at - created_at);
             report.last_outcome_ms = Some(report.last_outcome_ms.map_or(*at, |t| t.max(*at)));
         }
-        for (i, step) in def.steps.iter().enumerate() {
-            let sent = trail
+        // Distinct event ids per type: a re-send is the same message again.
+        let distinct = |event_type: &str| {
+            trail
                 .commands
                 .iter()
-                .filter(|(t, _)| *t == step.command.event_type)
-                .count();
+                .filter(|(t, _, _)| t == event_type)
+                .map(|(_, id, _)| id.as_str())
+                .collect::<HashSet<&str>>()
+                .len()
+        };
+        for (i, step) in def.steps.iter().enumerate() {
+            let sent = distinct(&step.command.event_type);
             let expected_max = 1;
             if sent > expected_max || (i == 0 && sent == 0) {
                 violation(format!("{} sent {sent} times", step.command.event_type));
             }
-            let compensations = trail
-                .commands
-                .iter()
-                .filter(|(t, _)| *t == step.compensation.event_type)
-                .count();
+            let compensations = distinct(&step.compensation.event_type);
             let expected = usize::from(cancelled && trail.success.contains(&i));
             if compensations != expected {
                 violation(format!(
@@ -297,13 +301,21 @@ pub fn check(def: &SagaDefinition, codec: &Codec, records: &[ReadRecord]) -> Aud
             }
         }
         if let Some((_, reason, outcome_at)) = outcome {
-            for (event_type, at) in &trail.commands {
+            for (event_type, _, at) in &trail.commands {
                 if at <= outcome_at {
                     continue;
                 }
+                // The step the saga stopped at (the reason names it) succeeded late.
+                let stopped_by = reason
+                    .as_deref()
+                    .unwrap_or_default()
+                    .split(';')
+                    .next()
+                    .unwrap_or_default();
                 let late = def.steps.iter().any(|s| {
                     s.compensation.event_type == *event_type
-                        && reason.as_deref() == Some(&format!("timeout:{}", s.name))
+                        && (stopped_by == format!("timeout:{}", s.name)
+                            || stopped_by == format!("{}_failed", s.name))
                 });
                 if late {
                     report.late_compensations += 1;
@@ -315,4 +327,11 @@ pub fn check(def: &SagaDefinition, codec: &Codec, records: &[ReadRecord]) -> Aud
     }
     report.durations_ms.sort_unstable();
     report
+}
+
+fn event_id(body: &serde_json::Map<String, Value>) -> String {
+    body.get("event_id")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
 }

@@ -265,8 +265,19 @@ impl Processor for Participant {
         let seen_key = format!("c/{command_id}");
         {
             let mut store = ctx.store(PARTICIPANT_STORE)?;
-            if store.get(seen_key.as_bytes())?.is_some() {
-                tracing::debug!(%command_id, "command answered already");
+            if let Some(answer) = store.get(seen_key.as_bytes())? {
+                // A command sent again (the orchestrator's retry): the effect is not repeated,
+                // the answer is, with its event id, so the orchestrator can dedupe it.
+                drop(store);
+                match serde_json::from_slice::<HeldReply>(&answer) {
+                    Ok(reply) => {
+                        tracing::debug!(%command_id, "command answered already; answering again");
+                        send(ctx, reply);
+                    }
+                    Err(_) => {
+                        tracing::debug!(%command_id, "command seen already, without an answer")
+                    }
+                }
                 return Ok(());
             }
             store.put(seen_key.as_bytes(), b"");
@@ -309,6 +320,8 @@ impl Processor for Participant {
             value,
             headers,
         };
+        ctx.store(PARTICIPANT_STORE)?
+            .put_json(seen_key.as_bytes(), &reply)?;
         if self.behaviour.latency.is_zero() {
             send(ctx, reply);
         } else {

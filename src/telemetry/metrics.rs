@@ -19,6 +19,8 @@ pub const SAGA_OUTCOMES: &str = "saga_streams_saga_outcomes_total";
 pub const SAGA_DURATION: &str = "saga_streams_saga_duration_seconds";
 pub const COMPENSATIONS: &str = "saga_streams_compensations_total";
 pub const TIMEOUTS: &str = "saga_streams_timeouts_total";
+pub const RETRIES: &str = "saga_streams_retries_total";
+pub const COMPENSATIONS_STUCK: &str = "saga_streams_compensations_stuck_total";
 pub const DLQ_RECORDS: &str = "saga_streams_dlq_records_total";
 pub const EVENTS_IGNORED: &str = "saga_streams_events_ignored_total";
 pub const RESTORE_REMAINING: &str = "saga_streams_restore_remaining_records";
@@ -44,6 +46,8 @@ pub const CATALOGUE: &[&str] = &[
     SAGA_DURATION,
     COMPENSATIONS,
     TIMEOUTS,
+    RETRIES,
+    COMPENSATIONS_STUCK,
     DLQ_RECORDS,
     EVENTS_IGNORED,
     RESTORE_REMAINING,
@@ -96,7 +100,21 @@ fn describe() {
         "start event processed to outcome emitted"
     );
     describe_counter!(COMPENSATIONS, Unit::Count, "compensation commands sent");
-    describe_counter!(TIMEOUTS, Unit::Count, "deadlines that fired");
+    describe_counter!(
+        TIMEOUTS,
+        Unit::Count,
+        "steps and compensations whose last attempt timed out"
+    );
+    describe_counter!(
+        RETRIES,
+        Unit::Count,
+        "commands and compensations sent again after their timeout"
+    );
+    describe_counter!(
+        COMPENSATIONS_STUCK,
+        Unit::Count,
+        "compensations given up unconfirmed after all their attempts"
+    );
     describe_counter!(DLQ_RECORDS, Unit::Count, "input records dead-lettered");
     describe_counter!(EVENTS_IGNORED, Unit::Count, "events that changed nothing");
     describe_gauge!(

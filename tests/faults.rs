@@ -400,11 +400,91 @@ async fn a_store_ahead_of_a_recreated_changelog_is_wiped_not_kept() {
     produce_all(&producer(&args.bootstrap), &after);
     let outputs = read_outputs(&args, first.len() + after.len(), Duration::from_secs(120));
     let log = process.log_text();
-    assert!(
-        log.contains("checkpoint beyond the end of the changelog"),
-        "{log}"
-    );
+    assert!(log.contains("checkpoint outside the changelog"), "{log}");
     // Counted from the recreated (empty) changelog's state, not from the stale local store.
+    for (_, key, value) in &after {
+        let counted: Vec<&String> = outputs
+            .iter()
+            .filter(|(_, _, k, v)| k == key && v.starts_with(&format!("{value}:")))
+            .map(|(_, _, _, v)| v)
+            .collect();
+        assert_eq!(counted, vec![&format!("{value}:1")], "{log}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_behind_the_start_of_its_changelog_is_wiped_not_replayed_onto() {
+    let setup = setup("truncated-changelog", &[]).await;
+    let args = setup.args.clone();
+    let keys = 6;
+    // The first instance counts, stops, and keeps its store (checkpoints at its end).
+    let first = inputs(&args, 0..300, keys);
+    let mut process = CounterProcess::spawn(&args, "truncated-1");
+    wait_running(&process, PARTITIONS as usize, Duration::from_secs(120));
+    produce_all(&producer(&args.bootstrap), &first);
+    read_outputs(&args, first.len(), Duration::from_secs(120));
+    assert!(process.sigterm(Duration::from_secs(30)).is_some());
+    drop(process);
+    // Another instance goes on, then stops; then retention deletes the changelogs' records up
+    // to their ends: the first instance's checkpoints now lie before the changelogs' start.
+    let other = instance(&args, "i2");
+    let second = inputs(&args, 300..600, keys);
+    let mut process = CounterProcess::spawn(&other, "truncated-2");
+    wait_running(&process, PARTITIONS as usize, Duration::from_secs(120));
+    produce_all(&producer(&args.bootstrap), &second);
+    read_outputs(&args, first.len() + second.len(), Duration::from_secs(120));
+    assert!(process.sigterm(Duration::from_secs(30)).is_some());
+    drop(process);
+    // Changelogs set to `compact,delete` (as an operator may, to bound them) can lose records
+    // to retention.
+    let admin = common::admin(&args.bootstrap);
+    let mut ends = rdkafka::TopicPartitionList::new();
+    for store in ["counts", "meta"] {
+        let topic = format!("{}-{store}-changelog", args.application_id);
+        let policy =
+            rdkafka::admin::AlterConfig::new(rdkafka::admin::ResourceSpecifier::Topic(&topic))
+                .set("cleanup.policy", "compact,delete");
+        for result in admin
+            .alter_configs(&[policy], &rdkafka::admin::AdminOptions::new())
+            .await
+            .unwrap()
+        {
+            result.unwrap();
+        }
+        for partition in 0..PARTITIONS {
+            ends.add_partition_offset(&topic, partition, rdkafka::Offset::End)
+                .unwrap();
+        }
+    }
+    // The broker may take a moment to apply the new policy.
+    let deleted = common::poll_until(Duration::from_secs(30), || {
+        futures::executor::block_on(
+            admin.delete_records(&ends, &rdkafka::admin::AdminOptions::new()),
+        )
+        .is_ok_and(|done| done.elements().iter().all(|e| e.error().is_ok()))
+    });
+    assert!(deleted, "the changelogs' records could not be deleted");
+
+    let process = CounterProcess::spawn(&args, "truncated-3");
+    wait_running(&process, PARTITIONS as usize, Duration::from_secs(120));
+    let after: Vec<(String, String, String)> = (0..keys)
+        .map(|k| {
+            (
+                args.inputs[0].clone(),
+                format!("k{k}"),
+                format!("after-{k}"),
+            )
+        })
+        .collect();
+    produce_all(&producer(&args.bootstrap), &after);
+    let outputs = read_outputs(
+        &args,
+        first.len() + second.len() + after.len(),
+        Duration::from_secs(120),
+    );
+    let log = process.log_text();
+    assert!(log.contains("checkpoint outside the changelog"), "{log}");
+    // Counted from the changelog's (now empty) state, not from the first instance's stale store.
     for (_, key, value) in &after {
         let counted: Vec<&String> = outputs
             .iter()

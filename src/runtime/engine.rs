@@ -741,7 +741,7 @@ impl Engine {
         let deadline = Instant::now() + self.config.transaction_timeout;
         while self.producer.in_flight_count() > 0
             && Instant::now() < deadline
-            && !self.shutdown.requested()
+            && !self.shutdown.grace_over()
         {
             std::thread::sleep(Duration::from_micros(200));
         }
@@ -943,6 +943,12 @@ impl Engine {
         if self.start_retry_at.is_some_and(|at| Instant::now() < at) {
             return Ok(());
         }
+        // Starting and restoring make blocking broker calls (10 s each at worst): never with a
+        // transaction open, which could outlive its timeout meanwhile. The cycle commits within
+        // the commit interval; the next loop turn starts the tasks.
+        if self.txn == Txn::Open {
+            return Ok(());
+        }
         match self.try_start_ready_tasks(consumer) {
             Ok(()) => {
                 if self.start_failures > 0 && self.restoring.is_none() {
@@ -1020,6 +1026,10 @@ impl Engine {
             Ok(true) => {}
             Err(e) => {
                 self.restorer.cancel(restoration);
+                // A stuck restore consumer is not a task's failure to retry: rebuild at once.
+                if matches!(e, RuntimeError::ClientStuck(_)) {
+                    return Err(StartError::Cycle(e));
+                }
                 return Err(StartError::Task(e));
             }
         }
@@ -1221,11 +1231,18 @@ impl Engine {
         self.records_in_cycle
     }
 
+    /// Keeps the first failure of a rebalance for the loop, unless a later one is fatal: a fatal
+    /// one must reach the loop (which rebuilds), or a broken engine would idle forever.
     fn record_failure(&mut self, error: RuntimeError) {
-        if error.class() == ErrorClass::Fatal {
+        let fatal = error.class() == ErrorClass::Fatal;
+        if fatal {
             self.broken = true;
         }
-        if self.failure.is_none() {
+        let kept_fatal = self
+            .failure
+            .as_ref()
+            .is_some_and(|f| f.class() == ErrorClass::Fatal);
+        if self.failure.is_none() || (fatal && !kept_fatal) {
             self.failure = Some(error);
         }
     }

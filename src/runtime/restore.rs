@@ -58,6 +58,9 @@ pub struct Restorer {
 
 /// Bound on each watermark lookup while a restoration starts.
 const WATERMARKS_TIMEOUT: Duration = Duration::from_secs(10);
+/// A restoration that reads no record and reaches no end for this long counts as stuck. Longer
+/// than a transaction left open on a changelog by a crashed instance can hold its end back.
+const RESTORE_STALL_LIMIT: Duration = Duration::from_secs(120);
 
 /// A restoration in progress: the stores of some tasks being brought up to the end of their
 /// changelogs, a slice at a time ([`Restorer::step`]), so the stream thread keeps polling its
@@ -71,6 +74,8 @@ pub struct Restoration<B> {
     index: HashMap<(String, i32), usize>,
     started: Instant,
     last_report: Instant,
+    /// When a record was last read or a partition finished.
+    last_progress: Instant,
     /// What finished restorations did, for the log and tests.
     pub outcomes: Vec<RestoreOutcome>,
 }
@@ -129,35 +134,41 @@ impl Restorer {
             let mut ends = Vec::with_capacity(config.stores.len());
             for store in &config.stores {
                 let topic = config.changelog_topic(store);
-                let (_, high) = self
+                let (low, high) = self
                     .consumer
                     .fetch_watermarks(&topic, *partition, WATERMARKS_TIMEOUT)
                     .map_err(RuntimeError::kafka("changelog watermarks"))?;
-                ends.push((store, topic, high, backend.checkpoint(store)?));
+                ends.push((store, topic, low, high, backend.checkpoint(store)?));
             }
-            if let Some((store, topic, high, Some(checkpoint))) = ends
-                .iter()
-                .find(|(_, _, high, checkpoint)| checkpoint.is_some_and(|c| c > *high))
+            // A checkpoint outside the changelog's records: beyond its end (the topic was
+            // recreated), or before its start (retention deleted records after the checkpoint,
+            // tombstones included, so replaying from the start onto the old state could bring
+            // deleted keys back). Either way the store belongs to another history.
+            if let Some((store, topic, low, high, Some(checkpoint))) =
+                ends.iter().find(|(_, _, low, high, checkpoint)| {
+                    checkpoint.is_some_and(|c| c > *high || (c < *low && *low > 0))
+                })
             {
                 tracing::warn!(
-                    store = %store, partition = *partition, checkpoint, changelog_end = high,
-                    changelog = %topic,
-                    "checkpoint beyond the end of the changelog (topic recreated?); wiping the task's state and restoring it from the beginning"
+                    store = %store, partition = *partition, checkpoint, changelog_start = low,
+                    changelog_end = high, changelog = %topic,
+                    "checkpoint outside the changelog (topic recreated, or records deleted by retention); wiping the task's state and restoring it from the beginning"
                 );
                 backend.wipe()?;
                 for end in &mut ends {
-                    end.3 = None;
+                    end.4 = None;
                 }
             }
-            for (store, topic, high, checkpoint) in ends {
+            for (store, topic, low, high, checkpoint) in ends {
                 let gauge = metrics::gauge!(m::RESTORE_REMAINING, "store" => store.to_string(), "partition" => partition.to_string());
                 // Registered even when nothing is restored, so the series exists from the start.
                 let counter = metrics::counter!(m::RESTORED_RECORDS, "store" => store.to_string());
-                if high <= checkpoint.unwrap_or(0) {
-                    // Nothing after the checkpoint, or an empty changelog: no need to wait for
-                    // the consumer to report the end.
+                if high <= checkpoint.unwrap_or(0).max(low) {
+                    // Nothing after the checkpoint, or no record left in the changelog (empty,
+                    // or all deleted): no need to wait for the consumer to report the end (it
+                    // has no position to report when it read nothing).
                     gauge.set(0.0);
-                    let to_offset = checkpoint.unwrap_or(0);
+                    let to_offset = checkpoint.unwrap_or(0).max(high);
                     if checkpoint != Some(to_offset) {
                         let mut batch = CommitBatch::default();
                         batch.changes.insert(store.to_string(), BTreeMap::new());
@@ -217,6 +228,7 @@ impl Restorer {
             index,
             started: Instant::now(),
             last_report: Instant::now(),
+            last_progress: Instant::now(),
             outcomes,
         })
     }
@@ -235,6 +247,7 @@ impl Restorer {
             index,
             started,
             last_report,
+            last_progress,
             outcomes,
         } = restoration;
         while pending.iter().any(|p| !p.done) && Instant::now() < until {
@@ -253,6 +266,7 @@ impl Restorer {
                         p.bytes += key.len() + value.as_ref().map_or(0, Vec::len);
                         p.changes.insert(key.to_vec(), value);
                     }
+                    *last_progress = Instant::now();
                     p.records += 1;
                     p.counter.increment(1);
                     p.next_offset = message.offset() + 1;
@@ -274,10 +288,26 @@ impl Restorer {
                         .iter_mut()
                         .filter(|p| p.partition == partition && !p.done)
                     {
-                        if let Some(Offset::Offset(at)) = position
+                        let at = position
                             .find_partition(&p.topic, p.partition)
-                            .map(|e| e.offset())
-                        {
+                            .map(|e| e.offset());
+                        if !matches!(at, Some(Offset::Offset(_))) && p.records == 0 {
+                            // Nothing read, so no position: the records may all be gone
+                            // (deleted by retention since the start). Then there is nothing to
+                            // wait for.
+                            if let Ok((low, _)) = self.consumer.fetch_watermarks(
+                                &p.topic,
+                                p.partition,
+                                WATERMARKS_TIMEOUT,
+                            ) {
+                                if low >= p.high {
+                                    p.next_offset = p.next_offset.max(p.high);
+                                    p.done = true;
+                                    *last_progress = Instant::now();
+                                }
+                            }
+                        }
+                        if let Some(Offset::Offset(at)) = at {
                             if at < p.high {
                                 // Short of the end seen at the start: an open transaction that
                                 // has yet to end (wait for it), or a changelog truncated since
@@ -298,6 +328,7 @@ impl Restorer {
                                 // starts there.
                                 p.next_offset = p.next_offset.max(at);
                                 p.done = true;
+                                *last_progress = Instant::now();
                             }
                         }
                     }
@@ -306,6 +337,15 @@ impl Restorer {
                     tracing::warn!(error = %e, "changelog read error; retrying");
                 }
                 None => {}
+            }
+            if last_progress.elapsed() >= RESTORE_STALL_LIMIT {
+                // No record and no end for this long: the restore consumer may be stuck (a
+                // changelog partition whose leader it never learns again); new clients are the
+                // way out, and the tasks must not wait paused forever meanwhile.
+                return Err(RuntimeError::ClientStuck(format!(
+                    "restoration read nothing for {} s",
+                    RESTORE_STALL_LIMIT.as_secs()
+                )));
             }
             if last_report.elapsed() >= PROGRESS_EVERY {
                 *last_report = Instant::now();

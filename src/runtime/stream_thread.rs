@@ -31,7 +31,12 @@ use crate::telemetry::metrics as m;
 /// Set to ask the runtime to stop: it finishes the commit cycle, closes the tasks, leaves the
 /// group and returns.
 #[derive(Clone, Default)]
-pub struct Shutdown(Arc<AtomicBool>);
+pub struct Shutdown(Arc<AtomicBool>, Arc<std::sync::OnceLock<Instant>>);
+
+/// How long, from the moment shutdown is first noticed, the last commit's transactional calls and
+/// delivery waits may still take: enough for a normal commit (about 100 ms), short enough for a
+/// clean exit within seconds.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 impl Shutdown {
     pub fn new() -> Self {
@@ -43,7 +48,21 @@ impl Shutdown {
     }
 
     pub fn requested(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        let requested = self.0.load(Ordering::SeqCst);
+        if requested {
+            self.1.get_or_init(Instant::now);
+        }
+        requested
+    }
+
+    /// Shutdown was requested more than [`SHUTDOWN_GRACE`] ago: calls that finish the last
+    /// commit give up now.
+    pub fn grace_over(&self) -> bool {
+        self.requested()
+            && self
+                .1
+                .get()
+                .is_some_and(|at| at.elapsed() >= SHUTDOWN_GRACE)
     }
 
     /// Requests shutdown on SIGTERM and SIGINT.
@@ -458,6 +477,12 @@ fn poll_loop(
                 return Err(failure);
             }
             tracing::warn!(error = %failure, "cycle aborted during rebalance");
+        }
+        if guard.broken {
+            // Nothing runs on a broken engine: a new generation is the way on.
+            return Err(RuntimeError::ClientStuck(
+                "the engine was marked broken by a fatal error".to_string(),
+            ));
         }
         // An aborted cycle is cleaned up (transaction aborted, inputs rewound) before anything
         // else happens; records polled meanwhile are dropped and fetched again after the rewind.

@@ -35,8 +35,8 @@ impl Watchdog {
         Ok(Self { jobs })
     }
 
-    /// Runs `call` on the worker and waits for its result up to `limit`. Past it (or on
-    /// shutdown) the call is abandoned: [`RuntimeError::ClientStuck`] (or `Interrupted`).
+    /// Runs `call` on the worker and waits for its result up to `limit`. Past it (or past the
+    /// shutdown grace) the call is abandoned: [`RuntimeError::ClientStuck`] (or `Interrupted`).
     pub fn run<T: Send + 'static>(
         &self,
         operation: &'static str,
@@ -63,7 +63,8 @@ impl Watchdog {
                     )))
                 }
                 Err(RecvTimeoutError::Timeout) => {
-                    if shutdown.requested() {
+                    // Shutdown leaves the call a short grace, so the last commit can finish.
+                    if shutdown.grace_over() {
                         return Err(RuntimeError::Interrupted(operation));
                     }
                     if Instant::now() >= deadline {
@@ -99,8 +100,19 @@ mod tests {
             "{hung:?}"
         );
         assert!(started.elapsed() < Duration::from_secs(2));
+        // After shutdown a call still gets the grace: a quick one is answered, a hanging one is
+        // abandoned once the grace is over, long before its own limit.
         shutdown.request();
-        let interrupted = watchdog.run("after", Duration::from_secs(30), &shutdown, || ());
+        let quick = watchdog.run("after", Duration::from_secs(30), &shutdown, || 7);
+        assert_eq!(quick.unwrap(), 7);
+        let started = Instant::now();
+        let interrupted = watchdog.run("hanging after", Duration::from_secs(60), &shutdown, || {
+            std::thread::sleep(Duration::from_secs(20));
+        });
         assert!(matches!(interrupted, Err(RuntimeError::Interrupted(_))));
+        assert!(
+            started.elapsed()
+                < crate::runtime::stream_thread::SHUTDOWN_GRACE + Duration::from_secs(2)
+        );
     }
 }

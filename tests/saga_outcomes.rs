@@ -369,3 +369,78 @@ fn a_step_with_a_retry_policy_succeeds_on_its_second_attempt() {
     );
     assert_eq!(env.count("retried", &payment), 2);
 }
+
+#[test]
+fn an_output_that_cannot_be_encoded_dead_letters_its_input_and_every_other_order_completes() {
+    use saga_streams::saga::processor::dlq_headers;
+    let topology = "../tests/fixtures/order_saga_avro_payments.yaml";
+    let mut env = SagaEnv::new(topology, 2);
+    let registry = common::schema_registry_url();
+    let register = std::process::Command::new(env!("CARGO_BIN_EXE_saga-streams"))
+        .args([
+            "schemas",
+            "register",
+            "--topology",
+            &env.topology,
+            "--topic-prefix",
+            &env.prefix,
+            "--schema-registry-url",
+            &registry,
+            "--schemas",
+            "schemas",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(
+        register.status.success(),
+        "{}",
+        String::from_utf8_lossy(&register.stdout)
+    );
+    let mut orchestrator = env.orchestrator("a", &["--schema-registry-url", &registry]);
+    let addr = orchestrator.http_addr(Duration::from_secs(60));
+    let saga_status = |order: &str| common::http_get(&format!("http://{addr}/sagas/{order}")).0;
+    // No currency: the order passes the input checks (the field is optional there), but its
+    // ProcessPayment cannot be written (the Avro field is required).
+    let mut bad = saga_streams::sim::load::order_created(&env.def, "no-currency");
+    bad.as_object_mut().unwrap().remove("currency");
+    env.send(&env.def.start_topic.clone(), "no-currency", bad, &[]);
+    let good: Vec<String> = (0..4).map(|i| format!("good-{i}")).collect();
+    for order in &good {
+        env.create(order, &[]);
+    }
+    for order in &good {
+        // The payment command is Avro: the saga's existence says it was written.
+        let started = common::poll_until(Duration::from_secs(60), || saga_status(order) == 200);
+        assert!(started, "{order} never started");
+        env.reply(0, Reply::Success, order);
+        env.expect(order, &env.def.steps[1].command.event_type.clone());
+        env.reply(1, Reply::Success, order);
+        env.expect(order, &env.def.completed.event_type.clone());
+    }
+    env.wait("the dead letter of the order without currency", |env| {
+        env.seen.iter().any(|r| r.topic.ends_with(".dlq"))
+    });
+    let letter = env.seen.iter().find(|r| r.topic.ends_with(".dlq")).unwrap();
+    assert_eq!(letter.key.as_deref(), Some(b"no-currency".as_slice()));
+    assert_eq!(
+        letter.header(dlq_headers::KIND).as_deref(),
+        Some("unencodable_output")
+    );
+    // Its effects were rolled back: no saga, no message.
+    assert_eq!(saga_status("no-currency"), 404);
+    assert!(
+        env.trail("no-currency").is_empty(),
+        "{:?}",
+        env.trail("no-currency")
+    );
+    let (_, metrics) = common::http_get(&format!("http://{addr}/metrics"));
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("saga_streams_output_errors_total{")
+                && l.contains("reason=\"unencodable_output\"")
+                && l.ends_with(" 1")),
+        "{metrics}"
+    );
+}

@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 
 use crate::runtime::InputRecord;
 use crate::saga::machine::SagaOutput;
-use crate::saga::topology::{EventRole, SagaDefinition, ENVELOPE};
+use crate::saga::topology::{EventRole, SagaDefinition};
 
 /// Header carrying the saga's correlation id on every message.
 pub const CORRELATION_HEADER: &str = "X-Correlation-ID";
@@ -55,8 +55,12 @@ pub enum BadInputKind {
     InvalidAvro,
     /// Avro: the writer schema cannot be resolved into the reader schema.
     IncompatibleSchema,
-    /// The value is larger than the topology's `max_input_bytes`.
+    /// The value is larger than the topology's `max_input_bytes`, or an output it causes would
+    /// be larger than a record may be.
     RecordTooLarge,
+    /// An output the record causes cannot be encoded (a context field of the wrong type or
+    /// missing for an Avro command, say); the record's effects were not applied.
+    UnencodableOutput,
 }
 
 impl BadInputKind {
@@ -73,6 +77,7 @@ impl BadInputKind {
             Self::UnknownSchemaId => "unknown_schema_id",
             Self::InvalidAvro => "invalid_avro",
             Self::IncompatibleSchema => "incompatible_schema",
+            Self::UnencodableOutput => "unencodable_output",
             Self::RecordTooLarge => "record_too_large",
         }
     }
@@ -242,10 +247,16 @@ pub fn check(
             Some(_) => {}
         }
     }
-    for name in ENVELOPE {
-        map.remove(*name);
-    }
-    map.remove(&def.key_field);
+    // The context keeps what the topology declares, not whatever a producer sent: saga records
+    // stay bounded, and outputs can only read declared fields anyway.
+    let declared: Vec<&str> = def
+        .events
+        .get(&event_type)
+        .into_iter()
+        .flatten()
+        .map(|f| f.name.as_str())
+        .collect();
+    map.retain(|name, _| declared.contains(&name.as_str()));
     Ok(DecodedEvent {
         event_id,
         event_type,
@@ -356,6 +367,11 @@ mod tests {
         assert_eq!(flat.role, EventRole::Start);
         assert_eq!(flat.saga_id, "o1");
         assert!(flat.payload.contains_key("total") && !flat.payload.contains_key("event_id"));
+        // What the topology does not declare stays out of the saga's context.
+        let padded = CREATED.replace(r#""user_id":"u1""#, r#""user_id":"u1","blob":"xxxxxxxx""#);
+        let read = decode(&d, &record("orders.created", Some("o1"), &padded)).unwrap();
+        assert!(!read.payload.contains_key("blob"), "{:?}", read.payload);
+        assert_eq!(read.payload, flat.payload);
         let numeric = CREATED.replace(r#""order_id":"o1""#, r#""order_id":42"#);
         assert_eq!(
             decode(&d, &record("orders.created", None, &numeric))

@@ -286,6 +286,25 @@ impl SagaRecord {
     }
 }
 
+/// The saga as it was, its timer moved to `retry_at_ms`: the outputs of its due timer could not
+/// be written (`why`), so nothing changed and the timer is tried again later.
+pub fn hold_for_retry(record: &SagaRecord, retry_at_ms: i64, now_ms: i64, why: &str) -> SagaRecord {
+    let mut held = record.clone();
+    held.deadline_ms = Some(retry_at_ms);
+    let from = held.status.clone();
+    push_history(
+        &mut held,
+        now_ms,
+        "timeout",
+        None,
+        &from,
+        Some(format!(
+            "outputs could not be written, tried again later: {why}"
+        )),
+    );
+    held
+}
+
 fn push_once(steps: &mut Vec<usize>, step: usize) {
     if !steps.contains(&step) {
         steps.push(step);
@@ -1363,6 +1382,33 @@ mod tests {
         assert_eq!(
             apply(&d, &t3, SagaInput::Timer { input_time_ms: end }, end),
             Applied::Expired
+        );
+    }
+
+    #[test]
+    fn a_held_timer_keeps_the_saga_and_comes_back_later() {
+        let d = def("order_saga.yaml");
+        let (r, _) = started(&d);
+        let held = hold_for_retry(&r, 99_000, 40_000, "no schema");
+        assert_eq!(held.next_timer_ms(), Some(99_000));
+        assert_eq!(
+            (held.status.as_str(), &held.phase, &held.in_flight),
+            (r.status.as_str(), &r.phase, &r.in_flight)
+        );
+        assert!(held
+            .history
+            .last()
+            .unwrap()
+            .note
+            .as_deref()
+            .unwrap()
+            .contains("no schema"));
+        // Then it times out as it would have.
+        let (after, out) = fire(&d, &held);
+        assert_eq!(types(&out), ["OrderCancelled"]);
+        assert_eq!(
+            after.outcome.unwrap().reason.as_deref(),
+            Some("timeout:payment")
         );
     }
 

@@ -53,6 +53,12 @@ pub const DLQ_VALUE_PREFIX: usize = 64 << 10;
 /// limit (librdkafka's `message.max.bytes`, 1,000,000 by default), so that writing it can never
 /// fail for its size. A value cut to fit has its full size in `dlq.original.size`.
 const DLQ_RECORD_BUDGET: usize = 900_000;
+/// The most an output record (key, headers and value) may hold, for the same reason: a larger
+/// one would be refused by the producer or the broker and fail its cycle again after every
+/// rewind. The input that causes it is dead-lettered instead (`record_too_large`).
+pub const OUTPUT_RECORD_BUDGET: usize = 900_000;
+/// When the outputs of a due timer cannot be written, the timer is tried again this much later.
+const UNWRITABLE_TIMER_RETRY_MS: i64 = 60_000;
 
 pub fn saga_key(saga_id: &str) -> Vec<u8> {
     [SAGA_PREFIX, saga_id.as_bytes()].concat()
@@ -292,7 +298,7 @@ impl SagaProcessor {
             payload: event.payload,
             traceparent,
         };
-        let (record_after, outputs) = match (existing, event.role) {
+        let (before, record_after, outputs) = match (existing, event.role) {
             (None, EventRole::Start) => {
                 let correlation_id = event
                     .correlation_id
@@ -307,11 +313,9 @@ impl SagaProcessor {
                         uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, event.event_id.as_bytes())
                             .to_string()
                     });
-                metrics::counter!(m::SAGAS_STARTED).increment(1);
                 let (started, outputs) =
                     machine::start(&self.def, &event.saga_id, &saga_event, correlation_id, now);
-                self.counts.save(&mut store, None, &started)?;
-                (started, outputs)
+                (None, started, outputs)
             }
             (None, _) => {
                 drop(store);
@@ -328,10 +332,7 @@ impl SagaProcessor {
             (Some(current), _) => {
                 span.record("correlation_id", current.correlation_id.as_str());
                 match machine::apply(&self.def, &current, SagaInput::Event(&saga_event), now) {
-                    Applied::Changed { record, outputs } => {
-                        self.counts.save(&mut store, Some(&current), &record)?;
-                        (*record, outputs)
-                    }
+                    Applied::Changed { record, outputs } => (Some(current), *record, outputs),
                     Applied::Ignored(why) => {
                         tracing::debug!(reason = why.as_str(), event_id = %saga_event.event_id, "ignored an event");
                         metrics::counter!(m::EVENTS_IGNORED, "reason" => why.as_str()).increment(1);
@@ -341,6 +342,22 @@ impl SagaProcessor {
                 }
             }
         };
+        // Every output is encoded and checked before anything is written: an output that cannot
+        // be written dead-letters the input, and the saga stays as it was before it.
+        let records = match self.encode(&record_after, &outputs, now) {
+            Ok(records) => records,
+            Err(bad) => {
+                drop(store);
+                metrics::counter!(m::OUTPUT_ERRORS, "reason" => bad.kind.as_str()).increment(1);
+                self.dead_letter(ctx, record, &bad);
+                return Ok(());
+            }
+        };
+        if before.is_none() {
+            metrics::counter!(m::SAGAS_STARTED).increment(1);
+        }
+        self.counts
+            .save(&mut store, before.as_ref(), &record_after)?;
         drop(store);
         self.timer_written(&record_after);
         span.record("correlation_id", record_after.correlation_id.as_str());
@@ -348,20 +365,20 @@ impl SagaProcessor {
             status = %record_after.status, step_awaited = ?record_after.step_awaited,
             outputs = outputs.len(), "saga transition"
         );
-        self.emit(ctx, &record_after, outputs, now)
+        self.send(ctx, &record_after, &outputs, records, now);
+        Ok(())
     }
 
-    /// Encodes every output first, so a message that cannot be written fails the cycle before
-    /// anything is sent or counted.
-    fn emit(
+    /// The Kafka records of a saga's outputs, or why one cannot be written (it cannot be
+    /// encoded, or it is larger than [`OUTPUT_RECORD_BUDGET`]).
+    fn encode(
         &self,
-        ctx: &mut ProcessorContext<'_>,
         saga: &SagaRecord,
-        outputs: Vec<SagaOutput>,
+        outputs: &[SagaOutput],
         now: i64,
-    ) -> Result<(), ProcessorError> {
+    ) -> Result<Vec<OutputRecord>, BadInput> {
         let mut records = Vec::with_capacity(outputs.len());
-        for output in &outputs {
+        for output in outputs {
             let body =
                 json::message_body(&self.def, &saga.saga_id, &saga.correlation_id, output, now);
             let value = self
@@ -372,7 +389,15 @@ impl SagaProcessor {
                     body,
                     self.def.wrap_outputs,
                 )
-                .map_err(|e| ProcessorError(format!("saga {}: {e}", saga.saga_id)))?;
+                .map_err(|e| {
+                    BadInput::new(
+                        BadInputKind::UnencodableOutput,
+                        format!(
+                            "{} for {} '{}' cannot be written to {}: {e}",
+                            output.event_type, self.def.key_field, saga.saga_id, output.topic
+                        ),
+                    )
+                })?;
             // Stamped with the time its deadline counts from (the command's timestamp plus the
             // step timeout).
             let mut record =
@@ -382,13 +407,39 @@ impl SagaProcessor {
             if let Some(tp) = &saga.traceparent {
                 record = record.with_header(TRACEPARENT_HEADER, tp.as_bytes());
             }
+            let size = record.key.as_ref().map_or(0, Vec::len)
+                + record.value.as_ref().map_or(0, Vec::len)
+                + record
+                    .headers
+                    .iter()
+                    .map(|(n, v)| n.len() + v.len())
+                    .sum::<usize>();
+            if size > OUTPUT_RECORD_BUDGET {
+                return Err(BadInput::new(
+                    BadInputKind::RecordTooLarge,
+                    format!(
+                        "{} for {} '{}' would have {size} bytes, more than an output may have ({OUTPUT_RECORD_BUDGET})",
+                        output.event_type, self.def.key_field, saga.saga_id
+                    ),
+                ));
+            }
             records.push(record);
         }
+        Ok(records)
+    }
+
+    fn send(
+        &self,
+        ctx: &mut ProcessorContext<'_>,
+        saga: &SagaRecord,
+        outputs: &[SagaOutput],
+        records: Vec<OutputRecord>,
+        now: i64,
+    ) {
         for (output, record) in outputs.iter().zip(records) {
             count_output(&self.def, saga, output, now);
             ctx.send(record);
         }
-        Ok(())
     }
 }
 
@@ -546,6 +597,25 @@ impl Processor for SagaProcessor {
             };
             match machine::apply(&self.def, &current, timer, now) {
                 Applied::Changed { record, outputs } => {
+                    let records = match self.encode(&record, &outputs, now) {
+                        Ok(records) => records,
+                        Err(bad) => {
+                            // No input to dead-letter: the saga stays as it was and its timer
+                            // comes back later (a schema fixed meanwhile lets it through).
+                            tracing::error!(saga_id = %saga_id, kind = bad.kind.as_str(), error = %bad.message, "the outputs of a due timer cannot be written; the saga is held and tried again in 60 s");
+                            metrics::counter!(m::OUTPUT_ERRORS, "reason" => bad.kind.as_str())
+                                .increment(1);
+                            let held = machine::hold_for_retry(
+                                &current,
+                                now.max(cutoff).saturating_add(UNWRITABLE_TIMER_RETRY_MS),
+                                now,
+                                &bad.message,
+                            );
+                            self.counts.save(&mut store, Some(&current), &held)?;
+                            fired.push((held, Vec::new(), Vec::new()));
+                            continue;
+                        }
+                    };
                     let timed_out = record.history.last().is_some_and(|t| t.cause == "timeout");
                     if let (true, Some(step)) = (timed_out, current.step_awaited.as_ref()) {
                         metrics::counter!(m::TIMEOUTS, "step" => step.clone()).increment(1);
@@ -560,7 +630,7 @@ impl Processor for SagaProcessor {
                     }
                     tracing::debug!(saga_id = %saga_id, status = %record.status, "timer fired");
                     self.counts.save(&mut store, Some(&current), &record)?;
-                    fired.push((*record, outputs));
+                    fired.push((*record, outputs, records));
                 }
                 Applied::Expired => {
                     store.delete(&key);
@@ -580,11 +650,11 @@ impl Processor for SagaProcessor {
         }
         self.scanned_to = complete.then(|| cutoff.saturating_add(1));
         drop(store);
-        for (record, _) in &fired {
+        for (record, _, _) in &fired {
             self.timer_written(record);
         }
-        for (record, outputs) in fired {
-            self.emit(ctx, &record, outputs, now)?;
+        for (record, outputs, records) in fired {
+            self.send(ctx, &record, &outputs, records, now);
         }
         Ok(())
     }

@@ -22,6 +22,7 @@ pub const TIMEOUTS: &str = "saga_streams_timeouts_total";
 pub const RETRIES: &str = "saga_streams_retries_total";
 pub const COMPENSATIONS_STUCK: &str = "saga_streams_compensations_stuck_total";
 pub const DLQ_RECORDS: &str = "saga_streams_dlq_records_total";
+pub const OUTPUT_ERRORS: &str = "saga_streams_output_errors_total";
 pub const EVENTS_IGNORED: &str = "saga_streams_events_ignored_total";
 pub const RESTORE_REMAINING: &str = "saga_streams_restore_remaining_records";
 pub const RESTORED_RECORDS: &str = "saga_streams_restored_records_total";
@@ -49,6 +50,7 @@ pub const CATALOGUE: &[&str] = &[
     RETRIES,
     COMPENSATIONS_STUCK,
     DLQ_RECORDS,
+    OUTPUT_ERRORS,
     EVENTS_IGNORED,
     RESTORE_REMAINING,
     RESTORED_RECORDS,
@@ -116,6 +118,11 @@ fn describe() {
         "compensations given up unconfirmed after all their attempts"
     );
     describe_counter!(DLQ_RECORDS, Unit::Count, "input records dead-lettered");
+    describe_counter!(
+        OUTPUT_ERRORS,
+        Unit::Count,
+        "saga outputs that could not be written (unencodable or too large): the input was dead-lettered, or the due timer held for a retry"
+    );
     describe_counter!(EVENTS_IGNORED, Unit::Count, "events that changed nothing");
     describe_gauge!(
         RESTORE_REMAINING,

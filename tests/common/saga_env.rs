@@ -197,7 +197,7 @@ impl SagaEnv {
             .iter()
             .filter(|r| r.key.as_deref() == Some(order.as_bytes()))
             .filter(|r| !r.topic.ends_with(".dlq"))
-            .filter(|r| body(r)["event_type"] == event_type)
+            .filter(|r| body(r).get("event_type").and_then(Value::as_str) == Some(event_type))
             .collect()
     }
 
@@ -219,7 +219,14 @@ impl SagaEnv {
         self.seen
             .iter()
             .filter(|r| r.key.as_deref() == Some(order.as_bytes()) && !r.topic.ends_with(".dlq"))
-            .map(|r| body(r)["event_type"].as_str().unwrap_or("?").to_string())
+            // A record that is not JSON (an Avro topic) shows as "?".
+            .map(|r| {
+                body(r)
+                    .get("event_type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("?")
+                    .to_string()
+            })
             .collect()
     }
 

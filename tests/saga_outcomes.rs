@@ -444,3 +444,32 @@ fn an_output_that_cannot_be_encoded_dead_letters_its_input_and_every_other_order
         "{metrics}"
     );
 }
+
+#[test]
+fn an_order_as_a_laravel_service_writes_it_completes_with_its_values_passed_on() {
+    // Eloquent keys and auth()->id() are integers; decimal casts serialise amounts as strings.
+    let mut env = SagaEnv::new("order_saga.yaml", 1);
+    let _orchestrator = env.orchestrator("a", &[]);
+    let order = "laravel-1";
+    let mut body = saga_streams::sim::load::order_created(&env.def, order);
+    body["user_id"] = serde_json::json!(42);
+    body["total"] = serde_json::json!("500.00");
+    env.send(&env.def.start_topic.clone(), order, body, &[]);
+    let payment = env.expect(order, &env.def.steps[0].command.event_type.clone());
+    // A JSON command keeps the producer's form.
+    assert_eq!(payment["amount"], "500.00");
+    env.reply(0, Reply::Success, order);
+    env.expect(order, &env.def.steps[1].command.event_type.clone());
+    env.reply(1, Reply::Success, order);
+    let completed = env.expect(order, &env.def.completed.event_type.clone());
+    assert_eq!(completed["user_id"], 42);
+    assert_eq!(completed["total"], "500.00");
+    assert!(
+        !env.seen.iter().any(|r| r.topic.ends_with(".dlq")),
+        "dead-lettered: {:?}",
+        env.seen
+            .iter()
+            .map(common::saga_env::describe)
+            .collect::<Vec<_>>()
+    );
+}

@@ -285,6 +285,8 @@ impl AvroCodec {
             .outputs
             .get(&(topic.to_string(), event_type.to_string()))
             .ok_or_else(|| format!("no Avro schema to write {event_type} to {topic}"))?;
+        let mut map = map;
+        coerce_to_schema(&mut map, &output.record);
         let value = AvroValue::try_from(Value::Object(map))
             .and_then(|v| v.resolve(&output.record))
             .map_err(|e| {
@@ -308,5 +310,89 @@ impl AvroCodec {
         bytes.extend_from_slice(&output.id.to_be_bytes());
         bytes.extend_from_slice(&datum);
         Ok(bytes)
+    }
+}
+
+/// Brings the loose forms PHP services write (topology types `id`, `decimal`) to what a field of
+/// an Avro schema wants: a numeric string for a `double`, `float`, `int` or `long` field becomes
+/// that number, an integer for a `string` field becomes its decimal text. Anything else is left
+/// for the schema to accept or refuse. JSON outputs are never changed.
+fn coerce_to_schema(map: &mut Map<String, Value>, record: &apache_avro::Schema) {
+    let apache_avro::Schema::Record(record) = record else {
+        return;
+    };
+    for field in &record.fields {
+        if let Some(value) = map.get_mut(&field.name) {
+            coerce_value(value, &field.schema);
+        }
+    }
+}
+
+fn coerce_value(value: &mut Value, schema: &apache_avro::Schema) {
+    use apache_avro::Schema as S;
+    match (schema, &*value) {
+        (S::Union(union), v) if !v.is_null() => {
+            // ["null", T]: coerce towards the one non-null branch.
+            let mut branches = union.variants().iter().filter(|s| !matches!(s, S::Null));
+            if let (Some(only), None) = (branches.next(), branches.next()) {
+                coerce_value(value, only);
+            }
+        }
+        (S::Double | S::Float, Value::String(s)) => {
+            if let Some(n) = s
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|n| n.is_finite())
+                .and_then(serde_json::Number::from_f64)
+            {
+                *value = Value::Number(n);
+            }
+        }
+        (S::Long | S::Int, Value::String(s)) => {
+            if let Ok(n) = s.trim().parse::<i64>() {
+                *value = Value::from(n);
+            }
+        }
+        (S::String, Value::Number(n)) if n.is_i64() || n.is_u64() => {
+            *value = Value::String(n.to_string());
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn php_forms_become_the_schema_types_in_avro_outputs() {
+        let schema = apache_avro::Schema::parse_str(
+            r#"{"type": "record", "name": "R", "fields": [
+                {"name": "amount", "type": "double"},
+                {"name": "user_id", "type": "string"},
+                {"name": "qty", "type": "long"},
+                {"name": "note", "type": ["null", "double"]},
+                {"name": "label", "type": "string"}]}"#,
+        )
+        .unwrap();
+        let mut map =
+            json!({"amount": "500.00", "user_id": 42, "qty": "3", "note": "1.5", "label": "keep"})
+                .as_object()
+                .unwrap()
+                .clone();
+        coerce_to_schema(&mut map, &schema);
+        assert_eq!(
+            Value::Object(map),
+            json!({"amount": 500.0, "user_id": "42", "qty": 3, "note": 1.5, "label": "keep"})
+        );
+        // Not a number: left for the schema to refuse.
+        let mut bad = json!({"amount": "lots", "note": null})
+            .as_object()
+            .unwrap()
+            .clone();
+        coerce_to_schema(&mut bad, &schema);
+        assert_eq!(Value::Object(bad), json!({"amount": "lots", "note": null}));
     }
 }

@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 
 use crate::runtime::InputRecord;
 use crate::saga::machine::SagaOutput;
-use crate::saga::topology::{EventRole, SagaDefinition};
+use crate::saga::topology::{EventRole, SagaDefinition, ENVELOPE};
 
 /// Header carrying the saga's correlation id on every message.
 pub const CORRELATION_HEADER: &str = "X-Correlation-ID";
@@ -233,13 +233,13 @@ pub fn check(
                     format!("{event_type}: required field '{}' is missing", field.name),
                 ))
             }
-            Some(v) if !field.kind.accepts(v) => {
+            Some(v) if !field.accepts(v) => {
                 return Err(BadInput::new(
                     BadInputKind::InvalidField,
                     format!(
                         "{event_type}: field '{}' must be {}, got {}",
                         field.name,
-                        field.kind.name(),
+                        field.type_name(),
                         type_name(v)
                     ),
                 ))
@@ -248,15 +248,23 @@ pub fn check(
         }
     }
     // The context keeps what the topology declares, not whatever a producer sent: saga records
-    // stay bounded, and outputs can only read declared fields anyway.
-    let declared: Vec<&str> = def
-        .events
-        .get(&event_type)
-        .into_iter()
-        .flatten()
-        .map(|f| f.name.as_str())
-        .collect();
-    map.retain(|name, _| declared.contains(&name.as_str()));
+    // stay bounded. An Avro record is bounded by its reader schema already, and keeps its fields
+    // (a field added by a newer schema version, resolved to its default, stays queryable).
+    if def.format_of(&record.topic) == crate::saga::topology::Format::Json {
+        let declared: Vec<&str> = def
+            .events
+            .get(&event_type)
+            .into_iter()
+            .flatten()
+            .map(|f| f.name.as_str())
+            .collect();
+        map.retain(|name, _| declared.contains(&name.as_str()));
+    } else {
+        for name in ENVELOPE {
+            map.remove(*name);
+        }
+        map.remove(&def.key_field);
+    }
     Ok(DecodedEvent {
         event_id,
         event_type,
@@ -419,7 +427,7 @@ mod tests {
             kind(
                 "orders.created",
                 None,
-                &CREATED.replace("12.5", r#""12.5""#)
+                &CREATED.replace("12.5", r#""twelve""#)
             ),
             InvalidField
         );

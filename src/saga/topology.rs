@@ -202,6 +202,12 @@ pub enum FieldKind {
     Boolean,
     List,
     Object,
+    /// An identifier: a non-empty string or an integer (Eloquent keys and `auth()->id()` are
+    /// integers; UUIDs are strings).
+    Id,
+    /// An amount: a number, or a string holding a decimal number (`"500.00"`, as Eloquent's
+    /// decimal casts write it).
+    Decimal,
 }
 
 impl FieldKind {
@@ -213,6 +219,8 @@ impl FieldKind {
             "boolean" => Self::Boolean,
             "list" => Self::List,
             "object" => Self::Object,
+            "id" => Self::Id,
+            "decimal" => Self::Decimal,
             _ => return None,
         })
     }
@@ -225,6 +233,8 @@ impl FieldKind {
             Self::Boolean => "boolean",
             Self::List => "list",
             Self::Object => "object",
+            Self::Id => "id",
+            Self::Decimal => "decimal",
         }
     }
 
@@ -238,7 +248,27 @@ impl FieldKind {
             Self::Boolean => matches!(value, V::Bool(_)),
             Self::List => matches!(value, V::Array(_)),
             Self::Object => matches!(value, V::Object(_)),
+            Self::Id => match value {
+                V::String(s) => !s.trim().is_empty(),
+                v => v.as_i64().is_some() || v.as_u64().is_some(),
+            },
+            Self::Decimal => match value {
+                V::Number(_) => true,
+                V::String(s) => is_decimal_text(s),
+                _ => false,
+            },
         }
+    }
+}
+
+/// `"500"`, `"-12.50"`, `"0.5"`: digits with an optional sign and at most one decimal point with
+/// digits on both sides; no exponent, no `NaN` or `inf`, no surrounding blanks.
+fn is_decimal_text(s: &str) -> bool {
+    let digits = s.strip_prefix(['-', '+']).unwrap_or(s);
+    let all_digits = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
+    match digits.split_once('.') {
+        Some((whole, fraction)) => all_digits(whole) && all_digits(fraction),
+        None => all_digits(digits),
     }
 }
 
@@ -246,8 +276,21 @@ impl FieldKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldSpec {
     pub name: String,
-    pub kind: FieldKind,
+    /// The types the field may have (`string|integer` gives two); at least one.
+    pub kinds: Vec<FieldKind>,
     pub optional: bool,
+}
+
+impl FieldSpec {
+    pub fn accepts(&self, value: &serde_json::Value) -> bool {
+        self.kinds.iter().any(|k| k.accepts(value))
+    }
+
+    /// The type as written in the topology: `id`, `string|integer`.
+    pub fn type_name(&self) -> String {
+        let names: Vec<&str> = self.kinds.iter().map(|k| k.name()).collect();
+        names.join("|")
+    }
 }
 
 /// A message the saga emits: its topic, type, and payload fields taken from the saga's context
@@ -793,16 +836,20 @@ impl Validator<'_> {
                         format!("event {event}: '{field}' is an envelope field, always present"),
                     );
                 }
-                match FieldKind::parse(kind_name) {
-                    Some(k) => specs.push(FieldSpec {
+                let kinds: Option<Vec<FieldKind>> = kind_name
+                    .split('|')
+                    .map(|k| FieldKind::parse(k.trim()))
+                    .collect();
+                match kinds {
+                    Some(kinds) if !kinds.is_empty() => specs.push(FieldSpec {
                         name: field.clone(),
-                        kind: k,
+                        kinds,
                         optional,
                     }),
-                    None => self.problem(
+                    _ => self.problem(
                         kind,
                         format!(
-                            "event {event}: field '{field}' has unknown type '{}' (string, number, integer, boolean, list, object; `?` for optional)",
+                            "event {event}: field '{field}' has unknown type '{}' (string, number, integer, boolean, list, object, id, decimal, or a union such as string|integer; `?` for optional)",
                             **kind
                         ),
                     ),
@@ -1138,6 +1185,61 @@ mod tests {
         lines.insert(1, "bogus_key: 1");
         let err = SagaDefinition::parse("t.yaml", &lines.join("\n")).unwrap_err();
         assert!(err.problems[0].starts_with("t.yaml:2:"), "{err}");
+    }
+
+    #[test]
+    fn ids_decimals_and_unions_accept_what_php_services_write() {
+        use serde_json::json;
+        let id = FieldSpec {
+            name: "user_id".into(),
+            kinds: vec![FieldKind::Id],
+            optional: false,
+        };
+        for ok in [json!(42), json!("u-42"), json!(7u64)] {
+            assert!(id.accepts(&ok), "{ok}");
+        }
+        for bad in [json!(""), json!(1.5), json!(null), json!([1])] {
+            assert!(!id.accepts(&bad), "{bad}");
+        }
+        let amount = FieldSpec {
+            name: "total".into(),
+            kinds: vec![FieldKind::Decimal],
+            optional: false,
+        };
+        for ok in [
+            json!("500.00"),
+            json!("-12.5"),
+            json!("7"),
+            json!(500),
+            json!(12.25),
+        ] {
+            assert!(amount.accepts(&ok), "{ok}");
+        }
+        for bad in [
+            json!("1e5"),
+            json!("NaN"),
+            json!(" 5"),
+            json!("5."),
+            json!(".5"),
+            json!("1.2.3"),
+            json!(""),
+            json!(true),
+        ] {
+            assert!(!amount.accepts(&bad), "{bad}");
+        }
+        let text = order_saga().replace("user_id: id,", "user_id: string|integer,");
+        let def = SagaDefinition::parse("t.yaml", &text).unwrap();
+        let spec = def.events["OrderCreated"]
+            .iter()
+            .find(|f| f.name == "user_id")
+            .unwrap();
+        assert_eq!(spec.type_name(), "string|integer");
+        assert!(spec.accepts(&json!(3)) && spec.accepts(&json!("x")) && !spec.accepts(&json!(1.5)));
+        let bad = order_saga().replace("user_id: id,", "user_id: string|money,");
+        let err = SagaDefinition::parse("t.yaml", &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown type 'string|money'"), "{err}");
     }
 
     #[test]

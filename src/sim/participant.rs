@@ -131,7 +131,7 @@ impl Participant {
         }
         let mut failure = None;
         if let (Some(limit), Some(amount)) =
-            (b.decline_above, body.get("amount").and_then(Value::as_f64))
+            (b.decline_above, body.get("amount").and_then(amount_of))
         {
             if amount > limit {
                 failure = Some(format!("amount {amount} above the limit {limit}"));
@@ -191,13 +191,13 @@ impl Participant {
             } else if let Some(v) = command.get(&field.name).filter(|v| !v.is_null()) {
                 v.clone()
             } else {
-                match field.kind {
-                    FieldKind::String => Value::String(format!(
+                match field.kinds.first().copied().unwrap_or(FieldKind::String) {
+                    FieldKind::String | FieldKind::Id => Value::String(format!(
                         "{}-{}",
                         field.name.trim_end_matches("_id"),
                         uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, saga_id.as_bytes())
                     )),
-                    FieldKind::Number | FieldKind::Integer => Value::from(0),
+                    FieldKind::Number | FieldKind::Integer | FieldKind::Decimal => Value::from(0),
                     FieldKind::Boolean => Value::Bool(true),
                     FieldKind::List => Value::Array(vec![]),
                     FieldKind::Object => Value::Object(Map::new()),
@@ -363,6 +363,14 @@ impl Processor for Participant {
             send(ctx, reply);
         }
         Ok(())
+    }
+}
+
+/// An amount as a number, or as the decimal text PHP services write (`"500.00"`).
+fn amount_of(value: &Value) -> Option<f64> {
+    match value {
+        Value::String(s) => s.trim().parse().ok(),
+        v => v.as_f64(),
     }
 }
 

@@ -370,12 +370,8 @@ fn a_step_with_a_retry_policy_succeeds_on_its_second_attempt() {
     assert_eq!(env.count("retried", &payment), 2);
 }
 
-#[test]
-fn an_output_that_cannot_be_encoded_dead_letters_its_input_and_every_other_order_completes() {
-    use saga_streams::saga::processor::dlq_headers;
-    let topology = "../tests/fixtures/order_saga_avro_payments.yaml";
-    let mut env = SagaEnv::new(topology, 2);
-    let registry = common::schema_registry_url();
+/// Registers the Avro schemas of the env's topology.
+fn register_schemas(env: &SagaEnv, registry: &str) {
     let register = std::process::Command::new(env!("CARGO_BIN_EXE_saga-streams"))
         .args([
             "schemas",
@@ -385,7 +381,7 @@ fn an_output_that_cannot_be_encoded_dead_letters_its_input_and_every_other_order
             "--topic-prefix",
             &env.prefix,
             "--schema-registry-url",
-            &registry,
+            registry,
             "--schemas",
             "schemas",
         ])
@@ -397,6 +393,37 @@ fn an_output_that_cannot_be_encoded_dead_letters_its_input_and_every_other_order
         "{}",
         String::from_utf8_lossy(&register.stdout)
     );
+}
+
+#[test]
+fn a_success_whose_next_command_cannot_be_written_is_compensated_not_dropped() {
+    let mut env = SagaEnv::new("../tests/fixtures/order_saga_avro_inventory.yaml", 1);
+    let registry = common::schema_registry_url();
+    register_schemas(&env, &registry);
+    let _orchestrator = env.orchestrator("a", &["--schema-registry-url", &registry]);
+    let order = "bad-items";
+    let mut body = saga_streams::sim::load::order_created(&env.def, order);
+    body["items"] = serde_json::json!(["not-an-item"]);
+    env.send(&env.def.start_topic.clone(), order, body, &[]);
+    env.expect(order, &env.def.steps[0].command.event_type.clone());
+    // The payment is taken; its ReserveInventory cannot be encoded (items are not records).
+    env.reply(0, Reply::Success, order);
+    let refund = env.expect(order, &env.def.steps[0].compensation.event_type.clone());
+    assert_eq!(refund["payment_id"], format!("payment_id-{order}"));
+    env.reply(0, Reply::Compensated, order);
+    let cancelled = env.expect(order, &env.def.cancelled.event_type.clone());
+    assert_eq!(cancelled["reason"], "inventory_unwritable");
+    // The success was applied, not dead-lettered.
+    assert!(!env.seen.iter().any(|r| r.topic.ends_with(".dlq")));
+}
+
+#[test]
+fn an_output_that_cannot_be_encoded_dead_letters_its_input_and_every_other_order_completes() {
+    use saga_streams::saga::processor::dlq_headers;
+    let topology = "../tests/fixtures/order_saga_avro_payments.yaml";
+    let mut env = SagaEnv::new(topology, 2);
+    let registry = common::schema_registry_url();
+    register_schemas(&env, &registry);
     let mut orchestrator = env.orchestrator("a", &["--schema-registry-url", &registry]);
     let addr = orchestrator.http_addr(Duration::from_secs(60));
     let saga_status = |order: &str| common::http_get(&format!("http://{addr}/sagas/{order}")).0;

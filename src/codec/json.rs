@@ -61,6 +61,9 @@ pub enum BadInputKind {
     /// An output the record causes cannot be encoded (a context field of the wrong type or
     /// missing for an Avro command, say); the record's effects were not applied.
     UnencodableOutput,
+    /// The saga the record belongs to names steps the loaded topology does not have (it started
+    /// under another version).
+    IncompatibleSaga,
 }
 
 impl BadInputKind {
@@ -78,6 +81,7 @@ impl BadInputKind {
             Self::InvalidAvro => "invalid_avro",
             Self::IncompatibleSchema => "incompatible_schema",
             Self::UnencodableOutput => "unencodable_output",
+            Self::IncompatibleSaga => "incompatible_saga",
             Self::RecordTooLarge => "record_too_large",
         }
     }

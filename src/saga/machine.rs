@@ -152,6 +152,11 @@ pub struct SagaRecord {
     /// The record shrank to what deduplication and late compensations need.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tombstone: bool,
+    /// The start event's id, mixed into the ids of the saga's messages: a saga id used again
+    /// after its tombstone expired gets new message ids (participants would take the old ones
+    /// for duplicates). Empty in records written before it existed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub id_seed: String,
 }
 
 /// An input event as the machine sees it: decoded, validated, its role known.
@@ -254,6 +259,35 @@ impl SagaRecord {
         matches!(self.phase, Phase::Finished)
     }
 
+    /// Whether every step this record names exists in `def`; `Err` says which does not (a
+    /// topology with fewer steps than the one the saga started under).
+    pub fn fits(&self, def: &SagaDefinition) -> Result<(), String> {
+        let mut named: Vec<usize> = Vec::new();
+        match &self.phase {
+            Phase::Running { step } => named.push(*step),
+            Phase::Compensating { step, pending, .. } => {
+                named.push(*step);
+                named.extend(pending);
+            }
+            Phase::Finished => {}
+        }
+        named.extend(&self.completed_steps);
+        named.extend(&self.abandoned_steps);
+        named.extend(&self.compensated_steps);
+        named.extend(&self.stuck_steps);
+        named.extend(self.in_flight.as_ref().map(|f| f.step));
+        match named.iter().find(|s| **s >= def.steps.len()) {
+            Some(step) => Err(format!(
+                "saga '{}' refers to step {} but topology '{}' has {} steps",
+                self.saga_id,
+                step + 1,
+                def.name,
+                def.steps.len()
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Brings a record of an earlier version to the current one (a no-op for current ones).
     pub fn upgrade(mut self) -> Self {
         if self.record_version >= RECORD_VERSION {
@@ -266,6 +300,16 @@ impl SagaRecord {
             if self.late_compensated {
                 push_once(&mut self.compensated_steps, step);
             }
+        }
+        // A saga cancelled (or compensating) because a step failed: that step is the one after
+        // the last that succeeded, and its success may still come.
+        let reason = match (&self.phase, &self.outcome) {
+            (Phase::Compensating { reason, .. }, _) => Some(reason.clone()),
+            (Phase::Finished, Some(o)) if o.kind == OutcomeKind::Cancelled => o.reason.clone(),
+            _ => None,
+        };
+        if reason.is_some_and(|r| r.ends_with("_failed")) {
+            push_once(&mut self.abandoned_steps, self.completed_steps.len());
         }
         let not_yet: Vec<usize> = match &self.phase {
             Phase::Running { .. } => self.completed_steps.clone(),
@@ -283,6 +327,47 @@ impl SagaRecord {
         self.late_compensated = false;
         self.record_version = RECORD_VERSION;
         self
+    }
+
+    /// A version 1 record waiting for a reply had no copy of the message it waits for: it is
+    /// rebuilt (the last message the saga sent, same event id) so that it can be sent again.
+    pub fn rebuild_in_flight(&mut self, def: &SagaDefinition) {
+        if self.in_flight.is_some() || self.messages_sent == 0 || self.fits(def).is_err() {
+            return;
+        }
+        let (step, compensation) = match &self.phase {
+            Phase::Running { step } => (*step, false),
+            Phase::Compensating { step, .. } => (*step, true),
+            Phase::Finished => return,
+        };
+        let spec = &def.steps[step];
+        let spec = if compensation {
+            &spec.compensation
+        } else {
+            &spec.command
+        };
+        let mut payload = Map::new();
+        for (field, source) in &spec.fields {
+            payload.insert(
+                field.clone(),
+                self.context.get(source).cloned().unwrap_or(Value::Null),
+            );
+        }
+        self.in_flight = Some(InFlight {
+            step,
+            compensation,
+            topic: spec.topic.clone(),
+            event_type: spec.event_type.clone(),
+            event_id: output_event_id(
+                &self.saga_id,
+                &self.id_seed,
+                self.messages_sent - 1,
+                &spec.event_type,
+            ),
+            payload,
+            attempt: 1,
+            resend_at_ms: None,
+        });
     }
 }
 
@@ -347,6 +432,7 @@ pub fn start(
         messages_sent: 0,
         history: Vec::new(),
         tombstone: false,
+        id_seed: event.event_id.clone(),
     };
     let mut outputs = Vec::new();
     run_step(def, &mut record, 0, now_ms, &mut outputs);
@@ -699,10 +785,48 @@ fn push_history(
 }
 
 /// A deterministic event id: the same saga emitting its n-th message always gets the same id, so
-/// a cycle processed again after an abort produces identical records.
-fn output_event_id(saga_id: &str, sequence: u32, event_type: &str) -> String {
-    let name = format!("{saga_id}/{sequence}/{event_type}");
+/// a cycle processed again after an abort produces identical records. The seed (the start event's
+/// id) tells apart two sagas that used the same saga id at different times.
+fn output_event_id(saga_id: &str, seed: &str, sequence: u32, event_type: &str) -> String {
+    let name = if seed.is_empty() {
+        format!("{saga_id}/{sequence}/{event_type}")
+    } else {
+        format!("{saga_id}/{seed}/{sequence}/{event_type}")
+    };
     uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes()).to_string()
+}
+
+/// A success was applied but what it leads to (the next command, or the outcome) cannot be
+/// written: rather than keep what the step did (money taken) the saga compensates the steps
+/// done and is cancelled with reason `<step>_unwritable` (`outcome_unwritable` after the last
+/// step). `None` when the saga is not in such a state.
+pub fn cancel_unwritable(
+    def: &SagaDefinition,
+    record: &SagaRecord,
+    now_ms: i64,
+    why: &str,
+) -> Option<(SagaRecord, Vec<SagaOutput>)> {
+    let mut record = record.clone();
+    let reason = match (&record.phase, record.outcome.as_ref().map(|o| o.kind)) {
+        (Phase::Running { step }, _) => format!("{}_unwritable", def.steps.get(*step)?.name),
+        (Phase::Finished, Some(OutcomeKind::Completed)) => "outcome_unwritable".to_string(),
+        _ => return None,
+    };
+    record.in_flight = None;
+    record.outcome = None;
+    record.expires_at_ms = None;
+    let from = record.status.clone();
+    let mut outputs = Vec::new();
+    begin_compensation(def, &mut record, reason, now_ms, &mut outputs);
+    push_history(
+        &mut record,
+        now_ms,
+        "unwritable",
+        None,
+        &from,
+        Some(format!("an output could not be written: {why}")),
+    );
+    Some((record, outputs))
 }
 
 fn message(
@@ -721,7 +845,12 @@ fn message(
     if let Some(reason) = reason {
         payload.insert("reason".into(), Value::String(reason.to_string()));
     }
-    let event_id = output_event_id(&record.saga_id, record.messages_sent, &spec.event_type);
+    let event_id = output_event_id(
+        &record.saga_id,
+        &record.id_seed,
+        record.messages_sent,
+        &spec.event_type,
+    );
     record.messages_sent += 1;
     SagaOutput {
         kind,
@@ -1410,6 +1539,131 @@ mod tests {
             after.outcome.unwrap().reason.as_deref(),
             Some("timeout:payment")
         );
+    }
+
+    #[test]
+    fn a_record_naming_steps_the_topology_lacks_does_not_fit() {
+        let d = def("order_saga.yaml");
+        let (mut r, _) = started(&d);
+        assert_eq!(r.fits(&d), Ok(()));
+        r.phase = Phase::Running { step: 2 };
+        let err = r.fits(&d).unwrap_err();
+        assert!(err.contains("step 3") && err.contains("2 steps"), "{err}");
+    }
+
+    #[test]
+    fn a_success_whose_next_command_cannot_be_written_compensates_instead() {
+        let d = def("order_saga.yaml");
+        let (r, _) = started(&d);
+        let (r, out) = changed(apply(
+            &d,
+            &r,
+            SagaInput::Event(&event("ok", &d, EventRole::Success(0))),
+            2_000,
+        ));
+        assert_eq!(types(&out), ["ReserveInventory"]);
+        let (r, out) = cancel_unwritable(&d, &r, 2_001, "no schema").unwrap();
+        assert_eq!(types(&out), ["RefundPayment"]);
+        assert_eq!(r.status, COMPENSATING);
+        let (r, out) = confirm(&d, &r, 0, 2_002);
+        assert_eq!(types(&out), ["OrderCancelled"]);
+        assert_eq!(
+            out[0].payload["reason"],
+            serde_json::json!("inventory_unwritable")
+        );
+        assert_eq!(r.status, "REFUNDED");
+        // Nothing to do for a saga waiting on a compensation.
+        assert!(cancel_unwritable(&d, &refunding(&d).0, 5, "x").is_none());
+    }
+
+    #[test]
+    fn message_ids_differ_between_two_sagas_that_used_the_same_id() {
+        let d = def("order_saga.yaml");
+        let (_, first) = start(
+            &d,
+            "o-1",
+            &event("start-a", &d, EventRole::Start),
+            "c".into(),
+            1,
+        );
+        let (_, again) = start(
+            &d,
+            "o-1",
+            &event("start-b", &d, EventRole::Start),
+            "c".into(),
+            1,
+        );
+        assert_ne!(first[0].event_id, again[0].event_id);
+        let (_, replay) = start(
+            &d,
+            "o-1",
+            &event("start-a", &d, EventRole::Start),
+            "c".into(),
+            9,
+        );
+        assert_eq!(first[0].event_id, replay[0].event_id);
+    }
+
+    #[test]
+    fn a_version_1_saga_cancelled_by_a_failure_still_refunds_a_late_success() {
+        let d = def("order_saga.yaml");
+        let (r, _) = started(&d);
+        let (r, _) = changed(apply(
+            &d,
+            &r,
+            SagaInput::Event(&event("f", &d, EventRole::Failure(0))),
+            2,
+        ));
+        let mut v1 = serde_json::to_value(&r).unwrap();
+        let obj = v1.as_object_mut().unwrap();
+        obj.insert("record_version".into(), 1.into());
+        for f in [
+            "abandoned_steps",
+            "compensated_steps",
+            "stuck_steps",
+            "id_seed",
+        ] {
+            obj.remove(f);
+        }
+        let back = serde_json::from_value::<SagaRecord>(v1).unwrap().upgrade();
+        assert_eq!(back.abandoned_steps, vec![0]);
+        let (_, out) = changed(apply(
+            &d,
+            &back,
+            SagaInput::Event(&event("late", &d, EventRole::Success(0))),
+            3,
+        ));
+        assert_eq!(types(&out), ["RefundPayment"]);
+    }
+
+    #[test]
+    fn a_version_1_saga_waiting_on_a_refund_gets_its_message_back_for_retries() {
+        let d = def("order_saga.yaml");
+        let (r, first) = refunding(&d);
+        let mut v1 = serde_json::to_value(&r).unwrap();
+        let obj = v1.as_object_mut().unwrap();
+        obj.insert("record_version".into(), 1.into());
+        for f in [
+            "abandoned_steps",
+            "compensated_steps",
+            "stuck_steps",
+            "in_flight",
+            "id_seed",
+        ] {
+            obj.remove(f);
+        }
+        let mut back = serde_json::from_value::<SagaRecord>(v1).unwrap().upgrade();
+        assert_eq!(back.in_flight, None);
+        back.rebuild_in_flight(&d);
+        // Version 1 ids had no seed: the rebuilt id is the one a version 1 saga sent.
+        let flight = back.in_flight.clone().unwrap();
+        assert_eq!(
+            flight.event_id,
+            output_event_id(&r.saga_id, "", r.messages_sent - 1, "RefundPayment")
+        );
+        assert_eq!(flight.payload, first[0].payload);
+        let (_, out) = fire(&d, &back);
+        assert!(out.is_empty());
     }
 
     #[test]

@@ -57,6 +57,9 @@ const DLQ_RECORD_BUDGET: usize = 900_000;
 /// one would be refused by the producer or the broker and fail its cycle again after every
 /// rewind. The input that causes it is dead-lettered instead (`record_too_large`).
 pub const OUTPUT_RECORD_BUDGET: usize = 900_000;
+/// The most a saga record may hold: its changelog record must stay writable (see
+/// [`OUTPUT_RECORD_BUDGET`]). An input that would make it larger is dead-lettered.
+pub const SAGA_RECORD_BUDGET: usize = 900_000;
 /// When the outputs of a due timer cannot be written, the timer is tried again this much later.
 const UNWRITABLE_TIMER_RETRY_MS: i64 = 60_000;
 
@@ -133,14 +136,16 @@ impl StatusCounts {
         Ok(())
     }
 
-    /// Writes a saga, moves its timer entry and counts its status change.
+    /// Writes a saga (`bytes`: its encoding, from [`encode_record`]), moves its timer entry and
+    /// counts its status change.
     fn save(
         &mut self,
         store: &mut Store<'_>,
         before: Option<&SagaRecord>,
         after: &SagaRecord,
+        bytes: &[u8],
     ) -> Result<(), ProcessorError> {
-        save(store, before, after)?;
+        save(store, before, after, bytes)?;
         let old = before.map(|b| b.status.as_str());
         if old != Some(after.status.as_str()) {
             if let Some(old) = old {
@@ -157,6 +162,24 @@ impl StatusCounts {
             metrics::gauge!(m::SAGAS, "status" => status).decrement(n as f64);
         }
     }
+}
+
+/// Encodes a saga record for the store, or says why it cannot be kept: larger than
+/// [`SAGA_RECORD_BUDGET`].
+fn encode_record(record: &SagaRecord) -> Result<Result<Vec<u8>, BadInput>, ProcessorError> {
+    let bytes = serde_json::to_vec(record)
+        .map_err(|e| ProcessorError(format!("saga store: unencodable saga record: {e}")))?;
+    let size = bytes.len() + SAGA_PREFIX.len() + record.saga_id.len();
+    if size > SAGA_RECORD_BUDGET {
+        return Ok(Err(BadInput::new(
+            BadInputKind::RecordTooLarge,
+            format!(
+                "the record of saga '{}' would have {size} bytes, more than a saga may hold ({SAGA_RECORD_BUDGET})",
+                record.saga_id
+            ),
+        )));
+    }
+    Ok(Ok(bytes))
 }
 
 /// Decodes a stored saga record.
@@ -288,7 +311,11 @@ impl SagaProcessor {
         let key = saga_key(&event.saga_id);
         let mut store = ctx.store(SAGA_STORE)?;
         let existing = match store.get(&key)? {
-            Some(bytes) => Some(decode_record(&bytes)?),
+            Some(bytes) => {
+                let mut current = decode_record(&bytes)?;
+                current.rebuild_in_flight(&self.def);
+                Some(current)
+            }
             None => None,
         };
         let saga_event = SagaEvent {
@@ -331,6 +358,16 @@ impl SagaProcessor {
             }
             (Some(current), _) => {
                 span.record("correlation_id", current.correlation_id.as_str());
+                if let Err(why) = current.fits(&self.def) {
+                    // Started under a topology with more steps: applying the event could only
+                    // go wrong. The event waits in the DLQ; the saga is left as it is.
+                    drop(store);
+                    tracing::error!(error = %why, "a saga does not fit the loaded topology");
+                    metrics::counter!(m::SAGAS_INCOMPATIBLE).increment(1);
+                    let bad = BadInput::new(BadInputKind::IncompatibleSaga, why);
+                    self.dead_letter(ctx, record, &bad);
+                    return Ok(());
+                }
                 match machine::apply(&self.def, &current, SagaInput::Event(&saga_event), now) {
                     Applied::Changed { record, outputs } => (Some(current), *record, outputs),
                     Applied::Ignored(why) => {
@@ -342,22 +379,51 @@ impl SagaProcessor {
                 }
             }
         };
-        // Every output is encoded and checked before anything is written: an output that cannot
-        // be written dead-letters the input, and the saga stays as it was before it.
-        let records = match self.encode(&record_after, &outputs, now) {
-            Ok(records) => records,
+        // Every output and the saga record are encoded and checked before anything is written:
+        // what cannot be written dead-letters the input, and the saga stays as it was before it.
+        let written = self
+            .encode(&record_after, &outputs, now)
+            .and_then(|records| {
+                encode_record(&record_after)
+                    .map(|bytes| bytes.map(|b| (records, b)))
+                    .unwrap_or_else(|e| Err(BadInput::new(BadInputKind::UnencodableOutput, e.0)))
+            });
+        let (record_after, outputs, records, bytes) = match written {
+            Ok((records, bytes)) => (record_after, outputs, records, bytes),
             Err(bad) => {
-                drop(store);
                 metrics::counter!(m::OUTPUT_ERRORS, "reason" => bad.kind.as_str()).increment(1);
-                self.dead_letter(ctx, record, &bad);
-                return Ok(());
+                // A success must not be dropped: whatever the step did (money taken) would be
+                // kept. The saga takes the success and compensates instead, if that can be
+                // written.
+                let instead = match saga_event.role {
+                    EventRole::Success(_) => {
+                        machine::cancel_unwritable(&self.def, &record_after, now, &bad.message)
+                            .and_then(|(r, outs)| {
+                                let records = self.encode(&r, &outs, now).ok()?;
+                                let bytes = encode_record(&r).ok()?.ok()?;
+                                Some((r, outs, records, bytes))
+                            })
+                    }
+                    _ => None,
+                };
+                match instead {
+                    Some(cancelled) => {
+                        tracing::error!(kind = bad.kind.as_str(), error = %bad.message, "an output of a success cannot be written; the saga compensates instead");
+                        cancelled
+                    }
+                    None => {
+                        drop(store);
+                        self.dead_letter(ctx, record, &bad);
+                        return Ok(());
+                    }
+                }
             }
         };
         if before.is_none() {
             metrics::counter!(m::SAGAS_STARTED).increment(1);
         }
         self.counts
-            .save(&mut store, before.as_ref(), &record_after)?;
+            .save(&mut store, before.as_ref(), &record_after, &bytes)?;
         drop(store);
         self.timer_written(&record_after);
         span.record("correlation_id", record_after.correlation_id.as_str());
@@ -483,8 +549,9 @@ fn save(
     store: &mut Store<'_>,
     before: Option<&SagaRecord>,
     after: &SagaRecord,
+    bytes: &[u8],
 ) -> Result<(), ProcessorError> {
-    store.put_json(&saga_key(&after.saga_id), after)?;
+    store.put(&saga_key(&after.saga_id), bytes);
     let old = before.and_then(SagaRecord::next_timer_ms);
     let new = after.next_timer_ms();
     if old != new {
@@ -591,14 +658,45 @@ impl Processor for SagaProcessor {
                 store.delete(&key);
                 continue;
             };
-            let current = decode_record(&bytes)?;
+            let mut current = decode_record(&bytes)?;
+            current.rebuild_in_flight(&self.def);
             let timer = SagaInput::Timer {
                 input_time_ms: cutoff,
             };
-            match machine::apply(&self.def, &current, timer, now) {
+            let applied = match current.fits(&self.def) {
+                Ok(()) => machine::apply(&self.def, &current, timer, now),
+                // A finished saga's timer only shrinks or removes it: no step involved.
+                Err(_) if current.is_finished() => machine::apply(&self.def, &current, timer, now),
+                Err(why) => {
+                    tracing::error!(saga_id = %saga_id, error = %why, "a saga does not fit the loaded topology; its timer is held");
+                    metrics::counter!(m::SAGAS_INCOMPATIBLE).increment(1);
+                    let held = machine::hold_for_retry(
+                        &current,
+                        now.max(cutoff).saturating_add(UNWRITABLE_TIMER_RETRY_MS),
+                        now,
+                        &why,
+                    );
+                    let bytes = match encode_record(&held)? {
+                        Ok(bytes) => bytes,
+                        Err(_) => continue,
+                    };
+                    self.counts
+                        .save(&mut store, Some(&current), &held, &bytes)?;
+                    fired.push((held, Vec::new(), Vec::new()));
+                    continue;
+                }
+            };
+            match applied {
                 Applied::Changed { record, outputs } => {
-                    let records = match self.encode(&record, &outputs, now) {
-                        Ok(records) => records,
+                    let written = self.encode(&record, &outputs, now).and_then(|records| {
+                        encode_record(&record)
+                            .map(|bytes| bytes.map(|b| (records, b)))
+                            .unwrap_or_else(|e| {
+                                Err(BadInput::new(BadInputKind::UnencodableOutput, e.0))
+                            })
+                    });
+                    let (records, record_bytes) = match written {
+                        Ok(written) => written,
                         Err(bad) => {
                             // No input to dead-letter: the saga stays as it was and its timer
                             // comes back later (a schema fixed meanwhile lets it through).
@@ -611,7 +709,11 @@ impl Processor for SagaProcessor {
                                 now,
                                 &bad.message,
                             );
-                            self.counts.save(&mut store, Some(&current), &held)?;
+                            let Ok(bytes) = encode_record(&held)? else {
+                                continue;
+                            };
+                            self.counts
+                                .save(&mut store, Some(&current), &held, &bytes)?;
                             fired.push((held, Vec::new(), Vec::new()));
                             continue;
                         }
@@ -629,7 +731,8 @@ impl Processor for SagaProcessor {
                         }
                     }
                     tracing::debug!(saga_id = %saga_id, status = %record.status, "timer fired");
-                    self.counts.save(&mut store, Some(&current), &record)?;
+                    self.counts
+                        .save(&mut store, Some(&current), &record, &record_bytes)?;
                     fired.push((*record, outputs, records));
                 }
                 Applied::Expired => {
@@ -695,14 +798,16 @@ mod tests {
     }
 
     /// Version 1 records (before retries and tombstones) are read and upgraded: a cancelled
-    /// saga's completed steps count as compensated, so nothing is compensated twice.
+    /// saga's completed steps count as compensated, so nothing is compensated twice, and the
+    /// step that failed counts as abandoned.
     #[test]
     fn saga_records_written_by_version_1_are_upgraded() {
         let record = decode_record(&fixture("saga-record-v1.json")).unwrap();
         assert_eq!(record.record_version, 2);
         assert_eq!(record.status, "REFUNDED");
         assert_eq!(record.compensated_steps, vec![0]);
-        assert!(record.abandoned_steps.is_empty());
+        // Cancelled because inventory failed: a success of it arriving later is compensated.
+        assert_eq!(record.abandoned_steps, vec![1]);
         assert_eq!(record.history.len(), 4);
     }
 

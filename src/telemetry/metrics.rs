@@ -23,6 +23,7 @@ pub const RETRIES: &str = "saga_streams_retries_total";
 pub const COMPENSATIONS_STUCK: &str = "saga_streams_compensations_stuck_total";
 pub const DLQ_RECORDS: &str = "saga_streams_dlq_records_total";
 pub const OUTPUT_ERRORS: &str = "saga_streams_output_errors_total";
+pub const SAGAS_INCOMPATIBLE: &str = "saga_streams_sagas_incompatible_total";
 pub const EVENTS_IGNORED: &str = "saga_streams_events_ignored_total";
 pub const RESTORE_REMAINING: &str = "saga_streams_restore_remaining_records";
 pub const RESTORED_RECORDS: &str = "saga_streams_restored_records_total";
@@ -51,6 +52,7 @@ pub const CATALOGUE: &[&str] = &[
     COMPENSATIONS_STUCK,
     DLQ_RECORDS,
     OUTPUT_ERRORS,
+    SAGAS_INCOMPATIBLE,
     EVENTS_IGNORED,
     RESTORE_REMAINING,
     RESTORED_RECORDS,
@@ -118,6 +120,11 @@ fn describe() {
         "compensations given up unconfirmed after all their attempts"
     );
     describe_counter!(DLQ_RECORDS, Unit::Count, "input records dead-lettered");
+    describe_counter!(
+        SAGAS_INCOMPATIBLE,
+        Unit::Count,
+        "events and timers of sagas that name steps the loaded topology does not have (held, their events dead-lettered)"
+    );
     describe_counter!(
         OUTPUT_ERRORS,
         Unit::Count,

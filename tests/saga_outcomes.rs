@@ -500,3 +500,90 @@ fn an_order_as_a_laravel_service_writes_it_completes_with_its_values_passed_on()
             .collect::<Vec<_>>()
     );
 }
+
+fn metric_sum(addr: &str, name: &str, label: &str) -> f64 {
+    let (_, metrics) = common::http_get(&format!("http://{addr}/metrics"));
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum()
+}
+
+#[test]
+fn keyless_orders_sent_twice_with_and_without_event_ids_start_one_saga_and_one_payment() {
+    // Outbox jobs publish without keys, and often without event ids; a re-send lands anywhere.
+    let mut env = SagaEnv::new("order_saga.yaml", 3);
+    let mut orchestrator = env.orchestrator("a", &[]);
+    let addr = orchestrator.http_addr(Duration::from_secs(60));
+    let created = env.def.start_topic.clone();
+    let with_id = saga_streams::sim::load::order_created(&env.def, "keyless-a");
+    let mut without_id = saga_streams::sim::load::order_created(&env.def, "keyless-b");
+    without_id.as_object_mut().unwrap().remove("event_id");
+    for body in [&with_id, &with_id, &without_id, &without_id] {
+        let value = serde_json::to_vec(&serde_json::json!({ "event": body })).unwrap();
+        env.send_raw(&created, None, &value, &[]);
+    }
+    let payment = env.def.steps[0].command.event_type.clone();
+    for order in ["keyless-a", "keyless-b"] {
+        env.expect(order, &payment);
+        // The payment service replies without a key too.
+        let (topic, value) = env.reply_record(0, Reply::Success, order, &format!("paid-{order}"));
+        env.send_raw(&topic, None, value.as_bytes(), &[]);
+        env.expect(order, &env.def.steps[1].command.event_type.clone());
+        env.reply(1, Reply::Success, order);
+        env.expect(order, &env.def.completed.event_type.clone());
+    }
+    // Both second copies were seen and taken for what they are.
+    let seen_twice = common::poll_until(Duration::from_secs(60), || {
+        metric_sum(
+            &addr,
+            "saga_streams_events_ignored_total",
+            "reason=\"duplicate\"",
+        ) >= 2.0
+    });
+    assert!(seen_twice, "the second copies were not processed");
+    for order in ["keyless-a", "keyless-b"] {
+        assert_eq!(
+            env.count(order, &payment),
+            1,
+            "{order}: {:?}",
+            env.trail(order)
+        );
+        assert_eq!(
+            env.count(order, &env.def.completed.event_type.clone()),
+            1,
+            "{order}: {:?}",
+            env.trail(order)
+        );
+    }
+    assert!(metric_sum(&addr, "saga_streams_records_rekeyed_total", "topic=") >= 1.0);
+    assert!(!env.seen.iter().any(|r| r.topic.ends_with(".dlq")));
+}
+
+#[test]
+fn with_strict_keys_a_keyless_or_wrongly_keyed_input_is_dead_lettered() {
+    use saga_streams::saga::processor::dlq_headers;
+    let mut env = SagaEnv::new("../tests/fixtures/order_saga_strict_keys.yaml", 1);
+    let _orchestrator = env.orchestrator("a", &[]);
+    let created = env.def.start_topic.clone();
+    let body = |order: &str| {
+        let event = saga_streams::sim::load::order_created(&env.def, order);
+        serde_json::to_vec(&serde_json::json!({ "event": event })).unwrap()
+    };
+    env.send_raw(&created, None, &body("no-key"), &[]);
+    env.send_raw(&created, Some("someone-else"), &body("wrong-key"), &[]);
+    env.complete("strict-barrier");
+    let kinds: Vec<String> = env
+        .seen
+        .iter()
+        .filter(|r| r.topic.ends_with(".dlq"))
+        .filter_map(|r| r.header(dlq_headers::KIND))
+        .collect();
+    assert_eq!(kinds, vec!["missing_key", "key_mismatch"]);
+    let payment = env.def.steps[0].command.event_type.clone();
+    assert_eq!(
+        env.count("no-key", &payment) + env.count("wrong-key", &payment),
+        0
+    );
+}

@@ -10,6 +10,7 @@ use super::args::{default_instance_id, parse_duration, KafkaArgs, TopologyArgs};
 use crate::codec::Codec;
 use crate::runtime::{self, Guarantee, RuntimeConfig, Shutdown};
 use crate::saga::query::{Partitioner, SagaQuery};
+use crate::saga::topology::{repartition_topic, KeyPolicy};
 use crate::saga::{SagaDefinition, SagaProcessor, SAGA_STORE};
 use crate::telemetry::http;
 use crate::telemetry::metrics::install_recorder;
@@ -57,6 +58,11 @@ pub fn saga_runtime_config(
     config.input_topics = def.input_topics();
     config.output_topics = def.output_topics();
     config.stores = vec![SAGA_STORE.to_string()];
+    if def.keys == KeyPolicy::Rekey {
+        let topic = repartition_topic(application_id);
+        config.input_topics.push(topic.clone());
+        config.internal_topics.push(topic);
+    }
     config
 }
 
@@ -68,8 +74,13 @@ pub fn run_saga(
     shutdown: Shutdown,
 ) -> Result<(), runtime::RuntimeError> {
     let tick = SagaProcessor::default_tick(&def);
-    let supplier: runtime::ProcessorSupplier =
-        Arc::new(move |_partition| Box::new(SagaProcessor::new(def.clone(), codec.clone(), tick)));
+    let repartition = config.internal_topics.first().cloned();
+    let supplier: runtime::ProcessorSupplier = Arc::new(move |_partition| {
+        Box::new(
+            SagaProcessor::new(def.clone(), codec.clone(), tick)
+                .with_repartition(repartition.clone()),
+        )
+    });
     runtime::run(config, supplier, shutdown)
 }
 

@@ -39,8 +39,8 @@ pub enum BadInputKind {
     InvalidJson,
     /// The saga key field is missing or empty.
     MissingSagaId,
-    /// `event_id` is missing or empty.
-    MissingEventId,
+    /// The record has no key, and the topology has `keys: strict`.
+    MissingKey,
     /// An event type the topology does not expect on this topic.
     UnknownEventType,
     /// A field has the wrong type, or a required one is missing.
@@ -72,7 +72,7 @@ impl BadInputKind {
             Self::MissingValue => "missing_value",
             Self::InvalidJson => "invalid_json",
             Self::MissingSagaId => "missing_saga_id",
-            Self::MissingEventId => "missing_event_id",
+            Self::MissingKey => "missing_key",
             Self::UnknownEventType => "unknown_event_type",
             Self::InvalidField => "invalid_field",
             Self::KeyMismatch => "key_mismatch",
@@ -163,7 +163,13 @@ pub fn check(
     mut map: Map<String, Value>,
 ) -> Result<DecodedEvent, BadInput> {
     let event_type = string_field(&map, "event_type", BadInputKind::InvalidField)?;
-    let event_id = string_field(&map, "event_id", BadInputKind::MissingEventId)?;
+    // Without an event id (outbox jobs often send none), one is derived from the content: an
+    // identical re-send is still the same event, so it is still a duplicate.
+    let event_id = match map.get("event_id") {
+        None | Some(Value::Null) => derived_event_id(&record.topic, &map),
+        Some(Value::String(s)) if s.trim().is_empty() => derived_event_id(&record.topic, &map),
+        _ => string_field(&map, "event_id", BadInputKind::InvalidField)?,
+    };
     // Integer ids are common in PHP services: accept them as their decimal string.
     let saga_id = match map.get(&def.key_field) {
         Some(Value::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
@@ -190,7 +196,8 @@ pub fn check(
         }
     };
     let occurred_at = match map.get("occurred_at") {
-        None | Some(Value::Null) => None,
+        // The record's timestamp stands in.
+        None | Some(Value::Null) => Some(rfc3339(record.timestamp_ms)),
         Some(Value::String(s)) => {
             humantime::parse_rfc3339_weak(s).map_err(|e| {
                 BadInput::new(
@@ -216,18 +223,6 @@ pub fn check(
             ),
         )
     })?;
-    if let Some(key) = record.key.as_deref() {
-        if key != saga_id.as_bytes() {
-            return Err(BadInput::new(
-                BadInputKind::KeyMismatch,
-                format!(
-                    "the record key '{}' differs from {} '{saga_id}': the saga lives on the partition of its key",
-                    String::from_utf8_lossy(key),
-                    def.key_field
-                ),
-            ));
-        }
-    }
     for field in def.events.get(&event_type).into_iter().flatten() {
         match map.get(&field.name) {
             None | Some(Value::Null) if field.optional => {}
@@ -279,6 +274,22 @@ pub fn check(
         occurred_at,
         payload: map,
     })
+}
+
+/// The id of an event that came without one: a UUID (v5) of its topic and content, fields in
+/// name order, so the same content always gets the same id.
+fn derived_event_id(topic: &str, map: &Map<String, Value>) -> String {
+    let mut content: Vec<(&String, &Value)> = map
+        .iter()
+        .filter(|(name, _)| name.as_str() != "event_id")
+        .collect();
+    content.sort_by(|a, b| a.0.cmp(b.0));
+    let text = serde_json::to_string(&content).unwrap_or_default();
+    uuid::Uuid::new_v5(
+        &uuid::Uuid::NAMESPACE_OID,
+        format!("derived/{topic}/{text}").as_bytes(),
+    )
+    .to_string()
 }
 
 /// RFC 3339 with milliseconds, UTC.
@@ -410,13 +421,17 @@ mod tests {
             ),
             MissingSagaId
         );
-        assert_eq!(
-            kind(
-                "orders.created",
-                None,
-                &CREATED.replace(r#""event_id":"e1""#, r#""x":1"#)
-            ),
-            MissingEventId
+        // No event id: one derived from the content, the same for the same content.
+        let no_id = CREATED.replace(r#""event_id":"e1","#, "");
+        let a = decode(&d, &record("orders.created", None, &no_id)).unwrap();
+        let b = decode(&d, &record("orders.created", None, &no_id)).unwrap();
+        assert_eq!(a.event_id, b.event_id);
+        let other = no_id.replace("12.5", "13.5");
+        assert_ne!(
+            decode(&d, &record("orders.created", None, &other))
+                .unwrap()
+                .event_id,
+            a.event_id
         );
         assert_eq!(
             kind(
@@ -451,7 +466,6 @@ mod tests {
             ),
             InvalidField
         );
-        assert_eq!(kind("orders.created", Some("o2"), CREATED), KeyMismatch);
         let mut empty = record("orders.created", None, "");
         empty.value = None;
         assert_eq!(decode(&d, &empty).unwrap_err().kind, MissingValue);

@@ -66,6 +66,9 @@ pub struct RuntimeConfig {
     pub partitioner: String,
     /// Where the instance reports its assigned and running tasks (clone it before `run`).
     pub status: super::RuntimeStatus,
+    /// Input topics the application owns (repartition topics): created at start-up when missing,
+    /// with the inputs' partition count, like the changelogs. Each is also in `input_topics`.
+    pub internal_topics: Vec<String>,
 }
 
 /// librdkafka settings the runtime sets itself; overriding them would break its guarantees.
@@ -108,6 +111,7 @@ impl RuntimeConfig {
             kafka: BTreeMap::new(),
             partitioner: "consistent_random".to_string(),
             status: super::RuntimeStatus::default(),
+            internal_topics: Vec::new(),
         }
     }
 

@@ -39,7 +39,11 @@ pub fn prepare_topics(config: &RuntimeConfig) -> Result<i32, RuntimeError> {
 
     let mut problems = Vec::new();
     let mut counts = Vec::new();
-    for topic in &config.input_topics {
+    for topic in config
+        .input_topics
+        .iter()
+        .filter(|t| !config.internal_topics.contains(t))
+    {
         match partitions_of(topic) {
             Some(n) => counts.push((topic.clone(), n)),
             None => problems.push(format!("input topic '{topic}' does not exist")),
@@ -62,6 +66,16 @@ pub fn prepare_topics(config: &RuntimeConfig) -> Result<i32, RuntimeError> {
         return Err(RuntimeError::Topics(problems));
     }
 
+    let mut missing_internal = Vec::new();
+    for topic in &config.internal_topics {
+        match partitions_of(topic) {
+            Some(n) if n != partitions => problems.push(format!(
+                "repartition topic '{topic}' has {n} partitions, the inputs have {partitions}"
+            )),
+            Some(_) => {}
+            None => missing_internal.push(topic.clone()),
+        }
+    }
     let mut missing = Vec::new();
     for store in &config.stores {
         let changelog = config.changelog_topic(store);
@@ -78,6 +92,31 @@ pub fn prepare_topics(config: &RuntimeConfig) -> Result<i32, RuntimeError> {
     }
 
     let options = AdminOptions::new().operation_timeout(Some(TIMEOUT));
+    if !missing_internal.is_empty() {
+        let new_topics: Vec<NewTopic> = missing_internal
+            .iter()
+            .map(|name| {
+                // Records are read once, soon after they are written: a week is plenty.
+                NewTopic::new(name, partitions, TopicReplication::Fixed(-1))
+                    .set("cleanup.policy", "delete")
+                    .set("retention.ms", "604800000")
+            })
+            .collect();
+        let results = futures::executor::block_on(admin.create_topics(&new_topics, &options))
+            .map_err(RuntimeError::kafka("create repartition topics"))?;
+        for result in results {
+            match result {
+                Ok(topic) => tracing::info!(%topic, partitions, "created repartition topic"),
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => problems.push(format!(
+                    "creating repartition topic '{topic}' failed: {code}"
+                )),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(RuntimeError::Topics(problems));
+        }
+    }
     if !missing.is_empty() {
         let new_topics: Vec<NewTopic> = missing
             .iter()

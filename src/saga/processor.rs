@@ -47,6 +47,13 @@ pub mod dlq_headers {
     pub const ORIGINAL_SIZE: &str = "dlq.original.size";
 }
 
+/// Headers of a record re-keyed through the repartition topic: where it was first read.
+pub mod rekey_headers {
+    pub const TOPIC: &str = "saga.source.topic";
+    pub const PARTITION: &str = "saga.source.partition";
+    pub const OFFSET: &str = "saga.source.offset";
+}
+
 /// How much of a too-large value its dead letter keeps.
 pub const DLQ_VALUE_PREFIX: usize = 64 << 10;
 /// The most a dead letter (key, headers and value) may hold: below the producer's message size
@@ -201,6 +208,9 @@ pub struct SagaProcessor {
     /// timers come back) and at start-up.
     scanned_to: Option<i64>,
     counts: StatusCounts,
+    /// The repartition topic inputs are re-keyed through (`keys: rekey`); `None`: dead-letter
+    /// them as with `keys: strict`.
+    repartition: Option<String>,
 }
 
 impl SagaProcessor {
@@ -211,7 +221,50 @@ impl SagaProcessor {
             tick,
             scanned_to: None,
             counts: StatusCounts::default(),
+            repartition: None,
         }
+    }
+
+    /// Re-keys inputs whose key is not their saga id through `topic` (the application's
+    /// repartition topic, consumed by the same tasks).
+    pub fn with_repartition(mut self, topic: Option<String>) -> Self {
+        self.repartition = topic;
+        self
+    }
+
+    /// Sends `record` on to the repartition topic keyed by its saga id, unchanged otherwise (its
+    /// timestamp too, so its step deadlines are judged as if it came keyed), in this cycle's
+    /// transaction.
+    fn forward(
+        &self,
+        ctx: &mut ProcessorContext<'_>,
+        record: &InputRecord,
+        topic: &str,
+        saga_id: &str,
+    ) {
+        let mut headers = record.headers.clone();
+        headers.retain(|(n, _)| !n.starts_with("saga.source."));
+        headers.push((
+            rekey_headers::TOPIC.to_string(),
+            record.topic.clone().into_bytes(),
+        ));
+        headers.push((
+            rekey_headers::PARTITION.to_string(),
+            record.partition.to_string().into_bytes(),
+        ));
+        headers.push((
+            rekey_headers::OFFSET.to_string(),
+            record.offset.to_string().into_bytes(),
+        ));
+        metrics::counter!(m::RECORDS_REKEYED, "topic" => record.topic.clone()).increment(1);
+        ctx.send(OutputRecord {
+            topic: topic.to_string(),
+            partition: None,
+            key: Some(saga_id.as_bytes().to_vec()),
+            value: record.value.clone(),
+            headers,
+            timestamp_ms: Some(record.timestamp_ms),
+        });
     }
 
     /// Keeps a timer written before the point scans start from findable: a wall clock that
@@ -602,12 +655,79 @@ impl Processor for SagaProcessor {
             self.dead_letter(ctx, record, &bad);
             return Ok(());
         }
+        // A record re-keyed through the repartition topic is read as the record it was, where it
+        // was first read (its topic says what it is and how it is encoded).
+        let rekeyed;
+        let (record, from_repartition) = match &self.repartition {
+            Some(topic) if *topic == record.topic => {
+                let source = |name: &str| {
+                    record
+                        .header(name)
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                };
+                let Some(topic) = source(rekey_headers::TOPIC) else {
+                    let bad = BadInput::new(
+                        BadInputKind::MissingValue,
+                        "a record on the repartition topic without its source topic header",
+                    );
+                    self.dead_letter(ctx, record, &bad);
+                    return Ok(());
+                };
+                rekeyed = InputRecord {
+                    topic,
+                    partition: source(rekey_headers::PARTITION)
+                        .and_then(|p| p.parse().ok())
+                        .unwrap_or(record.partition),
+                    offset: source(rekey_headers::OFFSET)
+                        .and_then(|o| o.parse().ok())
+                        .unwrap_or(record.offset),
+                    ..record.clone()
+                };
+                (&rekeyed, true)
+            }
+            _ => (record, false),
+        };
         let decoded = self
             .codec
             .read(&record.topic, record.value.as_deref())
             .and_then(|map| json::check(&self.def, record, map).map_err(DecodeError::Bad));
         match decoded {
-            Ok(event) => self.handle(ctx, record, event, now),
+            Ok(event) => {
+                if !from_repartition && record.key.as_deref() != Some(event.saga_id.as_bytes()) {
+                    // Keyed by something else, or not at all: the saga lives on the partition
+                    // of its id.
+                    match (&self.repartition, &record.key) {
+                        (Some(topic), _) => {
+                            let topic = topic.clone();
+                            self.forward(ctx, record, &topic, &event.saga_id);
+                        }
+                        (None, None) => {
+                            let bad = BadInput::new(
+                                BadInputKind::MissingKey,
+                                format!(
+                                    "the record has no key; the topology wants it keyed by {} ('{}')",
+                                    self.def.key_field, event.saga_id
+                                ),
+                            );
+                            self.dead_letter(ctx, record, &bad);
+                        }
+                        (None, Some(key)) => {
+                            let bad = BadInput::new(
+                                BadInputKind::KeyMismatch,
+                                format!(
+                                    "the record key '{}' differs from {} '{}': the saga lives on the partition of its key",
+                                    String::from_utf8_lossy(key),
+                                    self.def.key_field,
+                                    event.saga_id
+                                ),
+                            );
+                            self.dead_letter(ctx, record, &bad);
+                        }
+                    }
+                    return Ok(());
+                }
+                self.handle(ctx, record, event, now)
+            }
             Err(DecodeError::Bad(bad)) => {
                 self.dead_letter(ctx, record, &bad);
                 Ok(())

@@ -41,6 +41,8 @@ struct RawTopology {
     #[serde(default)]
     dedupe_retention: Option<Spanned<String>>,
     #[serde(default)]
+    keys: Option<Spanned<String>>,
+    #[serde(default)]
     compensated_state: Option<Spanned<String>>,
     #[serde(default)]
     wrap_outputs: Option<Spanned<bool>>,
@@ -324,6 +326,22 @@ pub struct StepSpec {
     pub compensation_retry: RetryPolicy,
 }
 
+/// What happens to an input record whose key is missing or is not the saga id in its body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyPolicy {
+    /// Re-keyed by the saga id through the application's repartition topic, in the same
+    /// transaction (the default: outbox jobs often publish without keys).
+    Rekey,
+    /// Dead-lettered (`missing_key`, `key_mismatch`).
+    Strict,
+}
+
+/// The application's repartition topic: inputs whose key is not their saga id go through it,
+/// re-keyed, to the task that owns the saga.
+pub fn repartition_topic(application_id: &str) -> String {
+    format!("{application_id}-rekey-repartition")
+}
+
 /// Re-sending a message whose reply did not come within the step's timeout: the same message
 /// with the same event id (participants deduplicate it), `attempts` sends in all, the n-th re-send
 /// after a pause of `backoff` x 2^(n-1), at most `max_backoff`.
@@ -388,6 +406,8 @@ pub struct SagaDefinition {
     pub compensated_state: String,
     /// Outputs are written as `{"event": {...}}` (the Laravel shape; default) or flat.
     pub wrap_outputs: bool,
+    /// What happens to an input whose record key is missing or is not its saga id.
+    pub keys: KeyPolicy,
     /// Input values larger than this are dead-lettered (`record_too_large`) with a bounded
     /// prefix of their value, never decoded. Default [`DEFAULT_MAX_INPUT_BYTES`].
     pub max_input_bytes: usize,
@@ -783,6 +803,14 @@ impl Validator<'_> {
             }
             None => retention.max(Duration::from_secs(30 * 24 * 3600)),
         };
+        let keys = match raw.keys.as_ref().map(|k| (k, k.as_str())) {
+            None | Some((_, "rekey")) => KeyPolicy::Rekey,
+            Some((_, "strict")) => KeyPolicy::Strict,
+            Some((at, other)) => {
+                self.problem(at, format!("keys: '{other}' is neither rekey nor strict"));
+                KeyPolicy::Rekey
+            }
+        };
         let max_input_bytes = match &raw.max_input_bytes {
             Some(n) if **n == 0 => {
                 self.problem(n, "max_input_bytes must be more than 0");
@@ -1074,6 +1102,7 @@ impl Validator<'_> {
             dedupe_retention,
             compensated_state,
             wrap_outputs: raw.wrap_outputs.map(|w| *w).unwrap_or(true),
+            keys,
             max_input_bytes,
             schemas_dir: raw.schemas.map(|s| std::path::PathBuf::from(s.as_str())),
             topics,

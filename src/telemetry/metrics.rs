@@ -24,6 +24,7 @@ pub const COMPENSATIONS_STUCK: &str = "saga_streams_compensations_stuck_total";
 pub const DLQ_RECORDS: &str = "saga_streams_dlq_records_total";
 pub const OUTPUT_ERRORS: &str = "saga_streams_output_errors_total";
 pub const SAGAS_INCOMPATIBLE: &str = "saga_streams_sagas_incompatible_total";
+pub const RECORDS_REKEYED: &str = "saga_streams_records_rekeyed_total";
 pub const EVENTS_IGNORED: &str = "saga_streams_events_ignored_total";
 pub const RESTORE_REMAINING: &str = "saga_streams_restore_remaining_records";
 pub const RESTORED_RECORDS: &str = "saga_streams_restored_records_total";
@@ -53,6 +54,7 @@ pub const CATALOGUE: &[&str] = &[
     DLQ_RECORDS,
     OUTPUT_ERRORS,
     SAGAS_INCOMPATIBLE,
+    RECORDS_REKEYED,
     EVENTS_IGNORED,
     RESTORE_REMAINING,
     RESTORED_RECORDS,
@@ -120,6 +122,11 @@ fn describe() {
         "compensations given up unconfirmed after all their attempts"
     );
     describe_counter!(DLQ_RECORDS, Unit::Count, "input records dead-lettered");
+    describe_counter!(
+        RECORDS_REKEYED,
+        Unit::Count,
+        "inputs whose key was missing or not their saga id, sent on through the repartition topic"
+    );
     describe_counter!(
         SAGAS_INCOMPATIBLE,
         Unit::Count,

@@ -377,3 +377,42 @@ fn confluent_python_client_produces_orders_and_reads_commands_and_outcomes() {
     });
     assert!(env.all_dead_letters().is_empty());
 }
+
+#[test]
+fn a_burst_of_records_with_one_bogus_schema_id_asks_the_registry_once() {
+    let mut env = AvroEnv::new(1);
+    env.register();
+    let v2_id = env.start_subject_id(ORDER_V2);
+    let v2 = schema_file(ORDER_V2);
+    env.start(&[]);
+    let n = 200;
+    for i in 0..n {
+        let order = format!("bogus-{i}");
+        let mut bytes = env.encode(&v2, v2_id, env.order_fields(&order, &[]));
+        bytes[1..5].copy_from_slice(&0x7fff_ff00u32.to_be_bytes());
+        env.send_raw(&env.def.start_topic, &order, &bytes);
+    }
+    let after = env.encode(&v2, v2_id, env.order_fields("after-bogus", &[]));
+    env.send_raw(&env.def.start_topic, "after-bogus", &after);
+    let start = env.def.start_topic.clone();
+    env.wait(
+        "every bogus record dead-lettered and the next order done",
+        LIMIT,
+        move |e| e.dead_letters(&start).len() >= n && !e.outcomes("after-bogus").is_empty(),
+    );
+    let dead = env.dead_letters(&env.def.start_topic);
+    assert!(dead
+        .iter()
+        .all(|r| r.header(dlq_headers::KIND).as_deref() == Some("unknown_schema_id")));
+    let addr = env.orchestrator().http_addr(LIMIT);
+    let (_, metrics) = http_get(&format!("http://{addr}/metrics"));
+    let not_found: f64 = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("saga_streams_registry_lookups_total{")
+                && l.contains("result=\"not_found\"")
+        })
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum();
+    assert_eq!(not_found, 1.0, "{metrics}");
+}

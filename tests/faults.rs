@@ -108,6 +108,20 @@ async fn send_offsets_failing_aborts_and_retries_the_cycle() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn send_offsets_failing_for_a_minute_rebuilds_the_clients() {
+    // Every failure aborts and retries the cycle with a growing pause; past 60 s of failures in a
+    // row the producer counts as stuck (a coordinator request left in its out-queue).
+    let log = counted_exactly_once_with(
+        "fp-send-offsets-stuck",
+        "send-offsets=5*off->45*return(timeout)",
+        false,
+    )
+    .await;
+    assert!(log.contains("failing for"), "{log}");
+    assert!(log.contains("rebuilding producer and consumer"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_commit_that_times_out_is_called_again_not_aborted() {
     let log = counted_exactly_once_with(
         "fp-commit-timeout",

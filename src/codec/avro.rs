@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::io::Read;
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::types::Value as AvroValue;
@@ -54,7 +55,15 @@ pub struct AvroCodec {
     outputs: HashMap<(String, String), Output>,
     /// Writer schemas by registry id.
     writers: RwLock<HashMap<u32, Arc<WriterSchema>>>,
+    /// Ids the registry said it does not have, and when: a burst of records with bogus ids is
+    /// dead-lettered without asking the registry record by record.
+    unknown_ids: RwLock<HashMap<u32, Instant>>,
 }
+
+/// How long an id the registry does not have is taken as unknown without asking again.
+const UNKNOWN_ID_MEMORY: Duration = Duration::from_secs(60);
+/// Unknown ids remembered at most (then the memory starts afresh).
+const UNKNOWN_IDS_KEPT: usize = 10_000;
 
 impl std::fmt::Debug for AvroCodec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -143,6 +152,7 @@ impl AvroCodec {
             readers,
             outputs,
             writers: RwLock::new(HashMap::new()),
+            unknown_ids: RwLock::new(HashMap::new()),
         })
     }
 
@@ -151,10 +161,44 @@ impl AvroCodec {
         if let Some(writer) = self.writers.read().ok().and_then(|c| c.get(&id).cloned()) {
             return Ok(writer);
         }
-        let text = self.registry.schema_by_id(id).map_err(|e| match e {
-            RegistryError::NotFound(_) => DecodeError::Bad(BadInput::new(
+        let unknown = || {
+            DecodeError::Bad(BadInput::new(
                 BadInputKind::UnknownSchemaId,
                 format!("schema id {id} is not in the registry"),
+            ))
+        };
+        let known_unknown = self
+            .unknown_ids
+            .read()
+            .ok()
+            .and_then(|m| m.get(&id).copied())
+            .is_some_and(|at| at.elapsed() < UNKNOWN_ID_MEMORY);
+        if known_unknown {
+            return Err(unknown());
+        }
+        let answer = self.registry.schema_by_id(id);
+        let result = match &answer {
+            Ok(_) => "found",
+            Err(RegistryError::NotFound(_)) => "not_found",
+            Err(RegistryError::Unauthorized(_)) => "unauthorized",
+            Err(RegistryError::Refused(_)) => "refused",
+            Err(RegistryError::Unavailable(_)) => "unavailable",
+        };
+        metrics::counter!(crate::telemetry::metrics::REGISTRY_LOOKUPS, "result" => result)
+            .increment(1);
+        let text = answer.map_err(|e| match e {
+            RegistryError::NotFound(_) => {
+                if let Ok(mut ids) = self.unknown_ids.write() {
+                    if ids.len() >= UNKNOWN_IDS_KEPT {
+                        ids.clear();
+                    }
+                    ids.insert(id, Instant::now());
+                }
+                unknown()
+            }
+            // Not the record's fault: the instance stalls (and says why) until it is fixed.
+            e @ RegistryError::Unauthorized(_) => DecodeError::Unavailable(format!(
+                "fetching writer schema {id}: {e}; check the registry credentials"
             )),
             RegistryError::Refused(m) | RegistryError::Unavailable(m) => {
                 DecodeError::Unavailable(format!("fetching writer schema {id}: {m}"))

@@ -25,6 +25,10 @@ pub enum RegistryError {
     /// The registry refused the request (an incompatible or invalid schema, a bad level).
     #[error("the registry refused: {0}")]
     Refused(String),
+    /// The registry refused who we are (HTTP 401 or 403): the credentials are missing, wrong or
+    /// lack a permission. Nothing works until an operator fixes them.
+    #[error("the registry refused our credentials: {0}")]
+    Unauthorized(String),
     /// No answer, or a server-side failure: try again later.
     #[error("the registry is unavailable: {0}")]
     Unavailable(String),
@@ -215,6 +219,7 @@ impl Registry {
             .unwrap_or(text);
         Err(match status.as_u16() {
             404 => RegistryError::NotFound(format!("{url}: {message}")),
+            401 | 403 => RegistryError::Unauthorized(format!("HTTP {status} from {url}")),
             400..=499 => RegistryError::Refused(format!("{message} (HTTP {status})")),
             _ => RegistryError::Unavailable(format!("{url}: HTTP {status}: {message}")),
         })
@@ -247,6 +252,8 @@ fn classify(e: SRCError, what: &str) -> RegistryError {
         .and_then(|code| code.parse::<u16>().ok());
     match status {
         Some(404) => RegistryError::NotFound(text),
+        // The registry's message is not repeated: it may echo what was sent.
+        Some(code @ (401 | 403)) => RegistryError::Unauthorized(format!("{what}: HTTP {code}")),
         // The registry's own words (its error code and message) say why.
         Some(400..=499) => RegistryError::Refused(e.cause.unwrap_or(text)),
         _ => RegistryError::Unavailable(text),
@@ -274,6 +281,12 @@ mod tests {
             classify(http("409 Conflict"), "x"),
             RegistryError::Refused(_)
         ));
+        for code in ["401 Unauthorized", "403 Forbidden"] {
+            let e = classify(http(code), "schema id 7");
+            assert!(matches!(e, RegistryError::Unauthorized(_)), "{e:?}");
+            assert!(e.to_string().contains("credentials"), "{e}");
+            assert!(!e.to_string().contains("whatever"), "{e}");
+        }
         assert!(matches!(
             classify(http("500 Internal Server Error"), "x"),
             RegistryError::Unavailable(_)

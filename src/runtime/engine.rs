@@ -155,6 +155,8 @@ pub struct Engine {
     rewind_failures: u32,
     /// Since when the open transaction's abort keeps failing.
     abort_failing_since: Option<Instant>,
+    /// Since when `send_offsets_to_transaction` has failed without a success in between.
+    send_offsets_failing_since: Option<Instant>,
     /// Task starts (restorations) that failed in a row, and when to try again.
     start_failures: u32,
     start_retry_at: Option<Instant>,
@@ -281,6 +283,7 @@ impl Engine {
             rewind_pending: false,
             rewind_failures: 0,
             abort_failing_since: None,
+            send_offsets_failing_since: None,
             start_failures: 0,
             start_retry_at: None,
             cycle_started: Instant::now(),
@@ -585,7 +588,23 @@ impl Engine {
                 let metadata = consumer.group_metadata().ok_or_else(|| {
                     RuntimeError::Group("no consumer group metadata yet".to_string())
                 })?;
-                self.send_offsets(&offsets, metadata)?;
+                if let Err(e) = self.send_offsets(&offsets, metadata) {
+                    // librdkafka can keep a request to the transaction coordinator in its
+                    // out-queue after a broker restart: every AddOffsetsToTxn then times out,
+                    // while the aborts in between succeed. New clients are the way out.
+                    let since = *self
+                        .send_offsets_failing_since
+                        .get_or_insert_with(Instant::now);
+                    if e.class() != ErrorClass::Fatal && since.elapsed() >= COMMIT_RETRY_FOR {
+                        self.broken = true;
+                        return Err(RuntimeError::ClientStuck(format!(
+                            "{e} (failing for {} s)",
+                            since.elapsed().as_secs()
+                        )));
+                    }
+                    return Err(e);
+                }
+                self.send_offsets_failing_since = None;
             }
             self.wait_for_deliveries();
             self.check_deliveries()?;

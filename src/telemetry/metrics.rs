@@ -25,6 +25,7 @@ pub const DLQ_RECORDS: &str = "saga_streams_dlq_records_total";
 pub const OUTPUT_ERRORS: &str = "saga_streams_output_errors_total";
 pub const SAGAS_INCOMPATIBLE: &str = "saga_streams_sagas_incompatible_total";
 pub const RECORDS_REKEYED: &str = "saga_streams_records_rekeyed_total";
+pub const REGISTRY_LOOKUPS: &str = "saga_streams_registry_lookups_total";
 pub const EVENTS_IGNORED: &str = "saga_streams_events_ignored_total";
 pub const RESTORE_REMAINING: &str = "saga_streams_restore_remaining_records";
 pub const RESTORED_RECORDS: &str = "saga_streams_restored_records_total";
@@ -55,6 +56,7 @@ pub const CATALOGUE: &[&str] = &[
     OUTPUT_ERRORS,
     SAGAS_INCOMPATIBLE,
     RECORDS_REKEYED,
+    REGISTRY_LOOKUPS,
     EVENTS_IGNORED,
     RESTORE_REMAINING,
     RESTORED_RECORDS,
@@ -122,6 +124,11 @@ fn describe() {
         "compensations given up unconfirmed after all their attempts"
     );
     describe_counter!(DLQ_RECORDS, Unit::Count, "input records dead-lettered");
+    describe_counter!(
+        REGISTRY_LOOKUPS,
+        Unit::Count,
+        "writer schemas asked of the Schema Registry by id, by answer (ids known to be missing are not asked again for 60 s)"
+    );
     describe_counter!(
         RECORDS_REKEYED,
         Unit::Count,

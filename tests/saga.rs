@@ -515,3 +515,42 @@ fn describe_prints_the_machine_and_refuses_a_broken_topology() {
         "{err}"
     );
 }
+
+#[test]
+fn the_audit_reads_past_a_transaction_left_open_to_the_records_committed_after_it() {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let mut env = SagaEnv::new("order_saga.yaml", 1);
+    let topic = env.def.completed.topic.clone();
+    // A producer that froze with its transaction open: the last stable offset stays behind it.
+    let stuck: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &env.bootstrap)
+        .set("transactional.id", common::unique("audit-stuck"))
+        .set("transaction.timeout.ms", "60000")
+        .create()
+        .unwrap();
+    stuck.init_transactions(Duration::from_secs(30)).unwrap();
+    stuck.begin_transaction().unwrap();
+    stuck
+        .send(BaseRecord::to(&topic).key("open").payload("{}"))
+        .map_err(|(e, _)| e)
+        .unwrap();
+    stuck.flush(Duration::from_secs(10)).unwrap();
+    // Committed after it (a plain producer's records count as committed at once).
+    env.send_raw(&topic, Some("after-open"), b"{\"event\": {}}", &[]);
+    let reader = {
+        let (bootstrap, topic) = (env.bootstrap.clone(), topic.clone());
+        std::thread::spawn(move || sim::read_to_end(&bootstrap, &[topic], Duration::from_secs(60)))
+    };
+    // The reader must wait: give it time to reach the early end, then end the transaction.
+    let waiting = poll_until(Duration::from_secs(3), || reader.is_finished());
+    assert!(
+        !waiting,
+        "read_to_end returned while a transaction held the end back"
+    );
+    stuck.abort_transaction(Duration::from_secs(30)).unwrap();
+    let records = reader.join().unwrap().unwrap();
+    let keys: Vec<Option<&[u8]>> = records.iter().map(|r| r.key.as_deref()).collect();
+    assert_eq!(keys, vec![Some(b"after-open".as_slice())]);
+    env.seen.clear();
+}

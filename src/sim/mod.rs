@@ -175,10 +175,38 @@ impl TopicScanner {
         }
     }
 
-    /// Reads every partition of one topic to its end: the last stable offset when it is reached,
-    /// which is where librdkafka reports end-of-partition under `read_committed`.
-    fn read_topic_to_end(self, deadline: Instant) -> Result<Vec<ReadRecord>, SimError> {
+    /// Reads every partition of one topic to its end: the high watermark as it stood when reading
+    /// began. Under `read_committed` librdkafka reports end-of-partition at the last stable
+    /// offset, which a transaction still open (a producer that crashed or froze, until the broker
+    /// aborts it) holds back, with committed records beyond it: such an early end is waited
+    /// past, or records written before the audit would be missed.
+    fn read_topic_to_end(
+        self,
+        bootstrap: &str,
+        deadline: Instant,
+    ) -> Result<Vec<ReadRecord>, SimError> {
+        let assignment = self
+            .consumer
+            .assignment()
+            .map_err(SimError::kafka("assignment"))?;
+        // The high watermark as a read_uncommitted client sees it: a read_committed one is told
+        // the last stable offset instead.
+        let uncommitted: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("isolation.level", "read_uncommitted")
+            .create()
+            .map_err(SimError::kafka("create consumer"))?;
+        // Per partition: topic, log start, end.
+        let mut ends = std::collections::HashMap::new();
+        for e in assignment.elements() {
+            let (low, high) = uncommitted
+                .fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(10))
+                .map_err(SimError::kafka("watermarks"))?;
+            ends.insert(e.partition(), (e.topic().to_string(), low, high));
+        }
         let mut done = std::collections::HashSet::new();
+        // Partitions at their end with nothing read (no position to compare), and since when.
+        let mut unread_since = std::collections::HashMap::new();
         let mut records = Vec::new();
         while done.len() < self.partitions {
             if Instant::now() >= deadline {
@@ -189,9 +217,35 @@ impl TopicScanner {
                 )));
             }
             match self.consumer.poll(Duration::from_millis(200)) {
-                Some(Ok(m)) => records.push(read(&m)),
+                Some(Ok(m)) => {
+                    unread_since.remove(&m.partition());
+                    records.push(read(&m));
+                }
                 Some(Err(KafkaError::PartitionEOF(p))) => {
-                    done.insert(p);
+                    let Some((topic, low, high)) = ends.get(&p) else {
+                        done.insert(p);
+                        continue;
+                    };
+                    let position = self
+                        .consumer
+                        .position()
+                        .ok()
+                        .and_then(|all| all.find_partition(topic, p).map(|e| e.offset()));
+                    match position {
+                        Some(Offset::Offset(at)) if at >= *high => {
+                            done.insert(p);
+                        }
+                        Some(Offset::Offset(_)) => {}
+                        // Nothing read: an empty partition is done; else its records may all be
+                        // aborted ones (then no position ever comes) or wait behind an open
+                        // transaction: given a while below.
+                        _ if low >= high => {
+                            done.insert(p);
+                        }
+                        _ => {
+                            unread_since.entry(p).or_insert_with(Instant::now);
+                        }
+                    }
                 }
                 Some(Err(e)) => {
                     return Err(SimError::Kafka {
@@ -201,10 +255,20 @@ impl TopicScanner {
                 }
                 None => {}
             }
+            // Longer than a transaction may stay open in the local stack and the soak (the
+            // broker aborts it after its timeout).
+            for (p, since) in &unread_since {
+                if since.elapsed() >= UNREAD_PARTITION_PATIENCE {
+                    done.insert(*p);
+                }
+            }
         }
         Ok(records)
     }
 }
+
+/// How long a partition at its end with nothing read is waited for (see `read_topic_to_end`).
+const UNREAD_PARTITION_PATIENCE: Duration = Duration::from_secs(30);
 
 /// Reads topics from the beginning to their current end, `read_committed`.
 pub fn read_to_end(
@@ -217,7 +281,7 @@ pub fn read_to_end(
     // One consumer per topic: end-of-partition events name the partition, not the topic.
     for topic in topics {
         let scanner = TopicScanner::new(bootstrap, std::slice::from_ref(topic))?;
-        all.extend(scanner.read_topic_to_end(deadline)?);
+        all.extend(scanner.read_topic_to_end(bootstrap, deadline)?);
     }
     Ok(all)
 }

@@ -92,53 +92,29 @@ pub fn prepare_topics(config: &RuntimeConfig) -> Result<i32, RuntimeError> {
     }
 
     let options = AdminOptions::new().operation_timeout(Some(TIMEOUT));
-    if !missing_internal.is_empty() {
-        let new_topics: Vec<NewTopic> = missing_internal
-            .iter()
-            .map(|name| {
-                // Records are read once, soon after they are written: a week is plenty.
-                NewTopic::new(name, partitions, TopicReplication::Fixed(-1))
-                    .set("cleanup.policy", "delete")
-                    .set("retention.ms", "604800000")
-            })
-            .collect();
-        let results = futures::executor::block_on(admin.create_topics(&new_topics, &options))
-            .map_err(RuntimeError::kafka("create repartition topics"))?;
-        for result in results {
-            match result {
-                Ok(topic) => tracing::info!(%topic, partitions, "created repartition topic"),
-                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((topic, code)) => problems.push(format!(
-                    "creating repartition topic '{topic}' failed: {code}"
-                )),
-            }
-        }
-        if !problems.is_empty() {
-            return Err(RuntimeError::Topics(problems));
-        }
+    // Records are read once, soon after they are written: a week is plenty.
+    let repartition = [("cleanup.policy", "delete"), ("retention.ms", "604800000")];
+    create_missing(
+        &admin,
+        &options,
+        &missing_internal,
+        partitions,
+        &repartition,
+        "repartition",
+        &mut problems,
+    )?;
+    if !problems.is_empty() {
+        return Err(RuntimeError::Topics(problems));
     }
-    if !missing.is_empty() {
-        let new_topics: Vec<NewTopic> = missing
-            .iter()
-            .map(|name| {
-                // -1: the broker's default replication factor (KIP-464).
-                NewTopic::new(name, partitions, TopicReplication::Fixed(-1))
-                    .set("cleanup.policy", "compact")
-            })
-            .collect();
-        let results = futures::executor::block_on(admin.create_topics(&new_topics, &options))
-            .map_err(RuntimeError::kafka("create changelog topics"))?;
-        for result in results {
-            match result {
-                Ok(topic) => tracing::info!(%topic, partitions, "created changelog topic"),
-                // Another instance created it at the same moment: fine, it is checked below.
-                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((topic, code)) => {
-                    problems.push(format!("creating changelog topic '{topic}' failed: {code}"))
-                }
-            }
-        }
-    }
+    create_missing(
+        &admin,
+        &options,
+        &missing,
+        partitions,
+        &[("cleanup.policy", "compact")],
+        "changelog",
+        &mut problems,
+    )?;
 
     // Topics created just now are compacted by construction (and the broker may not serve their
     // configuration yet): only the ones that already existed are checked.
@@ -178,4 +154,43 @@ pub fn prepare_topics(config: &RuntimeConfig) -> Result<i32, RuntimeError> {
         return Err(RuntimeError::Topics(problems));
     }
     Ok(partitions)
+}
+
+/// Creates the `kind` topics (changelog, repartition) named in `missing` with the inputs'
+/// partition count and `configs`; a failure is added to `problems`. A topic another instance
+/// created at the same moment is fine: it is checked afterwards like any other.
+fn create_missing(
+    admin: &AdminClient<DefaultClientContext>,
+    options: &AdminOptions,
+    missing: &[String],
+    partitions: i32,
+    configs: &[(&str, &str)],
+    kind: &str,
+    problems: &mut Vec<String>,
+) -> Result<(), RuntimeError> {
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let new_topics: Vec<NewTopic> = missing
+        .iter()
+        .map(|name| {
+            // -1: the broker's default replication factor (KIP-464).
+            configs.iter().fold(
+                NewTopic::new(name, partitions, TopicReplication::Fixed(-1)),
+                |topic, (key, value)| topic.set(key, value),
+            )
+        })
+        .collect();
+    let results = futures::executor::block_on(admin.create_topics(&new_topics, options))
+        .map_err(RuntimeError::kafka("create topics"))?;
+    for result in results {
+        match result {
+            Ok(topic) => tracing::info!(%topic, partitions, kind, "created {kind} topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                problems.push(format!("creating {kind} topic '{topic}' failed: {code}"))
+            }
+        }
+    }
+    Ok(())
 }

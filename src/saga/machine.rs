@@ -1090,6 +1090,28 @@ mod tests {
         }
     }
 
+    /// Applies a reply (a new event id) that must change the saga.
+    fn on(
+        d: &SagaDefinition,
+        r: &SagaRecord,
+        id: &str,
+        role: EventRole,
+        at: i64,
+    ) -> (SagaRecord, Vec<SagaOutput>) {
+        changed(apply(d, r, SagaInput::Event(&event(id, d, role)), at))
+    }
+
+    /// `r` as a version 1 record would have stored it: without the fields named in `removed`.
+    fn as_version_1(r: &SagaRecord, removed: &[&str]) -> SagaRecord {
+        let mut v1 = serde_json::to_value(r).unwrap();
+        let obj = v1.as_object_mut().unwrap();
+        obj.insert("record_version".into(), 1.into());
+        for field in removed {
+            obj.remove(*field);
+        }
+        serde_json::from_value(v1).unwrap()
+    }
+
     fn types(outputs: &[SagaOutput]) -> Vec<&str> {
         outputs.iter().map(|o| o.event_type.as_str()).collect()
     }
@@ -1101,22 +1123,12 @@ mod tests {
         assert_eq!(types(&out), ["ProcessPayment"]);
         assert_eq!(out[0].payload["amount"], serde_json::json!(12.5));
         assert_eq!(r.status, "PENDING");
-        let (r, out) = changed(apply(
-            &d,
-            &r,
-            SagaInput::Event(&event("e1", &d, EventRole::Success(0))),
-            2_000,
-        ));
+        let (r, out) = on(&d, &r, "e1", EventRole::Success(0), 2_000);
         assert_eq!(
             (r.status.as_str(), types(&out)),
             ("PAYMENT_COMPLETED", vec!["ReserveInventory"])
         );
-        let (r, out) = changed(apply(
-            &d,
-            &r,
-            SagaInput::Event(&event("e2", &d, EventRole::Success(1))),
-            3_000,
-        ));
+        let (r, out) = on(&d, &r, "e2", EventRole::Success(1), 3_000);
         assert_eq!(
             (r.status.as_str(), types(&out)),
             ("COMPLETED", vec!["OrderCompleted"])
@@ -1142,29 +1154,14 @@ mod tests {
     fn inventory_failure_refunds_then_cancels() {
         let d = def("order_saga.yaml");
         let (r, _) = started(&d);
-        let (r, _) = changed(apply(
-            &d,
-            &r,
-            SagaInput::Event(&event("e1", &d, EventRole::Success(0))),
-            2_000,
-        ));
-        let (r, out) = changed(apply(
-            &d,
-            &r,
-            SagaInput::Event(&event("e2", &d, EventRole::Failure(1))),
-            3_000,
-        ));
+        let (r, _) = on(&d, &r, "e1", EventRole::Success(0), 2_000);
+        let (r, out) = on(&d, &r, "e2", EventRole::Failure(1), 3_000);
         assert_eq!(
             (r.status.as_str(), types(&out)),
             ("COMPENSATING", vec!["RefundPayment"])
         );
         assert_eq!(out[0].payload["payment_id"], serde_json::json!("pay-e1"));
-        let (r, out) = changed(apply(
-            &d,
-            &r,
-            SagaInput::Event(&event("e3", &d, EventRole::Compensated(0))),
-            4_000,
-        ));
+        let (r, out) = on(&d, &r, "e3", EventRole::Compensated(0), 4_000);
         assert_eq!(
             (r.status.as_str(), types(&out)),
             ("REFUNDED", vec!["OrderCancelled"])
@@ -1359,22 +1356,12 @@ mod tests {
     fn a_payment_success_after_its_failure_is_refunded() {
         let d = def("order_saga.yaml");
         let (r, _) = started(&d);
-        let (r, out) = changed(apply(
-            &d,
-            &r,
-            SagaInput::Event(&event("f", &d, EventRole::Failure(0))),
-            2_000,
-        ));
+        let (r, out) = on(&d, &r, "f", EventRole::Failure(0), 2_000);
         assert_eq!(
             (r.status.as_str(), types(&out)),
             ("FAILED", vec!["OrderCancelled"])
         );
-        let (r, out) = changed(apply(
-            &d,
-            &r,
-            SagaInput::Event(&event("s", &d, EventRole::Success(0))),
-            3_000,
-        ));
+        let (r, out) = on(&d, &r, "s", EventRole::Success(0), 3_000);
         assert_eq!(types(&out), ["RefundPayment"]);
         assert_eq!(out[0].payload["payment_id"], serde_json::json!("pay-s"));
         let (r, out) = confirm(&d, &r, 0, 4_000);
@@ -1386,28 +1373,13 @@ mod tests {
     fn late_compensations_wait_their_turn_in_reverse_step_order() {
         let d = def("order_with_shipping.yaml");
         let (r, _) = started(&d);
-        let (r, _) = changed(apply(
-            &d,
-            &r,
-            SagaInput::Event(&event("e1", &d, EventRole::Success(0))),
-            2,
-        ));
-        let (r, _) = changed(apply(
-            &d,
-            &r,
-            SagaInput::Event(&event("e2", &d, EventRole::Success(1))),
-            3,
-        ));
+        let (r, _) = on(&d, &r, "e1", EventRole::Success(0), 2);
+        let (r, _) = on(&d, &r, "e2", EventRole::Success(1), 3);
         // Shipping times out: the release of the inventory is sent first.
         let (r, out) = fire(&d, &r);
         assert_eq!(types(&out), ["ReleaseInventory"]);
         // Shipping succeeds late, while the release waits: nothing is sent beside it.
-        let (r, out) = changed(apply(
-            &d,
-            &r,
-            SagaInput::Event(&event("late", &d, EventRole::Success(2))),
-            5,
-        ));
+        let (r, out) = on(&d, &r, "late", EventRole::Success(2), 5);
         assert!(out.is_empty(), "{out:?}");
         let (r, out) = confirm(&d, &r, 1, 6);
         assert_eq!(types(&out), [d.steps[2].compensation.event_type.as_str()]);
@@ -1454,12 +1426,13 @@ mod tests {
         ));
         assert_eq!(r.status, "PENDING");
         // The second attempt is answered.
-        let (r, out) = changed(apply(
+        let (r, out) = on(
             &d,
             &r,
-            SagaInput::Event(&event("ok", &d, EventRole::Success(0))),
+            "ok",
+            EventRole::Success(0),
             r.deadline_ms.unwrap() - 1,
-        ));
+        );
         assert_eq!(types(&out), ["ReserveInventory"]);
         assert!(r.abandoned_steps.is_empty());
         // Without an answer, the third attempt's timeout compensates.
@@ -1555,12 +1528,7 @@ mod tests {
     fn a_success_whose_next_command_cannot_be_written_compensates_instead() {
         let d = def("order_saga.yaml");
         let (r, _) = started(&d);
-        let (r, out) = changed(apply(
-            &d,
-            &r,
-            SagaInput::Event(&event("ok", &d, EventRole::Success(0))),
-            2_000,
-        ));
+        let (r, out) = on(&d, &r, "ok", EventRole::Success(0), 2_000);
         assert_eq!(types(&out), ["ReserveInventory"]);
         let (r, out) = cancel_unwritable(&d, &r, 2_001, "no schema").unwrap();
         assert_eq!(types(&out), ["RefundPayment"]);
@@ -1608,31 +1576,19 @@ mod tests {
     fn a_version_1_saga_cancelled_by_a_failure_still_refunds_a_late_success() {
         let d = def("order_saga.yaml");
         let (r, _) = started(&d);
-        let (r, _) = changed(apply(
-            &d,
+        let (r, _) = on(&d, &r, "f", EventRole::Failure(0), 2);
+        let back = as_version_1(
             &r,
-            SagaInput::Event(&event("f", &d, EventRole::Failure(0))),
-            2,
-        ));
-        let mut v1 = serde_json::to_value(&r).unwrap();
-        let obj = v1.as_object_mut().unwrap();
-        obj.insert("record_version".into(), 1.into());
-        for f in [
-            "abandoned_steps",
-            "compensated_steps",
-            "stuck_steps",
-            "id_seed",
-        ] {
-            obj.remove(f);
-        }
-        let back = serde_json::from_value::<SagaRecord>(v1).unwrap().upgrade();
+            &[
+                "abandoned_steps",
+                "compensated_steps",
+                "stuck_steps",
+                "id_seed",
+            ],
+        )
+        .upgrade();
         assert_eq!(back.abandoned_steps, vec![0]);
-        let (_, out) = changed(apply(
-            &d,
-            &back,
-            SagaInput::Event(&event("late", &d, EventRole::Success(0))),
-            3,
-        ));
+        let (_, out) = on(&d, &back, "late", EventRole::Success(0), 3);
         assert_eq!(types(&out), ["RefundPayment"]);
     }
 
@@ -1640,19 +1596,17 @@ mod tests {
     fn a_version_1_saga_waiting_on_a_refund_gets_its_message_back_for_retries() {
         let d = def("order_saga.yaml");
         let (r, first) = refunding(&d);
-        let mut v1 = serde_json::to_value(&r).unwrap();
-        let obj = v1.as_object_mut().unwrap();
-        obj.insert("record_version".into(), 1.into());
-        for f in [
-            "abandoned_steps",
-            "compensated_steps",
-            "stuck_steps",
-            "in_flight",
-            "id_seed",
-        ] {
-            obj.remove(f);
-        }
-        let mut back = serde_json::from_value::<SagaRecord>(v1).unwrap().upgrade();
+        let mut back = as_version_1(
+            &r,
+            &[
+                "abandoned_steps",
+                "compensated_steps",
+                "stuck_steps",
+                "in_flight",
+                "id_seed",
+            ],
+        )
+        .upgrade();
         assert_eq!(back.in_flight, None);
         back.rebuild_in_flight(&d);
         // Version 1 ids had no seed: the rebuilt id is the one a version 1 saga sent.
@@ -1697,24 +1651,9 @@ mod tests {
     fn three_steps_compensate_in_reverse_order() {
         let d = def("order_with_shipping.yaml");
         let (r, _) = started(&d);
-        let (r, _) = changed(apply(
-            &d,
-            &r,
-            SagaInput::Event(&event("e1", &d, EventRole::Success(0))),
-            2,
-        ));
-        let (r, _) = changed(apply(
-            &d,
-            &r,
-            SagaInput::Event(&event("e2", &d, EventRole::Success(1))),
-            3,
-        ));
-        let (r, out) = changed(apply(
-            &d,
-            &r,
-            SagaInput::Event(&event("e3", &d, EventRole::Failure(2))),
-            4,
-        ));
+        let (r, _) = on(&d, &r, "e1", EventRole::Success(0), 2);
+        let (r, _) = on(&d, &r, "e2", EventRole::Success(1), 3);
+        let (r, out) = on(&d, &r, "e3", EventRole::Failure(2), 4);
         assert_eq!(types(&out), ["ReleaseInventory"]);
         // The refund's confirmation before the release's is not what the saga waits for.
         assert_eq!(
@@ -1726,19 +1665,9 @@ mod tests {
             ),
             Applied::Ignored(Ignored::Unexpected)
         );
-        let (r, out) = changed(apply(
-            &d,
-            &r,
-            SagaInput::Event(&event("e4", &d, EventRole::Compensated(1))),
-            5,
-        ));
+        let (r, out) = on(&d, &r, "e4", EventRole::Compensated(1), 5);
         assert_eq!(types(&out), ["RefundPayment"]);
-        let (r, out) = changed(apply(
-            &d,
-            &r,
-            SagaInput::Event(&event("e5", &d, EventRole::Compensated(0))),
-            6,
-        ));
+        let (r, out) = on(&d, &r, "e5", EventRole::Compensated(0), 6);
         assert_eq!(types(&out), ["OrderCancelled"]);
         assert_eq!(
             out[0].payload["reason"],
@@ -1754,12 +1683,7 @@ mod tests {
         let (_, b) = started(&d);
         assert_eq!(a[0].event_id, b[0].event_id);
         let (r, _) = started(&d);
-        let (_, c) = changed(apply(
-            &d,
-            &r,
-            SagaInput::Event(&event("e1", &d, EventRole::Success(0))),
-            2,
-        ));
+        let (_, c) = on(&d, &r, "e1", EventRole::Success(0), 2);
         assert_ne!(a[0].event_id, c[0].event_id);
     }
 
@@ -1956,7 +1880,7 @@ mod tests {
             let done = done % d.steps.len();
             let (mut r, _) = started(&d);
             for s in 0..done {
-                r = changed(apply(&d, &r, SagaInput::Event(&event(&format!("ok{s}"), &d, EventRole::Success(s))), 2_000)).0;
+                r = on(&d, &r, &format!("ok{s}"), EventRole::Success(s), 2_000).0;
             }
             let (mut r, mut out) = changed(apply(&d, &r, SagaInput::Timer { input_time_ms: r.deadline_ms.unwrap() }, r.deadline_ms.unwrap()));
             let mut refunds = Vec::new();
@@ -1965,7 +1889,7 @@ mod tests {
                     if let OutputKind::Compensation { step, .. } = o.kind { refunds.push(step); }
                 }
                 let Phase::Compensating { step, .. } = r.phase.clone() else { unreachable!() };
-                (r, out) = changed(apply(&d, &r, SagaInput::Event(&event(&format!("c{step}"), &d, EventRole::Compensated(step))), 3_000));
+                (r, out) = on(&d, &r, &format!("c{step}"), EventRole::Compensated(step), 3_000);
             }
             prop_assert_eq!(refunds, (0..done).rev().collect::<Vec<_>>());
             let reason = format!("timeout:{}", d.steps[done].name);

@@ -6,6 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::saga_env::{Reply, SagaEnv};
+use saga_streams::saga::processor::dlq_headers;
 
 const PAYMENT_TIMEOUT: &str = "payment=4s";
 /// Longer than the payment timeout, so that by the orchestrator's clock every deadline passed.
@@ -161,7 +162,7 @@ fn an_input_over_the_size_limit_is_dead_lettered_with_a_prefix_and_the_saga_goes
     use rdkafka::admin::{AdminOptions, AlterConfig, ResourceSpecifier};
     use rdkafka::config::ClientConfig;
     use rdkafka::producer::{FutureProducer, FutureRecord};
-    use saga_streams::saga::processor::{dlq_headers, DLQ_VALUE_PREFIX};
+    use saga_streams::saga::processor::DLQ_VALUE_PREFIX;
     let mut env = SagaEnv::new("order_saga.yaml", 1);
     let topic = env.def.start_topic.clone();
     // A topic and a producer configured for large records, as a cluster that allows them would be.
@@ -419,7 +420,6 @@ fn a_success_whose_next_command_cannot_be_written_is_compensated_not_dropped() {
 
 #[test]
 fn an_output_that_cannot_be_encoded_dead_letters_its_input_and_every_other_order_completes() {
-    use saga_streams::saga::processor::dlq_headers;
     let topology = "../tests/fixtures/order_saga_avro_payments.yaml";
     let mut env = SagaEnv::new(topology, 2);
     let registry = common::schema_registry_url();
@@ -563,7 +563,6 @@ fn keyless_orders_sent_twice_with_and_without_event_ids_start_one_saga_and_one_p
 
 #[test]
 fn with_strict_keys_a_keyless_or_wrongly_keyed_input_is_dead_lettered() {
-    use saga_streams::saga::processor::dlq_headers;
     let mut env = SagaEnv::new("../tests/fixtures/order_saga_strict_keys.yaml", 1);
     let _orchestrator = env.orchestrator("a", &[]);
     let created = env.def.start_topic.clone();
@@ -586,4 +585,205 @@ fn with_strict_keys_a_keyless_or_wrongly_keyed_input_is_dead_lettered() {
         env.count("no-key", &payment) + env.count("wrong-key", &payment),
         0
     );
+}
+
+/// A dead letter the saga wrote for `order`, by its reason.
+fn dead_letter(env: &SagaEnv, order: &str, kind: &str) -> bool {
+    env.seen.iter().any(|r| {
+        r.topic.ends_with(".dlq")
+            && r.key.as_deref() == Some(order.as_bytes())
+            && r.header(dlq_headers::KIND).as_deref() == Some(kind)
+    })
+}
+
+/// Runs `order` through the steps of `env.def` from `from` on, replying success to each.
+fn succeed_from(env: &mut SagaEnv, order: &str, from: usize, until: usize) {
+    for step in from..until {
+        env.expect(order, &env.def.steps[step].command.event_type.clone());
+        env.reply(step, Reply::Success, order);
+    }
+}
+
+#[test]
+fn sagas_live_across_a_topology_change_finish_under_the_version_they_started_under() {
+    // Version 1 is the shipping saga (payment, inventory, shipping); version 2 drops shipping.
+    let mut env = SagaEnv::new("order_with_shipping.yaml", 2);
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let v1 = std::fs::read_to_string(repo.join("topologies/order_with_shipping.yaml")).unwrap();
+    let v2 = std::fs::read_to_string(repo.join("topologies/order_saga.yaml"))
+        .unwrap()
+        .replacen("name: order_saga", "name: order_with_shipping", 1)
+        .replacen("schemas: ../schemas", "", 1);
+    let file = |name: &str, text: &str| {
+        let path = env.dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let v1 = file("v1.yaml", &v1);
+    let v2_with_v1 = file(
+        "v2.yaml",
+        &format!("version: 2\nprevious_versions: [v1.yaml]\n{v2}"),
+    );
+    let v2_alone = file("v2-alone.yaml", &format!("version: 2\n{v2}"));
+    let ship = env.def.steps[2].command.event_type.clone();
+    let completed = env.def.completed.event_type.clone();
+
+    // Under version 1: A waits for its shipment, B and G for their payments.
+    env.topology = v1;
+    let mut orchestrator = env.orchestrator("a", &[]);
+    env.create("A", &[]);
+    succeed_from(&mut env, "A", 0, 2);
+    env.expect("A", &ship);
+    for order in ["B", "G"] {
+        env.create(order, &[]);
+        env.expect(order, &env.def.steps[0].command.event_type.clone());
+    }
+    assert!(orchestrator.sigterm(Duration::from_secs(30)).is_some());
+
+    // Version 2 with version 1 kept: A and B finish with three steps, C starts with two.
+    env.topology = v2_with_v1.clone();
+    let mut orchestrator = env.orchestrator("a", &[]);
+    env.reply(2, Reply::Success, "A");
+    env.expect("A", &completed);
+    env.create("C", &[]);
+    succeed_from(&mut env, "C", 0, 2);
+    env.expect("C", &completed);
+    assert_eq!(env.count("C", &ship), 0, "{:?}", env.trail("C"));
+    env.reply(0, Reply::Success, "B");
+    succeed_from(&mut env, "B", 1, 2);
+    env.expect("B", &ship);
+    assert_eq!(saga_json(&mut orchestrator, "B")["topology_version"], 1);
+    assert_eq!(saga_json(&mut orchestrator, "C")["topology_version"], 2);
+    assert!(orchestrator.sigterm(Duration::from_secs(30)).is_some());
+
+    // Version 2 alone: version 1 sagas cannot go on. Their events are dead-lettered (nothing is
+    // applied under the wrong steps), it is said at start-up, and every other order goes on.
+    env.topology = v2_alone;
+    let mut orchestrator = env.orchestrator("a", &[]);
+    env.reply(0, Reply::Success, "G");
+    env.reply(2, Reply::Success, "B");
+    env.create("D", &[]);
+    succeed_from(&mut env, "D", 0, 2);
+    env.expect("D", &completed);
+    env.wait("G's payment dead-lettered as incompatible", |env| {
+        dead_letter(env, "G", "incompatible_saga")
+    });
+    assert_eq!(
+        env.count("G", &env.def.steps[1].command.event_type.clone()),
+        0
+    );
+    orchestrator.assert_alive();
+    let log = orchestrator.log_text();
+    assert!(log.contains("topology version that is not loaded"), "{log}");
+    let addr = orchestrator.http_addr(Duration::from_secs(5));
+    let (_, metrics) = common::http_get(&format!("http://{addr}/metrics"));
+    assert!(
+        metrics.lines().any(|l| l
+            .starts_with("saga_streams_live_sagas_by_topology_version{topology_version=\"1\"}")
+            && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    assert!(orchestrator.sigterm(Duration::from_secs(30)).is_some());
+
+    // Version 1 loaded again: B's shipment reply, written meanwhile, completes it.
+    env.topology = v2_with_v1;
+    let _orchestrator = env.orchestrator("a", &[]);
+    env.expect("B", &completed);
+    assert_eq!(env.count("B", &completed), 1);
+}
+
+/// Writes `value` as the stored record of `order` straight into the saga store's changelog, as
+/// a broken or foreign writer would.
+fn corrupt_record(env: &SagaEnv, order: &str, value: &[u8]) {
+    let changelog = format!("{}order_saga-sagas-changelog", env.prefix);
+    let producer = common::producer(&env.bootstrap);
+    let key = [b"s/".as_slice(), order.as_bytes()].concat();
+    producer
+        .send(
+            rdkafka::producer::BaseRecord::<[u8], [u8]>::to(&changelog)
+                .partition(0)
+                .key(&key)
+                .payload(value),
+        )
+        .map_err(|(e, _)| e)
+        .unwrap();
+    rdkafka::producer::Producer::flush(&producer, Duration::from_secs(10)).unwrap();
+}
+
+#[test]
+fn an_unreadable_saga_record_is_quarantined_and_its_partition_goes_on() {
+    let mut env = SagaEnv::new("order_saga.yaml", 1);
+    let mut orchestrator = env.orchestrator("a", &[]);
+    let payment = env.def.steps[0].command.event_type.clone();
+    for order in ["broken", "future"] {
+        env.create(order, &[]);
+        env.expect(order, &payment);
+    }
+    assert!(orchestrator.sigterm(Duration::from_secs(30)).is_some());
+    // Damaged records, then a fresh state directory: the stores are restored from the changelog.
+    corrupt_record(
+        &env,
+        "broken",
+        b"{\"saga_id\": \"broken\", \"status\": \"PENDING\", \"pha",
+    );
+    let mut future = serde_json::to_value(
+        serde_json::from_slice::<serde_json::Value>(
+            &std::fs::read(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("tests/fixtures/saga-record-v2.json"),
+            )
+            .unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    future["record_version"] = 99.into();
+    future["saga_id"] = "future".into();
+    corrupt_record(&env, "future", &serde_json::to_vec(&future).unwrap());
+    std::fs::remove_dir_all(env.state_dir("a")).unwrap();
+
+    let mut orchestrator = env.orchestrator("a", &[]);
+    for order in ["broken", "future"] {
+        env.reply(0, Reply::Success, order);
+    }
+    // The same partition goes on.
+    env.complete("after");
+    for order in ["broken", "future"] {
+        env.wait(&format!("{order}'s reply dead-lettered"), |env| {
+            dead_letter(env, order, "quarantined_saga")
+        });
+        assert_eq!(
+            env.count(order, &env.def.steps[1].command.event_type.clone()),
+            0
+        );
+    }
+    let addr = orchestrator.http_addr(Duration::from_secs(5));
+    let (status, body) = common::http_get(&format!("http://{addr}/quarantine"));
+    assert_eq!(status, 200, "{body}");
+    let listed: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let mut ids: Vec<&str> = listed["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["saga_id"].as_str())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["broken", "future"], "{body}");
+    assert!(body.contains("newer saga-streams"), "{body}");
+    assert_eq!(
+        saga_json(&mut orchestrator, "broken")["status"],
+        "QUARANTINED"
+    );
+    // A start re-sent for a quarantined order starts nothing (it could charge twice).
+    env.create("broken", &[]);
+    env.complete("after-2");
+    assert_eq!(env.count("broken", &payment), 1);
+    let (_, metrics) = common::http_get(&format!("http://{addr}/metrics"));
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with("saga_streams_saga_records_quarantined_total") && l.ends_with(" 2")
+        ),
+        "{metrics}"
+    );
+    orchestrator.assert_alive();
 }

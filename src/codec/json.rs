@@ -64,6 +64,8 @@ pub enum BadInputKind {
     /// The saga the record belongs to names steps the loaded topology does not have (it started
     /// under another version).
     IncompatibleSaga,
+    /// The saga's stored record cannot be read and was moved to the quarantine.
+    QuarantinedSaga,
 }
 
 impl BadInputKind {
@@ -82,6 +84,7 @@ impl BadInputKind {
             Self::IncompatibleSchema => "incompatible_schema",
             Self::UnencodableOutput => "unencodable_output",
             Self::IncompatibleSaga => "incompatible_saga",
+            Self::QuarantinedSaga => "quarantined_saga",
             Self::RecordTooLarge => "record_too_large",
         }
     }
@@ -156,6 +159,15 @@ pub fn read_body(bytes: &[u8]) -> Result<Map<String, Value>, BadInput> {
         .ok_or_else(|| BadInput::new(BadInputKind::InvalidJson, "the body is not a JSON object"))
 }
 
+/// The saga id of an event object: its `key_field`, a string or an integer (integer ids are
+/// common in PHP services: taken as their decimal string).
+pub fn saga_id(map: &Map<String, Value>, key_field: &str) -> Result<String, BadInput> {
+    match map.get(key_field) {
+        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Ok(n.to_string()),
+        _ => string_field(map, key_field, BadInputKind::MissingSagaId),
+    }
+}
+
 /// Checks an event object read from `record` against the topology.
 pub fn check(
     def: &SagaDefinition,
@@ -170,11 +182,7 @@ pub fn check(
         Some(Value::String(s)) if s.trim().is_empty() => derived_event_id(&record.topic, &map),
         _ => string_field(&map, "event_id", BadInputKind::InvalidField)?,
     };
-    // Integer ids are common in PHP services: accept them as their decimal string.
-    let saga_id = match map.get(&def.key_field) {
-        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
-        _ => string_field(&map, &def.key_field, BadInputKind::MissingSagaId)?,
-    };
+    let saga_id = saga_id(&map, &def.key_field)?;
     let event_version = match map.get("event_version") {
         None | Some(Value::Null) => 1,
         Some(v) => v.as_i64().ok_or_else(|| {

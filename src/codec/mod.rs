@@ -60,7 +60,7 @@ impl Codec {
     ) -> Result<Codec, String> {
         if !def.uses_avro() {
             return Ok(Codec {
-                formats: def.topics.clone(),
+                formats: def.all_formats(),
                 avro: None,
             });
         }
@@ -75,7 +75,7 @@ impl Codec {
         let registry = Arc::new(registry::Registry::new(url, REGISTRY_TIMEOUT)?);
         let avro = avro::AvroCodec::new(def, &catalogue, registry, writes).map_err(list)?;
         Ok(Codec {
-            formats: def.topics.clone(),
+            formats: def.all_formats(),
             avro: Some(avro),
         })
     }

@@ -100,4 +100,13 @@ impl RuntimeStatus {
     pub fn reader(&self, partition: i32) -> Option<Arc<dyn ReadStore>> {
         self.0.readers.read().ok()?.get(&partition).cloned()
     }
+
+    /// Committed-data readers of every task running here, by partition.
+    pub fn readers(&self) -> Vec<(i32, Arc<dyn ReadStore>)> {
+        self.0
+            .readers
+            .read()
+            .map(|r| r.iter().map(|(p, r)| (*p, r.clone())).collect())
+            .unwrap_or_default()
+    }
 }

@@ -157,6 +157,20 @@ pub struct SagaRecord {
     /// for duplicates). Empty in records written before it existed.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub id_seed: String,
+    /// The topology version the saga started under (1 in records written before versions).
+    #[serde(default = "first_version", skip_serializing_if = "is_first_version")]
+    pub topology_version: u32,
+    /// That version's [`SagaDefinition::fingerprint`]; empty in records written before it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub topology_fingerprint: String,
+}
+
+fn first_version() -> u32 {
+    1
+}
+
+fn is_first_version(v: &u32) -> bool {
+    *v == 1
 }
 
 /// An input event as the machine sees it: decoded, validated, its role known.
@@ -433,6 +447,8 @@ pub fn start(
         history: Vec::new(),
         tombstone: false,
         id_seed: event.event_id.clone(),
+        topology_version: def.version,
+        topology_fingerprint: def.fingerprint.clone(),
     };
     let mut outputs = Vec::new();
     run_step(def, &mut record, 0, now_ms, &mut outputs);

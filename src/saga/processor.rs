@@ -90,38 +90,58 @@ fn now_ms(now: SystemTime) -> i64 {
 }
 
 const COUNT_PREFIX: &[u8] = b"c/";
+const VERSION_COUNT_PREFIX: &[u8] = b"v/";
+const QUARANTINE_PREFIX: &[u8] = b"q/";
+/// The status under which quarantined records are counted.
+pub const QUARANTINED: &str = "QUARANTINED";
 
-fn count_key(status: &str) -> Vec<u8> {
-    [COUNT_PREFIX, status.as_bytes()].concat()
+pub fn quarantine_key(saga_id: &str) -> Vec<u8> {
+    [QUARANTINE_PREFIX, saga_id.as_bytes()].concat()
 }
 
-/// Sagas per status in this task, kept in the store beside the sagas (`c/<status>`, so they
-/// survive restarts and moves) and mirrored into the `saga_streams_sagas` gauge, which sums the
-/// tasks of the instance.
-#[derive(Default)]
-struct StatusCounts {
+/// Numbers kept in the store beside the sagas (`<prefix><label value>`, so they survive restarts
+/// and moves) and mirrored into a gauge that sums the tasks of the instance: sagas per status
+/// (`c/`), and unfinished sagas per topology version (`v/`).
+struct Counts {
+    prefix: &'static [u8],
+    gauge: &'static str,
+    label: &'static str,
     local: BTreeMap<String, i64>,
     /// Set when a cycle aborted: the in-memory counts may include its changes.
     stale: bool,
 }
 
-impl StatusCounts {
+impl Counts {
+    fn new(prefix: &'static [u8], gauge: &'static str, label: &'static str) -> Self {
+        Self {
+            prefix,
+            gauge,
+            label,
+            local: BTreeMap::new(),
+            stale: false,
+        }
+    }
+
+    fn key(&self, value: &str) -> Vec<u8> {
+        [self.prefix, value.as_bytes()].concat()
+    }
+
     /// Reads the committed counts and moves the gauge by the difference from what it had.
     fn load(&mut self, store: &Store<'_>) -> Result<(), ProcessorError> {
         let mut fresh: BTreeMap<String, i64> = BTreeMap::new();
-        // One entry per saga status: a handful.
-        for (key, value) in store.prefix(COUNT_PREFIX, MAX_STATUSES)? {
-            let status = String::from_utf8_lossy(&key[COUNT_PREFIX.len()..]).into_owned();
+        // One entry per status or version: a handful.
+        for (key, value) in store.prefix(self.prefix, MAX_STATUSES)? {
+            let name = String::from_utf8_lossy(&key[self.prefix.len()..]).into_owned();
             let n: i64 = serde_json::from_slice(&value)
                 .map_err(|e| ProcessorError(format!("saga store: undecodable count: {e}")))?;
-            fresh.insert(status, n);
+            fresh.insert(name, n);
         }
-        let statuses: BTreeSet<String> = fresh.keys().chain(self.local.keys()).cloned().collect();
-        for status in statuses {
-            let delta = fresh.get(&status).copied().unwrap_or(0)
-                - self.local.get(&status).copied().unwrap_or(0);
+        let names: BTreeSet<String> = fresh.keys().chain(self.local.keys()).cloned().collect();
+        for name in names {
+            let delta = fresh.get(&name).copied().unwrap_or(0)
+                - self.local.get(&name).copied().unwrap_or(0);
             if delta != 0 {
-                metrics::gauge!(m::SAGAS, "status" => status).increment(delta as f64);
+                metrics::gauge!(self.gauge, self.label => name).increment(delta as f64);
             }
         }
         self.local = fresh;
@@ -132,19 +152,71 @@ impl StatusCounts {
     fn change(
         &mut self,
         store: &mut Store<'_>,
-        status: &str,
+        name: &str,
         delta: i64,
     ) -> Result<(), ProcessorError> {
-        let key = count_key(status);
+        let key = self.key(name);
         let n: i64 = store.get_json(&key)?.unwrap_or(0);
         store.put_json(&key, &(n + delta))?;
-        *self.local.entry(status.to_string()).or_default() += delta;
-        metrics::gauge!(m::SAGAS, "status" => status.to_string()).increment(delta as f64);
+        *self.local.entry(name.to_string()).or_default() += delta;
+        metrics::gauge!(self.gauge, self.label => name.to_string()).increment(delta as f64);
         Ok(())
     }
 
+    /// The task leaves this instance: its numbers leave the gauge.
+    fn release(&mut self) {
+        for (name, n) in std::mem::take(&mut self.local) {
+            metrics::gauge!(self.gauge, self.label => name).decrement(n as f64);
+        }
+    }
+}
+
+/// Sagas per status and unfinished sagas per topology version.
+struct StatusCounts {
+    status: Counts,
+    versions: Counts,
+}
+
+impl Default for StatusCounts {
+    fn default() -> Self {
+        Self {
+            status: Counts::new(COUNT_PREFIX, m::SAGAS, "status"),
+            versions: Counts::new(
+                VERSION_COUNT_PREFIX,
+                m::LIVE_SAGAS_BY_VERSION,
+                "topology_version",
+            ),
+        }
+    }
+}
+
+impl StatusCounts {
+    fn load(&mut self, store: &Store<'_>) -> Result<(), ProcessorError> {
+        self.status.load(store)?;
+        self.versions.load(store)
+    }
+
+    fn stale(&self) -> bool {
+        self.status.stale || self.versions.stale
+    }
+
+    fn mark_stale(&mut self) {
+        self.status.stale = true;
+        self.versions.stale = true;
+    }
+
+    fn change(
+        &mut self,
+        store: &mut Store<'_>,
+        status: &str,
+        delta: i64,
+    ) -> Result<(), ProcessorError> {
+        self.status.change(store, status, delta)
+    }
+
     /// Writes a saga (`bytes`: its encoding, from [`encode_record`]), moves its timer entry and
-    /// counts its status change.
+    /// counts its status change. Records written before versions (no fingerprint) are not
+    /// counted by version.
     fn save(
         &mut self,
         store: &mut Store<'_>,
@@ -156,19 +228,136 @@ impl StatusCounts {
         let old = before.map(|b| b.status.as_str());
         if old != Some(after.status.as_str()) {
             if let Some(old) = old {
-                self.change(store, old, -1)?;
+                self.status.change(store, old, -1)?;
             }
-            self.change(store, &after.status, 1)?;
+            self.status.change(store, &after.status, 1)?;
+        }
+        if !after.topology_fingerprint.is_empty() {
+            let was_live = before.is_some_and(|b| !b.is_finished());
+            if was_live == after.is_finished() {
+                let delta = if was_live { -1 } else { 1 };
+                self.versions
+                    .change(store, &after.topology_version.to_string(), delta)?;
+            }
         }
         Ok(())
     }
 
-    /// The task leaves this instance: its sagas leave the gauge.
+    /// A record leaves the store (expired, or moved to the quarantine).
+    fn removed(
+        &mut self,
+        store: &mut Store<'_>,
+        record: &RecordSummary,
+    ) -> Result<(), ProcessorError> {
+        if let Some(status) = &record.status {
+            self.status.change(store, status, -1)?;
+        }
+        if let (Some(version), false) = (record.topology_version, record.finished) {
+            self.versions.change(store, &version.to_string(), -1)?;
+        }
+        Ok(())
+    }
+
     fn release(&mut self) {
-        for (status, n) in std::mem::take(&mut self.local) {
-            metrics::gauge!(m::SAGAS, "status" => status).decrement(n as f64);
+        self.status.release();
+        self.versions.release();
+    }
+}
+
+/// What the counts need to know of a record that leaves the store; read leniently, so that it
+/// works for records that do not decode as a whole.
+#[derive(Default)]
+struct RecordSummary {
+    status: Option<String>,
+    /// Only for records counted by version (with a fingerprint).
+    topology_version: Option<u32>,
+    finished: bool,
+}
+
+impl RecordSummary {
+    fn of(record: &SagaRecord) -> Self {
+        Self {
+            status: Some(record.status.clone()),
+            topology_version: (!record.topology_fingerprint.is_empty())
+                .then_some(record.topology_version),
+            finished: record.is_finished(),
         }
     }
+
+    /// As much as can be read of stored bytes that do not decode as a record.
+    fn of_bytes(bytes: &[u8]) -> Self {
+        let Ok(value) = serde_json::from_slice::<serde_json::Value>(bytes) else {
+            return Self::default();
+        };
+        let counted = value
+            .get("topology_fingerprint")
+            .and_then(|f| f.as_str())
+            .is_some_and(|f| !f.is_empty());
+        Self {
+            status: value
+                .get("status")
+                .and_then(|s| s.as_str())
+                .map(String::from),
+            topology_version: value
+                .get("topology_version")
+                .and_then(|v| v.as_u64())
+                .and_then(|v| u32::try_from(v).ok())
+                .filter(|_| counted),
+            finished: value
+                .get("phase")
+                .and_then(|p| p.get("phase"))
+                .and_then(|p| p.as_str())
+                == Some("finished"),
+        }
+    }
+}
+
+/// A saga record that could not be read, moved aside under `q/<saga id>`: listed at
+/// `/quarantine`, its events dead-lettered (`quarantined_saga`), put back when a version of
+/// saga-streams that reads it processes one of them.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct QuarantinedRecord {
+    pub saga_id: String,
+    pub error: String,
+    pub at_ms: i64,
+    /// The stored bytes as text (saga records are JSON), or hex when they are not UTF-8.
+    pub raw: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub raw_is_hex: bool,
+}
+
+impl QuarantinedRecord {
+    fn new(saga_id: &str, error: &str, at_ms: i64, bytes: &[u8]) -> Self {
+        let (raw, raw_is_hex) = match std::str::from_utf8(bytes) {
+            Ok(text) => (text.to_string(), false),
+            Err(_) => (bytes.iter().map(|b| format!("{b:02x}")).collect(), true),
+        };
+        Self {
+            saga_id: saga_id.to_string(),
+            error: error.to_string(),
+            at_ms,
+            raw,
+            raw_is_hex,
+        }
+    }
+
+    /// The bytes that were stored.
+    pub fn bytes(&self) -> Vec<u8> {
+        if !self.raw_is_hex {
+            return self.raw.clone().into_bytes();
+        }
+        (0..self.raw.len() / 2)
+            .filter_map(|i| u8::from_str_radix(self.raw.get(2 * i..2 * i + 2)?, 16).ok())
+            .collect()
+    }
+}
+
+/// A saga looked up by id.
+enum Loaded {
+    Found(Box<SagaRecord>),
+    Missing,
+    /// Its record is in the quarantine (moved there now, or earlier), for this reason.
+    Quarantined(String),
 }
 
 /// Encodes a saga record for the store, or says why it cannot be kept: larger than
@@ -189,11 +378,19 @@ fn encode_record(record: &SagaRecord) -> Result<Result<Vec<u8>, BadInput>, Proce
     Ok(Ok(bytes))
 }
 
-/// Decodes a stored saga record.
+/// Decodes a stored saga record; a record of a later encoding version than this build reads
+/// (written by a newer saga-streams) is refused, never half-read.
 pub fn decode_record(bytes: &[u8]) -> Result<SagaRecord, ProcessorError> {
-    serde_json::from_slice::<SagaRecord>(bytes)
-        .map(SagaRecord::upgrade)
-        .map_err(|e| ProcessorError(format!("saga store: undecodable saga record: {e}")))
+    let record = serde_json::from_slice::<SagaRecord>(bytes)
+        .map_err(|e| ProcessorError(format!("undecodable saga record: {e}")))?;
+    if record.record_version > machine::RECORD_VERSION {
+        return Err(ProcessorError(format!(
+            "saga record version {} was written by a newer saga-streams (this one reads up to {})",
+            record.record_version,
+            machine::RECORD_VERSION
+        )));
+    }
+    Ok(record.upgrade())
 }
 
 /// Runs one saga definition; one instance per task.
@@ -345,6 +542,93 @@ impl SagaProcessor {
         });
     }
 
+    /// Looks a saga up. A record that does not decode is moved to the quarantine in this cycle
+    /// (the partition goes on); a quarantined one that decodes now (a newer saga-streams, or a
+    /// fix) is put back.
+    fn load_saga(
+        &mut self,
+        store: &mut Store<'_>,
+        saga_id: &str,
+        now: i64,
+    ) -> Result<Loaded, ProcessorError> {
+        let key = saga_key(saga_id);
+        if let Some(bytes) = store.get(&key)? {
+            return match decode_record(&bytes) {
+                Ok(record) => Ok(Loaded::Found(Box::new(record))),
+                Err(e) => {
+                    tracing::error!(saga_id, error = %e.0, "a stored saga record cannot be read; it is moved to the quarantine (GET /quarantine) and its events are dead-lettered");
+                    metrics::counter!(m::SAGAS_QUARANTINED).increment(1);
+                    let entry = QuarantinedRecord::new(saga_id, &e.0, now, &bytes);
+                    store.delete(&key);
+                    store.put_json(&quarantine_key(saga_id), &entry)?;
+                    self.counts
+                        .removed(store, &RecordSummary::of_bytes(&bytes))?;
+                    self.counts.change(store, QUARANTINED, 1)?;
+                    Ok(Loaded::Quarantined(e.0))
+                }
+            };
+        }
+        let Some(entry) = store.get(&quarantine_key(saga_id))? else {
+            return Ok(Loaded::Missing);
+        };
+        let entry: QuarantinedRecord = match serde_json::from_slice(&entry) {
+            Ok(entry) => entry,
+            Err(e) => {
+                return Ok(Loaded::Quarantined(format!(
+                    "unreadable quarantine entry: {e}"
+                )))
+            }
+        };
+        let bytes = entry.bytes();
+        match decode_record(&bytes) {
+            Ok(record) => {
+                tracing::warn!(
+                    saga_id,
+                    "a quarantined saga record is readable again; it is put back"
+                );
+                store.delete(&quarantine_key(saga_id));
+                self.counts.change(store, QUARANTINED, -1)?;
+                self.counts.save(store, None, &record, &bytes)?;
+                Ok(Loaded::Found(Box::new(record)))
+            }
+            Err(_) => Ok(Loaded::Quarantined(entry.error)),
+        }
+    }
+
+    /// The definition `record` runs under: the version it started under, if loaded and if every
+    /// step it names exists there.
+    fn def_of<'d>(
+        root: &'d SagaDefinition,
+        record: &SagaRecord,
+    ) -> Result<&'d SagaDefinition, String> {
+        let fingerprint = Some(record.topology_fingerprint.as_str()).filter(|f| !f.is_empty());
+        let def = root.for_saga(record.topology_version, fingerprint)?;
+        record.fits(def)?;
+        Ok(def)
+    }
+
+    /// The definition an input is checked against: its saga's, when earlier versions are loaded
+    /// and the saga exists on this partition; else the current one.
+    fn def_for_input(
+        &self,
+        ctx: &mut ProcessorContext<'_>,
+        map: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<&SagaDefinition, ProcessorError> {
+        if self.def.previous.is_empty() {
+            return Ok(&self.def);
+        }
+        let Ok(saga_id) = json::saga_id(map, &self.def.key_field) else {
+            return Ok(&self.def);
+        };
+        let store = ctx.store(SAGA_STORE)?;
+        let record = store
+            .get(&saga_key(&saga_id))?
+            .and_then(|bytes| decode_record(&bytes).ok());
+        Ok(record
+            .and_then(|r| Self::def_of(&self.def, &r).ok())
+            .unwrap_or(&self.def))
+    }
+
     fn handle(
         &mut self,
         ctx: &mut ProcessorContext<'_>,
@@ -361,16 +645,45 @@ impl SagaProcessor {
             offset = record.offset
         );
         let _entered = span.enter();
-        let key = saga_key(&event.saga_id);
         let mut store = ctx.store(SAGA_STORE)?;
-        let existing = match store.get(&key)? {
-            Some(bytes) => {
-                let mut current = decode_record(&bytes)?;
-                current.rebuild_in_flight(&self.def);
-                Some(current)
+        let existing = match self.load_saga(&mut store, &event.saga_id, now)? {
+            Loaded::Found(record) => Some(*record),
+            Loaded::Missing => None,
+            Loaded::Quarantined(why) => {
+                drop(store);
+                let bad = BadInput::new(
+                    BadInputKind::QuarantinedSaga,
+                    format!(
+                        "the record of {} '{}' is in the quarantine: {why}",
+                        self.def.key_field, event.saga_id
+                    ),
+                );
+                self.dead_letter(ctx, record, &bad);
+                return Ok(());
             }
-            None => None,
         };
+        // A saga runs under the topology version it started under.
+        let root = self.def.clone();
+        let def = match &existing {
+            None => &*root,
+            Some(current) => match Self::def_of(&root, current) {
+                Ok(def) => def,
+                Err(why) => {
+                    // Applying the event could only go wrong. It waits in the DLQ (replayable
+                    // once that version is loaded again); the saga is left as it is.
+                    drop(store);
+                    tracing::error!(error = %why, "a saga does not fit the loaded topology");
+                    metrics::counter!(m::SAGAS_INCOMPATIBLE).increment(1);
+                    let bad = BadInput::new(BadInputKind::IncompatibleSaga, why);
+                    self.dead_letter(ctx, record, &bad);
+                    return Ok(());
+                }
+            },
+        };
+        let existing = existing.map(|mut current| {
+            current.rebuild_in_flight(def);
+            current
+        });
         let saga_event = SagaEvent {
             event_id: event.event_id.clone(),
             event_type: event.event_type.clone(),
@@ -394,7 +707,7 @@ impl SagaProcessor {
                             .to_string()
                     });
                 let (started, outputs) =
-                    machine::start(&self.def, &event.saga_id, &saga_event, correlation_id, now);
+                    machine::start(def, &event.saga_id, &saga_event, correlation_id, now);
                 (None, started, outputs)
             }
             (None, _) => {
@@ -411,17 +724,7 @@ impl SagaProcessor {
             }
             (Some(current), _) => {
                 span.record("correlation_id", current.correlation_id.as_str());
-                if let Err(why) = current.fits(&self.def) {
-                    // Started under a topology with more steps: applying the event could only
-                    // go wrong. The event waits in the DLQ; the saga is left as it is.
-                    drop(store);
-                    tracing::error!(error = %why, "a saga does not fit the loaded topology");
-                    metrics::counter!(m::SAGAS_INCOMPATIBLE).increment(1);
-                    let bad = BadInput::new(BadInputKind::IncompatibleSaga, why);
-                    self.dead_letter(ctx, record, &bad);
-                    return Ok(());
-                }
-                match machine::apply(&self.def, &current, SagaInput::Event(&saga_event), now) {
+                match machine::apply(def, &current, SagaInput::Event(&saga_event), now) {
                     Applied::Changed { record, outputs } => (Some(current), *record, outputs),
                     Applied::Ignored(why) => {
                         tracing::debug!(reason = why.as_str(), event_id = %saga_event.event_id, "ignored an event");
@@ -435,7 +738,7 @@ impl SagaProcessor {
         // Every output and the saga record are encoded and checked before anything is written:
         // what cannot be written dead-letters the input, and the saga stays as it was before it.
         let written = self
-            .encode(&record_after, &outputs, now)
+            .encode(def, &record_after, &outputs, now)
             .and_then(|records| {
                 encode_record(&record_after)
                     .map(|bytes| bytes.map(|b| (records, b)))
@@ -450,12 +753,13 @@ impl SagaProcessor {
                 // written.
                 let instead = match saga_event.role {
                     EventRole::Success(_) => {
-                        machine::cancel_unwritable(&self.def, &record_after, now, &bad.message)
-                            .and_then(|(r, outs)| {
-                                let records = self.encode(&r, &outs, now).ok()?;
+                        machine::cancel_unwritable(def, &record_after, now, &bad.message).and_then(
+                            |(r, outs)| {
+                                let records = self.encode(def, &r, &outs, now).ok()?;
                                 let bytes = encode_record(&r).ok()?.ok()?;
                                 Some((r, outs, records, bytes))
-                            })
+                            },
+                        )
                     }
                     _ => None,
                 };
@@ -484,7 +788,7 @@ impl SagaProcessor {
             status = %record_after.status, step_awaited = ?record_after.step_awaited,
             outputs = outputs.len(), "saga transition"
         );
-        self.send(ctx, &record_after, &outputs, records, now);
+        self.send(ctx, def, &record_after, &outputs, records, now);
         Ok(())
     }
 
@@ -492,28 +796,23 @@ impl SagaProcessor {
     /// encoded, or it is larger than [`OUTPUT_RECORD_BUDGET`]).
     fn encode(
         &self,
+        def: &SagaDefinition,
         saga: &SagaRecord,
         outputs: &[SagaOutput],
         now: i64,
     ) -> Result<Vec<OutputRecord>, BadInput> {
         let mut records = Vec::with_capacity(outputs.len());
         for output in outputs {
-            let body =
-                json::message_body(&self.def, &saga.saga_id, &saga.correlation_id, output, now);
+            let body = json::message_body(def, &saga.saga_id, &saga.correlation_id, output, now);
             let value = self
                 .codec
-                .write(
-                    &output.topic,
-                    &output.event_type,
-                    body,
-                    self.def.wrap_outputs,
-                )
+                .write(&output.topic, &output.event_type, body, def.wrap_outputs)
                 .map_err(|e| {
                     BadInput::new(
                         BadInputKind::UnencodableOutput,
                         format!(
                             "{} for {} '{}' cannot be written to {}: {e}",
-                            output.event_type, self.def.key_field, saga.saga_id, output.topic
+                            output.event_type, def.key_field, saga.saga_id, output.topic
                         ),
                     )
                 })?;
@@ -538,7 +837,7 @@ impl SagaProcessor {
                     BadInputKind::RecordTooLarge,
                     format!(
                         "{} for {} '{}' would have {size} bytes, more than an output may have ({OUTPUT_RECORD_BUDGET})",
-                        output.event_type, self.def.key_field, saga.saga_id
+                        output.event_type, def.key_field, saga.saga_id
                     ),
                 ));
             }
@@ -550,13 +849,14 @@ impl SagaProcessor {
     fn send(
         &self,
         ctx: &mut ProcessorContext<'_>,
+        def: &SagaDefinition,
         saga: &SagaRecord,
         outputs: &[SagaOutput],
         records: Vec<OutputRecord>,
         now: i64,
     ) {
         for (output, record) in outputs.iter().zip(records) {
-            count_output(&self.def, saga, output, now);
+            count_output(def, saga, output, now);
             ctx.send(record);
         }
     }
@@ -621,12 +921,39 @@ fn save(
 impl Processor for SagaProcessor {
     fn init(&mut self, ctx: &mut ProcessorContext<'_>) -> Result<(), ProcessorError> {
         ctx.schedule_punctuation(self.tick);
-        self.counts.load(&ctx.store(SAGA_STORE)?)
+        self.counts.load(&ctx.store(SAGA_STORE)?)?;
+        // Sagas that started under a version no longer loaded cannot go on: say so at once.
+        for (version, n) in &self.counts.versions.local {
+            let loaded = self
+                .def
+                .versions()
+                .any(|d| d.version.to_string() == *version);
+            if *n > 0 && !loaded {
+                tracing::error!(
+                    partition = ctx.partition(), topology_version = %version, live_sagas = n,
+                    "unfinished sagas started under a topology version that is not loaded: their events are dead-lettered (incompatible_saga) and their timers held until its file is listed in previous_versions"
+                );
+            }
+        }
+        if let Some(n) = self
+            .counts
+            .status
+            .local
+            .get(QUARANTINED)
+            .filter(|n| **n > 0)
+        {
+            tracing::warn!(
+                partition = ctx.partition(),
+                records = n,
+                "saga records in the quarantine (GET /quarantine)"
+            );
+        }
+        Ok(())
     }
 
     fn cycle_aborted(&mut self) {
         self.scanned_to = None;
-        self.counts.stale = true;
+        self.counts.mark_stale();
     }
 
     fn close(&mut self) {
@@ -639,7 +966,7 @@ impl Processor for SagaProcessor {
         record: &InputRecord,
     ) -> Result<(), ProcessorError> {
         let now = now_ms(SystemTime::now());
-        if self.counts.stale {
+        if self.counts.stale() {
             self.counts.load(&ctx.store(SAGA_STORE)?)?;
         }
         let size = record.value.as_ref().map_or(0, Vec::len);
@@ -687,10 +1014,13 @@ impl Processor for SagaProcessor {
             }
             _ => (record, false),
         };
-        let decoded = self
-            .codec
-            .read(&record.topic, record.value.as_deref())
-            .and_then(|map| json::check(&self.def, record, map).map_err(DecodeError::Bad));
+        let decoded = match self.codec.read(&record.topic, record.value.as_deref()) {
+            Ok(map) => {
+                let def = self.def_for_input(ctx, &map)?;
+                json::check(def, record, map).map_err(DecodeError::Bad)
+            }
+            Err(e) => Err(e),
+        };
         match decoded {
             Ok(event) => {
                 if !from_repartition && record.key.as_deref() != Some(event.saga_id.as_bytes()) {
@@ -754,7 +1084,7 @@ impl Processor for SagaProcessor {
         };
         let cutoff = input_time.min(now);
         let mut store = ctx.store(SAGA_STORE)?;
-        if self.counts.stale {
+        if self.counts.stale() {
             self.counts.load(&store)?;
         }
         let end = timer_key(cutoff.saturating_add(1), "");
@@ -766,6 +1096,7 @@ impl Processor for SagaProcessor {
         let due = store.range(&start, Some(&end), TIMERS_PER_PUNCTUATION + 1)?;
         // All due timers are handled, unless there are more than one punctuation takes.
         let mut complete = due.len() <= TIMERS_PER_PUNCTUATION;
+        let root = self.def.clone();
         let mut fired = Vec::new();
         for (key, _) in due.into_iter().take(TIMERS_PER_PUNCTUATION) {
             let Some(id) = key.get(TIMER_PREFIX.len() + 8..) else {
@@ -774,19 +1105,26 @@ impl Processor for SagaProcessor {
                 continue;
             };
             let saga_id = String::from_utf8_lossy(id).into_owned();
-            let Some(bytes) = store.get(&saga_key(&saga_id))? else {
-                store.delete(&key);
-                continue;
+            let mut current = match self.load_saga(&mut store, &saga_id, now)? {
+                Loaded::Found(record) => *record,
+                // Gone, or moved to the quarantine (with its timer no longer indexed).
+                Loaded::Missing | Loaded::Quarantined(_) => {
+                    store.delete(&key);
+                    continue;
+                }
             };
-            let mut current = decode_record(&bytes)?;
-            current.rebuild_in_flight(&self.def);
             let timer = SagaInput::Timer {
                 input_time_ms: cutoff,
             };
-            let applied = match current.fits(&self.def) {
-                Ok(()) => machine::apply(&self.def, &current, timer, now),
+            let (def, applied) = match Self::def_of(&root, &current) {
+                Ok(def) => {
+                    current.rebuild_in_flight(def);
+                    (def, machine::apply(def, &current, timer, now))
+                }
                 // A finished saga's timer only shrinks or removes it: no step involved.
-                Err(_) if current.is_finished() => machine::apply(&self.def, &current, timer, now),
+                Err(_) if current.is_finished() => {
+                    (&*root, machine::apply(&root, &current, timer, now))
+                }
                 Err(why) => {
                     tracing::error!(saga_id = %saga_id, error = %why, "a saga does not fit the loaded topology; its timer is held");
                     metrics::counter!(m::SAGAS_INCOMPATIBLE).increment(1);
@@ -802,19 +1140,21 @@ impl Processor for SagaProcessor {
                     };
                     self.counts
                         .save(&mut store, Some(&current), &held, &bytes)?;
-                    fired.push((held, Vec::new(), Vec::new()));
+                    fired.push((&*root, held, Vec::new(), Vec::new()));
                     continue;
                 }
             };
             match applied {
                 Applied::Changed { record, outputs } => {
-                    let written = self.encode(&record, &outputs, now).and_then(|records| {
-                        encode_record(&record)
-                            .map(|bytes| bytes.map(|b| (records, b)))
-                            .unwrap_or_else(|e| {
-                                Err(BadInput::new(BadInputKind::UnencodableOutput, e.0))
-                            })
-                    });
+                    let written = self
+                        .encode(def, &record, &outputs, now)
+                        .and_then(|records| {
+                            encode_record(&record)
+                                .map(|bytes| bytes.map(|b| (records, b)))
+                                .unwrap_or_else(|e| {
+                                    Err(BadInput::new(BadInputKind::UnencodableOutput, e.0))
+                                })
+                        });
                     let (records, record_bytes) = match written {
                         Ok(written) => written,
                         Err(bad) => {
@@ -834,7 +1174,7 @@ impl Processor for SagaProcessor {
                             };
                             self.counts
                                 .save(&mut store, Some(&current), &held, &bytes)?;
-                            fired.push((held, Vec::new(), Vec::new()));
+                            fired.push((&*root, held, Vec::new(), Vec::new()));
                             continue;
                         }
                     };
@@ -844,7 +1184,7 @@ impl Processor for SagaProcessor {
                     }
                     for stuck in &record.stuck_steps {
                         if !current.stuck_steps.contains(stuck) {
-                            let step = self.def.steps.get(*stuck).map_or("", |s| s.name.as_str());
+                            let step = def.steps.get(*stuck).map_or("", |s| s.name.as_str());
                             tracing::warn!(saga_id = %saga_id, step, "compensation given up unconfirmed: the saga is COMPENSATION_STUCK");
                             metrics::counter!(m::COMPENSATIONS_STUCK, "step" => step.to_string())
                                 .increment(1);
@@ -853,12 +1193,13 @@ impl Processor for SagaProcessor {
                     tracing::debug!(saga_id = %saga_id, status = %record.status, "timer fired");
                     self.counts
                         .save(&mut store, Some(&current), &record, &record_bytes)?;
-                    fired.push((*record, outputs, records));
+                    fired.push((def, *record, outputs, records));
                 }
                 Applied::Expired => {
                     store.delete(&key);
                     store.delete(&saga_key(&saga_id));
-                    self.counts.change(&mut store, &current.status, -1)?;
+                    self.counts
+                        .removed(&mut store, &RecordSummary::of(&current))?;
                 }
                 Applied::Ignored(_) => {
                     // An index entry that does not match the record (it cannot happen through
@@ -873,11 +1214,11 @@ impl Processor for SagaProcessor {
         }
         self.scanned_to = complete.then(|| cutoff.saturating_add(1));
         drop(store);
-        for (record, _, _) in &fired {
+        for (_, record, _, _) in &fired {
             self.timer_written(record);
         }
-        for (record, outputs, records) in fired {
-            self.send(ctx, &record, &outputs, records, now);
+        for (def, record, outputs, records) in fired {
+            self.send(ctx, def, &record, &outputs, records, now);
         }
         Ok(())
     }

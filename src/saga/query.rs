@@ -8,7 +8,9 @@
 use serde_json::{json, Value};
 
 use super::machine::SagaRecord;
-use super::processor::{decode_record, saga_key, SAGA_STORE};
+use super::processor::{
+    decode_record, quarantine_key, saga_key, QuarantinedRecord, QUARANTINED, SAGA_STORE,
+};
 use crate::codec::json::rfc3339;
 use crate::runtime::RuntimeStatus;
 use crate::telemetry::http::{Lookup, SagaLookup};
@@ -82,6 +84,7 @@ pub fn saga_json(record: &SagaRecord, partition: i32) -> Value {
         "saga_id": record.saga_id,
         "partition": partition,
         "status": record.status,
+        "topology_version": record.topology_version,
         "step_awaited": record.step_awaited,
         "deadline": time(record.deadline_ms),
         "expires_at": time(record.expires_at_ms),
@@ -115,16 +118,60 @@ impl SagaLookup for SagaQuery {
         let Some(reader) = self.status.reader(partition) else {
             return Ok(Lookup::Elsewhere { partition });
         };
-        match reader
-            .get(SAGA_STORE, &saga_key(saga_id))
-            .map_err(|e| e.to_string())?
-        {
-            Some(bytes) => {
-                let record = decode_record(&bytes).map_err(|e| e.to_string())?;
-                Ok(Lookup::Found(saga_json(&record, partition)))
-            }
+        let get = |key: &[u8]| reader.get(SAGA_STORE, key).map_err(|e| e.to_string());
+        if let Some(bytes) = get(&saga_key(saga_id))? {
+            return Ok(Lookup::Found(match decode_record(&bytes) {
+                Ok(record) => saga_json(&record, partition),
+                // Moved to the quarantine by the next event or timer that reads it.
+                Err(e) => json!({
+                    "saga_id": saga_id,
+                    "partition": partition,
+                    "status": "UNREADABLE",
+                    "error": e.0,
+                }),
+            }));
+        }
+        match get(&quarantine_key(saga_id))? {
+            Some(bytes) => Ok(Lookup::Found(quarantine_json(&bytes, partition))),
             None => Ok(Lookup::Missing { partition }),
         }
+    }
+
+    fn quarantine(&self, limit: usize) -> Result<Vec<Value>, String> {
+        let mut entries = Vec::new();
+        for (partition, reader) in self.status.readers() {
+            let left = limit.saturating_sub(entries.len());
+            if left == 0 {
+                break;
+            }
+            for (_, bytes) in reader
+                .prefix(SAGA_STORE, &quarantine_key(""), left)
+                .map_err(|e| e.to_string())?
+            {
+                entries.push(quarantine_json(&bytes, partition));
+            }
+        }
+        Ok(entries)
+    }
+}
+
+/// A quarantine entry as the endpoints show it.
+fn quarantine_json(bytes: &[u8], partition: i32) -> Value {
+    match serde_json::from_slice::<QuarantinedRecord>(bytes) {
+        Ok(q) => json!({
+            "saga_id": q.saga_id,
+            "partition": partition,
+            "status": QUARANTINED,
+            "error": q.error,
+            "quarantined_at": rfc3339(q.at_ms),
+            "record": q.raw,
+            "record_is_hex": q.raw_is_hex,
+        }),
+        Err(e) => json!({
+            "partition": partition,
+            "status": QUARANTINED,
+            "error": format!("unreadable quarantine entry: {e}"),
+        }),
     }
 }
 

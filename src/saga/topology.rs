@@ -35,6 +35,10 @@ pub struct TopologyError {
 struct RawTopology {
     name: Spanned<String>,
     #[serde(default)]
+    version: Option<Spanned<u64>>,
+    #[serde(default)]
+    previous_versions: Vec<Spanned<String>>,
+    #[serde(default)]
     key: Option<Spanned<String>>,
     #[serde(default)]
     retention: Option<Spanned<String>>,
@@ -394,6 +398,19 @@ pub const DEFAULT_MAX_INPUT_BYTES: usize = 1 << 20;
 #[derive(Debug, Clone, PartialEq)]
 pub struct SagaDefinition {
     pub name: String,
+    /// This definition's version (`version:`, default 1). A saga records the version and the
+    /// [`fingerprint`](Self::fingerprint) it started under and runs under that definition for
+    /// its whole life.
+    pub version: u32,
+    /// What a saga record's step numbers depend on: the start event and each step's name, state
+    /// and event types, in order (not topics, fields, timeouts or retries, which may change under
+    /// the same version). A short stable hash.
+    pub fingerprint: String,
+    /// Earlier versions kept loaded (`previous_versions:`, files beside this one) so that sagas
+    /// started under them finish under them; newest first. Each has none of its own.
+    pub previous: Vec<SagaDefinition>,
+    /// The `previous_versions:` entries as written, before [`SagaDefinition::load`] reads them.
+    previous_files: Vec<(usize, String)>,
     /// The envelope field that identifies a saga and keys every message (default `order_id`).
     pub key_field: String,
     /// How long a finished saga stays in the store: queryable, and deduplicating late replies.
@@ -429,17 +446,144 @@ impl SagaDefinition {
         let text = std::fs::read_to_string(path).map_err(|e| TopologyError {
             problems: vec![format!("{}: cannot read: {e}", path.display())],
         })?;
-        let mut def = Self::parse(&path.display().to_string(), &text)?;
-        if let (Some(dir), Some(base)) = (&def.schemas_dir, path.parent()) {
+        let file = path.display().to_string();
+        let mut def = Self::parse(&file, &text)?;
+        let base = path.parent().unwrap_or(Path::new(""));
+        if let Some(dir) = &def.schemas_dir {
             if dir.is_relative() {
                 def.schemas_dir = Some(base.join(dir));
             }
         }
+        let mut problems = Vec::new();
+        for (at, name) in std::mem::take(&mut def.previous_files) {
+            let mut earlier = match Self::load(&base.join(&name)) {
+                Ok(earlier) => earlier,
+                Err(e) => {
+                    problems.push(format!(
+                        "{file}:{at}: previous version '{name}' cannot be loaded:"
+                    ));
+                    problems.extend(e.problems.into_iter().map(|p| format!("  {p}")));
+                    continue;
+                }
+            };
+            if !earlier.previous.is_empty() {
+                problems.push(format!("{file}:{at}: '{name}' lists previous versions of its own: list every earlier version in the newest file"));
+                earlier.previous.clear();
+            }
+            def.previous.push(earlier);
+        }
+        def.previous.sort_by_key(|d| std::cmp::Reverse(d.version));
+        problems.extend(def.check_previous(&file));
+        if !problems.is_empty() {
+            return Err(TopologyError { problems });
+        }
         Ok(def)
     }
 
-    /// The event types a topic carries (consumed or written), in the topology's order.
+    /// Checks that the earlier versions can run beside this one: same saga, older, and topics
+    /// every version reads the same way.
+    fn check_previous(&self, file: &str) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut seen = vec![self.version];
+        for earlier in &self.previous {
+            let v = earlier.version;
+            if earlier.name != self.name || earlier.key_field != self.key_field {
+                problems.push(format!(
+                    "{file}: previous version {v} is saga '{}' keyed by '{}', not '{}' keyed by '{}'",
+                    earlier.name, earlier.key_field, self.name, self.key_field
+                ));
+            }
+            if v >= self.version {
+                problems.push(format!(
+                    "{file}: previous version {v} is not older than this file's version {} (give the changed topology a higher `version:`)",
+                    self.version
+                ));
+            } else if seen.contains(&v) {
+                problems.push(format!("{file}: version {v} is listed twice"));
+            }
+            seen.push(v);
+            for (topic, format) in &earlier.topics {
+                if let Some(ours) = self.topics.get(topic) {
+                    if ours != format {
+                        problems.push(format!(
+                            "{file}: topic '{topic}' is {} here but {} in previous version {v}: every version must read a topic the same way",
+                            ours.name(),
+                            format.name()
+                        ));
+                        continue;
+                    }
+                }
+                // An Avro topic's codec is built from this version: it must know every type.
+                if matches!(format, Format::Avro(_)) {
+                    let ours = self.types_of_version(topic);
+                    let missing: Vec<String> = earlier
+                        .types_of_version(topic)
+                        .into_iter()
+                        .filter(|t| !ours.contains(t))
+                        .collect();
+                    if !missing.is_empty() {
+                        problems.push(format!(
+                            "{file}: avro topic '{topic}' carries {} in previous version {v} but not here: keep those types on it in this version",
+                            missing.join(", ")
+                        ));
+                    }
+                }
+            }
+        }
+        problems
+    }
+
+    /// The definition a saga started under version `version` with `fingerprint` runs on, or why
+    /// there is none (`None` fingerprint: a record written before fingerprints, trusted).
+    pub fn for_saga(
+        &self,
+        version: u32,
+        fingerprint: Option<&str>,
+    ) -> Result<&SagaDefinition, String> {
+        let def = std::iter::once(self)
+            .chain(&self.previous)
+            .find(|d| d.version == version)
+            .ok_or_else(|| {
+                let loaded: Vec<String> = std::iter::once(self)
+                    .chain(&self.previous)
+                    .map(|d| d.version.to_string())
+                    .collect();
+                format!(
+                    "the saga started under version {version} of topology '{}', which is not loaded (loaded: {}); add its file to previous_versions",
+                    self.name,
+                    loaded.join(", ")
+                )
+            })?;
+        match fingerprint {
+            Some(f) if f != def.fingerprint => Err(format!(
+                "the saga started under a version {version} of topology '{}' with other steps (fingerprint {f}, loaded {}): a topology whose steps change needs a new version, with the old file in previous_versions",
+                self.name, def.fingerprint
+            )),
+            _ => Ok(def),
+        }
+    }
+
+    /// This definition and the earlier versions it keeps loaded, newest first.
+    pub fn versions(&self) -> impl Iterator<Item = &SagaDefinition> {
+        std::iter::once(self).chain(&self.previous)
+    }
+
+    /// The event types a topic carries (consumed or written) in any loaded version, in the
+    /// topology's order.
     pub fn types_on(&self, topic: &str) -> Vec<String> {
+        let mut types = self.types_of_version(topic);
+        for earlier in &self.previous {
+            for t in earlier.types_of_version(topic) {
+                if !types.contains(&t) {
+                    types.push(t);
+                }
+            }
+        }
+        types
+    }
+
+    /// The event types a topic carries in this version alone.
+    fn types_of_version(&self, topic: &str) -> Vec<String> {
         let mut types: Vec<String> = Vec::new();
         let mut add = |t: &str| {
             if !types.iter().any(|x| x == t) {
@@ -470,18 +614,38 @@ impl SagaDefinition {
         types
     }
 
-    /// The format of a topic (JSON when the topology does not name it).
+    /// The format of a topic (JSON when no loaded version names it).
     pub fn format_of(&self, topic: &str) -> Format {
-        self.topics.get(topic).copied().unwrap_or(Format::Json)
+        self.versions()
+            .find_map(|d| d.topics.get(topic).copied())
+            .unwrap_or(Format::Json)
+    }
+
+    /// Every topic's format, over all loaded versions.
+    pub fn all_formats(&self) -> BTreeMap<String, Format> {
+        let mut formats = BTreeMap::new();
+        for d in self.versions() {
+            for (topic, format) in &d.topics {
+                formats.entry(topic.clone()).or_insert(*format);
+            }
+        }
+        formats
     }
 
     /// True when any topic is Avro.
     pub fn uses_avro(&self) -> bool {
-        self.topics.values().any(|f| matches!(f, Format::Avro(_)))
+        self.all_formats()
+            .values()
+            .any(|f| matches!(f, Format::Avro(_)))
     }
 
     /// Overrides a topic's format (`topic` as named in the topology, before any prefix).
     pub fn set_topic_format(&mut self, topic: &str, format: Format) -> Result<(), String> {
+        for earlier in &mut self.previous {
+            if let Some(f) = earlier.topics.get_mut(topic) {
+                *f = format;
+            }
+        }
         match self.topics.get_mut(topic) {
             Some(f) => {
                 *f = format;
@@ -530,10 +694,11 @@ impl SagaDefinition {
         .validate(raw)
     }
 
-    /// Topics the saga consumes: the start topic and every step's reply topic, without repeats.
+    /// Topics the saga consumes: the start topic and every step's reply topic, in every loaded
+    /// version (sagas of an earlier one still wait for its replies), without repeats.
     pub fn input_topics(&self) -> Vec<String> {
         let mut topics = vec![self.start_topic.clone()];
-        for step in &self.steps {
+        for step in self.versions().flat_map(|d| &d.steps) {
             if !topics.contains(&step.reply_topic) {
                 topics.push(step.reply_topic.clone());
             }
@@ -541,7 +706,8 @@ impl SagaDefinition {
         topics
     }
 
-    /// Topics the saga writes: commands, compensations, outcomes and each input's DLQ.
+    /// Topics the saga writes in any loaded version: commands, compensations, outcomes and each
+    /// input's DLQ.
     pub fn output_topics(&self) -> Vec<String> {
         let mut topics: Vec<String> = Vec::new();
         let mut add = |t: &str| {
@@ -549,12 +715,14 @@ impl SagaDefinition {
                 topics.push(t.to_string());
             }
         };
-        for step in &self.steps {
-            add(&step.command.topic);
-            add(&step.compensation.topic);
+        for d in self.versions() {
+            for step in &d.steps {
+                add(&step.command.topic);
+                add(&step.compensation.topic);
+            }
+            add(&d.completed.topic);
+            add(&d.cancelled.topic);
         }
-        add(&self.completed.topic);
-        add(&self.cancelled.topic);
         for input in self.input_topics() {
             add(&dlq_topic(&input));
         }
@@ -596,6 +764,10 @@ impl SagaDefinition {
         if prefix.is_empty() {
             return self;
         }
+        self.previous = std::mem::take(&mut self.previous)
+            .into_iter()
+            .map(|d| d.with_topic_prefix(prefix))
+            .collect();
         let p = |t: &mut String| *t = format!("{prefix}{t}");
         self.topics = std::mem::take(&mut self.topics)
             .into_iter()
@@ -616,6 +788,11 @@ impl SagaDefinition {
     pub fn set_step_timeout(&mut self, step: &str, timeout: Duration) -> Result<(), String> {
         if timeout.is_zero() {
             return Err(format!("step '{step}': the timeout must be greater than 0"));
+        }
+        for earlier in &mut self.previous {
+            if let Some(s) = earlier.steps.iter_mut().find(|s| s.name == step) {
+                s.timeout = timeout;
+            }
         }
         match self.steps.iter_mut().find(|s| s.name == step) {
             Some(s) => {
@@ -1090,12 +1267,33 @@ impl Validator<'_> {
             }
         }
 
+        let version = match &raw.version {
+            Some(v) => match u32::try_from(**v) {
+                Ok(0) | Err(_) => {
+                    self.problem(v, format!("version must be between 1 and {}", u32::MAX));
+                    1
+                }
+                Ok(n) => n,
+            },
+            None => 1,
+        };
+        let previous_files = raw
+            .previous_versions
+            .iter()
+            .map(|f| (line(f), f.to_string()))
+            .collect();
+
         if !self.problems.is_empty() {
             return Err(TopologyError {
                 problems: self.problems,
             });
         }
+        let start_event = raw.start.event.to_string();
         Ok(SagaDefinition {
+            fingerprint: fingerprint(&start_event, &steps),
+            version,
+            previous: Vec::new(),
+            previous_files,
             name,
             key_field,
             retention,
@@ -1106,7 +1304,7 @@ impl Validator<'_> {
             max_input_bytes,
             schemas_dir: raw.schemas.map(|s| std::path::PathBuf::from(s.as_str())),
             topics,
-            start_event: raw.start.event.to_string(),
+            start_event,
             start_topic,
             events,
             steps,
@@ -1114,6 +1312,26 @@ impl Validator<'_> {
             cancelled,
         })
     }
+}
+
+/// The [`SagaDefinition::fingerprint`] of a start event and steps: a UUID (v5, so stable across
+/// builds) of what they are called, cut to 16 hex digits.
+fn fingerprint(start_event: &str, steps: &[StepSpec]) -> String {
+    let mut text = format!("start={start_event}");
+    for s in steps {
+        text.push_str(&format!(
+            ";{}|{}|{}|{}|{}|{}|{}",
+            s.name,
+            s.state,
+            s.command.event_type,
+            s.success,
+            s.failure,
+            s.compensation.event_type,
+            s.confirmed_by
+        ));
+    }
+    let id = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, text.as_bytes());
+    id.simple().to_string()[..16].to_string()
 }
 
 /// Fields every message carries; the saga writes them itself.
@@ -1300,5 +1518,117 @@ mod tests {
         let text = order_saga().replacen("name:", "max_input_bytes: 0\nname:", 1);
         let err = SagaDefinition::parse("t", &text).unwrap_err();
         assert!(err.to_string().contains("max_input_bytes"), "{err}");
+    }
+
+    fn with_shipping() -> String {
+        std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/topologies/order_with_shipping.yaml"
+        ))
+        .unwrap()
+    }
+
+    /// Version 2 of the shipping saga: the order saga's two steps, under the shipping saga's
+    /// name, with `header` added at the top.
+    fn without_shipping(header: &str) -> String {
+        let text = order_saga()
+            .replacen("name: order_saga", "name: order_with_shipping", 1)
+            .replacen("schemas: ../schemas", "", 1);
+        format!("{header}\n{text}")
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn earlier_versions_stay_loaded_for_the_sagas_that_started_under_them() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "v1.yaml", &with_shipping());
+        let path = write(
+            dir.path(),
+            "v2.yaml",
+            &without_shipping("version: 2\nprevious_versions: [v1.yaml]"),
+        );
+        let def = SagaDefinition::load(&path).unwrap();
+        assert_eq!(def.version, 2);
+        assert_eq!(def.steps.len(), 2);
+        let v1 = &def.previous[0];
+        assert_eq!((v1.version, v1.steps.len()), (1, 3));
+        assert_ne!(v1.fingerprint, def.fingerprint);
+        // Sagas of version 1 still wait for shipping replies and write shipping commands.
+        assert!(def.input_topics().contains(&"shipping.events".to_string()));
+        assert!(def
+            .output_topics()
+            .contains(&"shipping.commands".to_string()));
+        assert_eq!(
+            def.for_saga(1, Some(&v1.fingerprint)).unwrap().steps.len(),
+            3
+        );
+        assert_eq!(def.for_saga(2, None).unwrap().steps.len(), 2);
+        // A version not loaded, or a version 1 with other steps than the loaded one.
+        assert!(def.for_saga(3, None).unwrap_err().contains("not loaded"));
+        let err = def.for_saga(1, Some(&def.fingerprint)).unwrap_err();
+        assert!(err.contains("other steps"), "{err}");
+        // Prefixes and step timeouts reach every version.
+        let mut def = def.with_topic_prefix("x.");
+        def.set_step_timeout("payment", Duration::from_secs(3))
+            .unwrap();
+        assert_eq!(def.previous[0].start_topic, "x.orders.created");
+        assert_eq!(def.previous[0].steps[0].timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn the_fingerprint_changes_with_the_steps_not_with_timeouts_or_fields() {
+        let base = SagaDefinition::parse("t", &order_saga()).unwrap();
+        let slower =
+            SagaDefinition::parse("t", &order_saga().replace("timeout: 30s", "timeout: 90s"))
+                .unwrap();
+        assert_eq!(base.fingerprint, slower.fingerprint);
+        let renamed =
+            SagaDefinition::parse("t", &order_saga().replace("name: inventory", "name: stock"))
+                .unwrap();
+        assert_ne!(base.fingerprint, renamed.fingerprint);
+        let shipping = SagaDefinition::parse("t", &with_shipping()).unwrap();
+        assert_ne!(base.fingerprint, shipping.fingerprint);
+    }
+
+    #[test]
+    fn earlier_versions_that_cannot_run_beside_this_one_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "v1.yaml", &with_shipping());
+        write(dir.path(), "other.yaml", &order_saga());
+        for (header, expected) in [
+            ("previous_versions: [v1.yaml]", "not older than"),
+            (
+                "version: 2\nprevious_versions: [missing.yaml]",
+                "cannot be loaded",
+            ),
+            (
+                "version: 2\nprevious_versions: [other.yaml]",
+                "is saga 'order_saga'",
+            ),
+            ("version: 0", "version must be"),
+        ] {
+            let path = write(dir.path(), "v2.yaml", &without_shipping(header));
+            let err = SagaDefinition::load(&path).unwrap_err().to_string();
+            assert!(err.contains(expected), "{header}: {err}");
+        }
+        // A topic read in two ways by two versions.
+        let path = write(
+            dir.path(),
+            "v2.yaml",
+            &without_shipping("version: 2\nprevious_versions: [v1.yaml]").replace(
+                "payments.events: { format: json }",
+                "payments.events: { format: avro }",
+            ),
+        );
+        let err = SagaDefinition::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("every version must read a topic the same way"),
+            "{err}"
+        );
     }
 }

@@ -62,6 +62,8 @@ pub struct CommitBatch {
 /// Read access to committed store data from another thread.
 pub trait ReadStore: Send + Sync {
     fn get(&self, store: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StateError>;
+    /// Committed entries whose key starts with `prefix`, in key order, at most `limit`.
+    fn prefix(&self, store: &str, prefix: &[u8], limit: usize) -> Result<Entries, StateError>;
 }
 
 pub trait StoreBackend: Send {

@@ -134,6 +134,41 @@ impl ReadStore for RocksReader {
             source,
         })
     }
+
+    fn prefix(&self, store: &str, prefix: &[u8], limit: usize) -> Result<Entries, StateError> {
+        let cf = self
+            .db
+            .cf_handle(&store_cf(store))
+            .ok_or_else(|| StateError::UnknownStore(store.to_string()))?;
+        let end = super::prefix_end(prefix);
+        scan_cf(&self.db, cf, prefix, end.as_deref(), limit).map_err(|source| StateError::Rocks {
+            context: format!("query scan of '{store}'"),
+            source,
+        })
+    }
+}
+
+/// The first `limit` entries of `cf` with `from <= key` (and `key < to`), in key order.
+fn scan_cf(
+    db: &DB,
+    cf: &rocksdb::ColumnFamily,
+    from: &[u8],
+    to: Option<&[u8]>,
+    limit: usize,
+) -> Result<Entries, rocksdb::Error> {
+    let mut options = ReadOptions::default();
+    if let Some(to) = to {
+        options.set_iterate_upper_bound(to.to_vec());
+    }
+    let mut entries = Vec::new();
+    for item in db
+        .iterator_cf_opt(cf, options, IteratorMode::From(from, Direction::Forward))
+        .take(limit)
+    {
+        let (key, value) = item?;
+        entries.push((key.into_vec(), value.into_vec()));
+    }
+    Ok(entries)
 }
 
 impl StoreBackend for RocksBackend {
@@ -158,21 +193,8 @@ impl StoreBackend for RocksBackend {
         limit: usize,
     ) -> Result<Entries, StateError> {
         let cf = self.cf(&store_cf(store))?;
-        let mut options = ReadOptions::default();
-        if let Some(to) = to {
-            options.set_iterate_upper_bound(to.to_vec());
-        }
-        let mut entries = Vec::new();
-        for item in self
-            .db
-            .iterator_cf_opt(cf, options, IteratorMode::From(from, Direction::Forward))
-            .take(limit)
-        {
-            let (key, value) =
-                item.map_err(|e| self.rocks_error(&format!("scan of '{store}'"), e))?;
-            entries.push((key.into_vec(), value.into_vec()));
-        }
-        Ok(entries)
+        scan_cf(&self.db, cf, from, to, limit)
+            .map_err(|e| self.rocks_error(&format!("scan of '{store}'"), e))
     }
 
     fn apply(&mut self, batch: CommitBatch) -> Result<(), StateError> {

@@ -34,6 +34,9 @@ pub enum Lookup {
 /// Finds sagas by id in the state this instance holds.
 pub trait SagaLookup: Send + Sync {
     fn lookup(&self, saga_id: &str) -> Result<Lookup, String>;
+    /// Saga records of this instance's tasks moved to the quarantine (they could not be read),
+    /// at most `limit`.
+    fn quarantine(&self, limit: usize) -> Result<Vec<serde_json::Value>, String>;
 }
 
 #[derive(Clone)]
@@ -72,6 +75,7 @@ pub fn serve(
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/sagas/{id}", get(saga))
+        .route("/quarantine", get(quarantine))
         .with_state(state);
     std::thread::Builder::new()
         .name("http".into())
@@ -88,7 +92,7 @@ pub fn serve(
             })
         })
         .map_err(|e| format!("starting the HTTP thread: {e}"))?;
-    tracing::info!(addr = %bound, "http endpoints listening (/metrics, /health, /ready, /sagas/{{id}})");
+    tracing::info!(addr = %bound, "http endpoints listening (/metrics, /health, /ready, /sagas/{{id}}, /quarantine)");
     Ok(bound)
 }
 
@@ -121,6 +125,32 @@ async fn ready(State(state): State<AppState>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, Json(body)).into_response()
+}
+
+/// At most this many quarantine entries per answer.
+const QUARANTINE_LIMIT: usize = 1_000;
+
+async fn quarantine(State(state): State<AppState>) -> Response {
+    let Some(sagas) = state.sagas.as_ref() else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({ "error": "this process runs no saga" })),
+        )
+            .into_response();
+    };
+    match sagas.quarantine(QUARANTINE_LIMIT) {
+        Ok(entries) => Json(json!({
+            "partitions": state.status.readers().iter().map(|(p, _)| *p).collect::<Vec<_>>(),
+            "truncated": entries.len() >= QUARANTINE_LIMIT,
+            "records": entries,
+        }))
+        .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({ "error": e })),
+        )
+            .into_response(),
+    }
 }
 
 async fn saga(State(state): State<AppState>, Path(id): Path<String>) -> Response {

@@ -24,6 +24,8 @@ pub const COMPENSATIONS_STUCK: &str = "saga_streams_compensations_stuck_total";
 pub const DLQ_RECORDS: &str = "saga_streams_dlq_records_total";
 pub const OUTPUT_ERRORS: &str = "saga_streams_output_errors_total";
 pub const SAGAS_INCOMPATIBLE: &str = "saga_streams_sagas_incompatible_total";
+pub const LIVE_SAGAS_BY_VERSION: &str = "saga_streams_live_sagas_by_topology_version";
+pub const SAGAS_QUARANTINED: &str = "saga_streams_saga_records_quarantined_total";
 pub const RECORDS_REKEYED: &str = "saga_streams_records_rekeyed_total";
 pub const REGISTRY_LOOKUPS: &str = "saga_streams_registry_lookups_total";
 pub const EVENTS_IGNORED: &str = "saga_streams_events_ignored_total";
@@ -55,6 +57,8 @@ pub const CATALOGUE: &[&str] = &[
     DLQ_RECORDS,
     OUTPUT_ERRORS,
     SAGAS_INCOMPATIBLE,
+    LIVE_SAGAS_BY_VERSION,
+    SAGAS_QUARANTINED,
     RECORDS_REKEYED,
     REGISTRY_LOOKUPS,
     EVENTS_IGNORED,
@@ -101,6 +105,16 @@ fn describe() {
     describe_counter!(TRANSACTIONS, Unit::Count, "commit cycles by result");
     describe_gauge!(SAGAS, Unit::Count, "sagas held by this instance, by status");
     describe_counter!(SAGAS_STARTED, Unit::Count, "sagas started");
+    describe_gauge!(
+        LIVE_SAGAS_BY_VERSION,
+        Unit::Count,
+        "unfinished sagas held by this instance, by the topology version they started under"
+    );
+    describe_counter!(
+        SAGAS_QUARANTINED,
+        Unit::Count,
+        "stored saga records that could not be read, moved aside to the quarantine"
+    );
     describe_counter!(SAGA_OUTCOMES, Unit::Count, "outcomes emitted");
     describe_histogram!(
         SAGA_DURATION,

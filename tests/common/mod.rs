@@ -440,13 +440,15 @@ impl BinProcess {
             .collect()
     }
 
-    /// The address of the HTTP endpoints, from the "http endpoints listening" log line.
+    /// The address of the HTTP endpoints, from the last "http endpoints listening" log line (a
+    /// log file may hold earlier runs of the same instance).
     pub fn http_addr(&mut self, limit: Duration) -> String {
         let mut found = None;
         let ok = poll_until(limit, || {
             found = self
                 .log_lines()
                 .iter()
+                .rev()
                 .find(|l| {
                     l["message"]
                         .as_str()

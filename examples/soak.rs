@@ -293,8 +293,12 @@ fn soak(args: &Args) -> Result<bool, String> {
         .with_topic_prefix(&prefix);
     sim::create_topics(&args.bootstrap, &def, args.partitions).map_err(|e| e.to_string())?;
     let codec = Arc::new(
-        Codec::new(&def, None, std::slice::from_ref(&def.start_topic))
-            .map_err(|e| e.to_string())?,
+        Codec::new(
+            &def.topic_set(),
+            None,
+            std::slice::from_ref(&def.start_topic),
+        )
+        .map_err(|e| e.to_string())?,
     );
     println!(
         "soak: seed {seed}, {} instances, {} orders/s for {}, a fault every {}, topics {prefix}*, logs in {}",

@@ -80,7 +80,7 @@ fn v1_and_v2_order_created_share_a_topic_and_both_complete() {
         .filter(|t| !t.ends_with(".dlq"))
         .collect();
     let mut checked = 0;
-    for subject in subjects(&env.def, &catalogue).unwrap() {
+    for subject in subjects(&env.def.topic_set(), &catalogue).unwrap() {
         let Some(topic) = subject.topics.iter().find(|t| outputs.contains(t)) else {
             continue;
         };

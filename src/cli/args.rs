@@ -84,9 +84,13 @@ impl TopologyArgs {
 
     /// The codec of the topology's topics for a process writing to `writes`.
     pub fn codec(&self, def: &SagaDefinition, writes: &[String]) -> anyhow::Result<Arc<Codec>> {
-        Codec::new(def, self.schema_registry_url.as_deref(), writes)
-            .map(Arc::new)
-            .map_err(|e| anyhow!(e))
+        Codec::new(
+            &def.topic_set(),
+            self.schema_registry_url.as_deref(),
+            writes,
+        )
+        .map(Arc::new)
+        .map_err(|e| anyhow!(e))
     }
 }
 

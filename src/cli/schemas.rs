@@ -70,7 +70,7 @@ fn load(topology: &TopologyArgs) -> anyhow::Result<(std::sync::Arc<SagaDefinitio
         .clone()
         .ok_or_else(|| anyhow!("the topology names no `schemas:` directory; give --schemas"))?;
     let catalogue = Catalogue::load(&dir).map_err(|p| anyhow!(p.join("\n")))?;
-    let subjects = subjects(&def, &catalogue).map_err(|p| anyhow!(p.join("\n")))?;
+    let subjects = subjects(&def.topic_set(), &catalogue).map_err(|p| anyhow!(p.join("\n")))?;
     if subjects.is_empty() {
         return Err(anyhow!(
             "no topic of {} is avro (set `format: avro` in the topology or --topic-format)",

@@ -20,11 +20,11 @@ use apache_avro::writer::datum::GenericDatumWriter;
 use apache_avro::Schema;
 use serde_json::{Map, Value};
 
-use super::json::{BadInput, BadInputKind};
 use super::registry::{Registry, RegistryError};
 use super::schemas::{subjects, Catalogue};
 use super::DecodeError;
-use crate::saga::topology::SagaDefinition;
+use super::TopicSet;
+use super::{BadValue, BadValueKind};
 
 /// How one event type is written to one topic.
 struct Output {
@@ -79,7 +79,7 @@ impl AvroCodec {
     /// Builds the codec of `def`'s Avro topics. For each topic in `writes` that is Avro, the
     /// subject must hold the local schema already (`saga-streams schemas register`).
     pub fn new(
-        def: &SagaDefinition,
+        def: &TopicSet,
         catalogue: &Catalogue,
         registry: Arc<Registry>,
         writes: &[String],
@@ -162,8 +162,8 @@ impl AvroCodec {
             return Ok(writer);
         }
         let unknown = || {
-            DecodeError::Bad(BadInput::new(
-                BadInputKind::UnknownSchemaId,
+            DecodeError::Bad(BadValue::new(
+                BadValueKind::UnknownSchemaId,
                 format!("schema id {id} is not in the registry"),
             ))
         };
@@ -205,15 +205,15 @@ impl AvroCodec {
             }
         })?;
         let schema = Schema::parse_str(&text).map_err(|e| {
-            DecodeError::Bad(BadInput::new(
-                BadInputKind::UnknownSchemaId,
+            DecodeError::Bad(BadValue::new(
+                BadValueKind::UnknownSchemaId,
                 format!("schema id {id} is not an Avro schema: {e}"),
             ))
         })?;
         let schema: &'static Schema = Box::leak(Box::new(schema));
         let decoder = GenericDatumReader::builder(schema).build().map_err(|e| {
-            DecodeError::Bad(BadInput::new(
-                BadInputKind::UnknownSchemaId,
+            DecodeError::Bad(BadValue::new(
+                BadValueKind::UnknownSchemaId,
                 format!("schema id {id} cannot be read: {e}"),
             ))
         })?;
@@ -228,12 +228,12 @@ impl AvroCodec {
 
     /// Decodes one record value into its event type and its fields as a JSON object.
     pub fn decode(&self, bytes: &[u8]) -> Result<(String, Map<String, Value>), DecodeError> {
-        let bad = |kind, message: String| DecodeError::Bad(BadInput::new(kind, message));
+        let bad = |kind, message: String| DecodeError::Bad(BadValue::new(kind, message));
         let (id, mut datum) = match bytes {
             [0, a, b, c, d, rest @ ..] => (u32::from_be_bytes([*a, *b, *c, *d]), rest),
             _ => {
                 return Err(bad(
-                    BadInputKind::InvalidAvro,
+                    BadValueKind::InvalidAvro,
                     format!(
                         "not in the Confluent Avro wire format (a zero byte and a 4-byte schema id; got {} bytes starting {:#04x})",
                         bytes.len(),
@@ -245,7 +245,7 @@ impl AvroCodec {
         let writer = self.writer(id)?;
         let value = writer.decoder.read_value(&mut datum).map_err(|e| {
             bad(
-                BadInputKind::InvalidAvro,
+                BadValueKind::InvalidAvro,
                 format!("does not decode with writer schema {id}: {e}"),
             )
         })?;
@@ -255,7 +255,7 @@ impl AvroCodec {
         let _ = datum.read_to_end(&mut rest);
         if !rest.is_empty() {
             return Err(bad(
-                BadInputKind::InvalidAvro,
+                BadValueKind::InvalidAvro,
                 format!(
                     "{} bytes left over after the datum of schema {id}",
                     rest.len()
@@ -264,7 +264,7 @@ impl AvroCodec {
         }
         if !value.validate(writer.schema) {
             return Err(bad(
-                BadInputKind::InvalidAvro,
+                BadValueKind::InvalidAvro,
                 format!("the datum does not match writer schema {id} (truncated?)"),
             ));
         }
@@ -280,14 +280,14 @@ impl AvroCodec {
             }
             _ => {
                 return Err(bad(
-                    BadInputKind::InvalidAvro,
+                    BadValueKind::InvalidAvro,
                     format!("writer schema {id} is neither a record nor a union of records"),
                 ))
             }
         };
         let reader = self.readers.get(&name).ok_or_else(|| {
             bad(
-                BadInputKind::UnknownEventType,
+                BadValueKind::UnknownEventType,
                 format!(
                     "writer schema {id} holds a '{name}', an event type this topology does not use"
                 ),
@@ -295,18 +295,18 @@ impl AvroCodec {
         })?;
         let resolved = record.resolve(reader).map_err(|e| {
             bad(
-                BadInputKind::IncompatibleSchema,
+                BadValueKind::IncompatibleSchema,
                 format!("writer schema {id} cannot be read as the local {name}: {e}"),
             )
         })?;
         match Value::try_from(resolved) {
             Ok(Value::Object(map)) => Ok((name, map)),
             Ok(_) => Err(bad(
-                BadInputKind::InvalidAvro,
+                BadValueKind::InvalidAvro,
                 format!("{name} is not a record"),
             )),
             Err(e) => Err(bad(
-                BadInputKind::InvalidField,
+                BadValueKind::InvalidField,
                 format!("{name}: a value has no JSON form: {e}"),
             )),
         }

@@ -12,7 +12,7 @@ use apache_avro::Schema;
 use serde_json::Value;
 
 use super::compat::{full_name, map_children, namespace_of};
-use crate::saga::topology::{Format, SagaDefinition, SubjectStrategy};
+use super::{Format, SubjectStrategy, TopicSet};
 
 /// One schema file.
 #[derive(Debug, Clone)]
@@ -160,13 +160,13 @@ pub fn subject_name(strategy: SubjectStrategy, topic: &str, file: &SchemaFile) -
 
 /// The subjects of every Avro topic of the topology (inputs and outputs; DLQs keep the original
 /// bytes and have none), built from the newest local version of each record.
-pub fn subjects(def: &SagaDefinition, catalogue: &Catalogue) -> Result<Vec<Subject>, Vec<String>> {
+pub fn subjects(def: &TopicSet, catalogue: &Catalogue) -> Result<Vec<Subject>, Vec<String>> {
     subjects_with(def, |t| catalogue.latest(t))
 }
 
 /// Like [`subjects`], with the record of each event type chosen by `pick`.
 pub fn subjects_with<'a>(
-    def: &SagaDefinition,
+    def: &TopicSet,
     pick: impl Fn(&str) -> Option<&'a SchemaFile>,
 ) -> Result<Vec<Subject>, Vec<String>> {
     let mut problems = Vec::new();
@@ -273,62 +273,6 @@ fn define_once(value: Value, namespace: Option<&str>, defined: &mut BTreeSet<Str
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::saga::topology::Format;
-
-    fn repo(path: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
-    }
-
-    fn avro_def(strategy: SubjectStrategy) -> SagaDefinition {
-        let mut def = SagaDefinition::load(&repo("topologies/order_saga.yaml")).unwrap();
-        for topic in def.topics.clone().keys() {
-            def.set_topic_format(topic, Format::Avro(strategy)).unwrap();
-        }
-        def
-    }
-
-    #[test]
-    fn every_event_and_command_of_the_order_saga_has_a_schema() {
-        let catalogue = Catalogue::load(&repo("schemas")).unwrap();
-        let def = avro_def(SubjectStrategy::TopicName);
-        let subjects = subjects(&def, &catalogue).unwrap();
-        let names: Vec<&str> = subjects.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(
-            names,
-            [
-                "inventory.commands-value",
-                "inventory.events-value",
-                "orders.cancelled-value",
-                "orders.completed-value",
-                "orders.created-value",
-                "payments.commands-value",
-                "payments.events-value",
-            ]
-        );
-        let payments = &subjects[6];
-        assert_eq!(
-            payments.types,
-            ["PaymentSucceeded", "PaymentFailed", "PaymentRefunded"]
-        );
-        assert!(matches!(payments.schema, Schema::Union(_)));
-        // OrderItem is defined by both inventory commands: once in the union, then referenced.
-        let inventory = &subjects[0];
-        assert_eq!(inventory.text.matches("\"OrderItem\"").count(), 1);
-        assert_eq!(catalogue.latest("OrderCreated").unwrap().version, 2);
-        assert_eq!(catalogue.versions("PaymentSucceeded").len(), 2);
-    }
-
-    #[test]
-    fn record_name_subjects_are_the_full_names() {
-        let catalogue = Catalogue::load(&repo("schemas")).unwrap();
-        let def = avro_def(SubjectStrategy::RecordName);
-        let subjects = subjects(&def, &catalogue).unwrap();
-        assert_eq!(subjects.len(), 15 - 2);
-        assert!(subjects
-            .iter()
-            .any(|s| s.name == "io.sagastreams.payment.PaymentSucceeded"
-                && matches!(s.schema, Schema::Record(_))));
-    }
 
     #[test]
     fn bad_files_are_named() {

@@ -18,6 +18,7 @@ pub mod engine;
 pub mod error;
 pub mod failpoints;
 pub mod input_ends;
+pub mod partitioner;
 pub mod processor;
 pub mod restore;
 pub mod status;

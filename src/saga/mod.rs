@@ -1,13 +1,18 @@
 //! The saga: topology file -> validated definition -> pure state machine -> processor.
 //!
-//! - [`topology`]: the YAML topology files and their validation (every problem, with its line).
+//! - [`topology`]: the YAML topology files and their validation (every problem, with its line),
+//!   with the earlier versions live sagas still run under.
+//! - [`contract`]: the message contract: envelope, checks, dead-letter reasons, headers, bodies.
 //! - [`machine`]: the pure `(SagaRecord, SagaInput) -> (SagaRecord, outputs)` function.
-//! - [`processor`]: the machine on the streams runtime: store, timers, dedupe, dead letters.
-//! - [`query`]: `/sagas/{id}`: a saga's state from the committed store of the task that owns it.
+//! - [`processor`]: the machine on the streams runtime: store, timers, dedupe, dead letters,
+//!   the quarantine of unreadable records.
+//! - [`query`]: `/sagas/{id}` and `/quarantine` from the committed stores of this instance.
 //! - [`describe`]: the state machine as text and as a Mermaid diagram.
 //!
-//! This module never touches rdkafka: Kafka is the runtime's business.
+//! Dependencies run one way: `saga -> codec -> runtime`. This module never touches rdkafka: Kafka
+//! is the runtime's business, wire formats the codec's.
 
+pub mod contract;
 pub mod describe;
 pub mod machine;
 pub mod processor;

@@ -11,12 +11,12 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::codec::json::{
-    self, BadInput, BadInputKind, DecodedEvent, CORRELATION_HEADER, TRACEPARENT_HEADER,
-};
 use crate::codec::{Codec, DecodeError};
 use crate::runtime::{
     InputRecord, OutputRecord, Processor, ProcessorContext, ProcessorError, Store,
+};
+use crate::saga::contract::{
+    self, BadInput, BadInputKind, DecodedEvent, CORRELATION_HEADER, TRACEPARENT_HEADER,
 };
 use crate::saga::machine::{
     self, Applied, OutputKind, SagaEvent, SagaInput, SagaOutput, SagaRecord,
@@ -617,7 +617,7 @@ impl SagaProcessor {
         if self.def.previous.is_empty() {
             return Ok(&self.def);
         }
-        let Ok(saga_id) = json::saga_id(map, &self.def.key_field) else {
+        let Ok(saga_id) = contract::saga_id(map, &self.def.key_field) else {
             return Ok(&self.def);
         };
         let store = ctx.store(SAGA_STORE)?;
@@ -803,7 +803,8 @@ impl SagaProcessor {
     ) -> Result<Vec<OutputRecord>, BadInput> {
         let mut records = Vec::with_capacity(outputs.len());
         for output in outputs {
-            let body = json::message_body(def, &saga.saga_id, &saga.correlation_id, output, now);
+            let body =
+                contract::message_body(def, &saga.saga_id, &saga.correlation_id, output, now);
             let value = self
                 .codec
                 .write(&output.topic, &output.event_type, body, def.wrap_outputs)
@@ -1014,12 +1015,14 @@ impl Processor for SagaProcessor {
             }
             _ => (record, false),
         };
+        // Err(Ok(bad)): dead-letter it; Err(Err(why)): the registry cannot be reached.
         let decoded = match self.codec.read(&record.topic, record.value.as_deref()) {
             Ok(map) => {
                 let def = self.def_for_input(ctx, &map)?;
-                json::check(def, record, map).map_err(DecodeError::Bad)
+                contract::check(def, record, map).map_err(Ok)
             }
-            Err(e) => Err(e),
+            Err(DecodeError::Bad(bad)) => Err(Ok(BadInput::from(bad))),
+            Err(DecodeError::Unavailable(why)) => Err(Err(why)),
         };
         match decoded {
             Ok(event) => {
@@ -1058,13 +1061,13 @@ impl Processor for SagaProcessor {
                 }
                 self.handle(ctx, record, event, now)
             }
-            Err(DecodeError::Bad(bad)) => {
+            Err(Ok(bad)) => {
                 self.dead_letter(ctx, record, &bad);
                 Ok(())
             }
             // Not the record's fault: fail the cycle, so it is retried (with backoff) from the
             // last commit once the registry answers again.
-            Err(DecodeError::Unavailable(why)) => Err(ProcessorError(format!(
+            Err(Err(why)) => Err(ProcessorError(format!(
                 "{} partition {} offset {}: {why}",
                 record.topic, record.partition, record.offset
             ))),

@@ -1,9 +1,7 @@
-//! `/sagas/{id}`: finds a saga in the committed state of this instance's tasks.
+//! `/sagas/{id}` and `/quarantine`: find sagas in the committed state of this instance's tasks.
 //!
-//! The saga lives in the task of the partition its key maps to on the start topic. That mapping is
-//! the input producers' partitioner: librdkafka's `consistent_random` (CRC32; librdkafka, PHP and
-//! Python clients) by default, or `murmur2_random` (the Java client's). The same function librdkafka
-//! uses is called here, so the answer matches the producers.
+//! The saga lives in the task of the partition its key maps to on the start topic, by the input
+//! producers' partitioner ([`Partitioner`]), so the answer matches the producers.
 
 use serde_json::{json, Value};
 
@@ -11,51 +9,10 @@ use super::machine::SagaRecord;
 use super::processor::{
     decode_record, quarantine_key, saga_key, QuarantinedRecord, QUARANTINED, SAGA_STORE,
 };
-use crate::codec::json::rfc3339;
+pub use crate::runtime::partitioner::Partitioner;
 use crate::runtime::RuntimeStatus;
+use crate::saga::contract::rfc3339;
 use crate::telemetry::http::{Lookup, SagaLookup};
-
-/// How keys map to partitions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Partitioner {
-    /// CRC32 of the key (librdkafka's default, `consistent_random`).
-    ConsistentRandom,
-    /// murmur2 of the key (the Java client's default, `murmur2_random`).
-    Murmur2Random,
-}
-
-impl Partitioner {
-    /// The librdkafka `partitioner` setting.
-    pub fn setting(self) -> &'static str {
-        match self {
-            Self::ConsistentRandom => "consistent_random",
-            Self::Murmur2Random => "murmur2_random",
-        }
-    }
-
-    /// The partition of a non-empty key among `partitions`.
-    pub fn partition(self, key: &[u8], partitions: i32) -> i32 {
-        if partitions <= 0 {
-            return 0;
-        }
-        let f = match self {
-            Self::ConsistentRandom => rdkafka::bindings::rd_kafka_msg_partitioner_consistent,
-            Self::Murmur2Random => rdkafka::bindings::rd_kafka_msg_partitioner_murmur2,
-        };
-        // SAFETY: both functions only hash `key[..len]` and take it modulo `partitions` (see
-        // rdkafka_msg.c); the topic and opaque pointers are never read.
-        unsafe {
-            f(
-                std::ptr::null(),
-                key.as_ptr().cast(),
-                key.len(),
-                partitions,
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-            )
-        }
-    }
-}
 
 /// Looks sagas up in the running tasks of one instance.
 pub struct SagaQuery {
@@ -172,33 +129,5 @@ fn quarantine_json(bytes: &[u8], partition: i32) -> Value {
             "status": QUARANTINED,
             "error": format!("unreadable quarantine entry: {e}"),
         }),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn partitions_match_the_known_values_of_both_hashes() {
-        // Kafka's own test vectors for Utils.murmur2, made positive and taken modulo n as the
-        // Java partitioner does.
-        for (key, hash) in [
-            ("21", -973_932_308i32),
-            ("foobar", -790_332_482),
-            ("abc", 479_470_107),
-        ] {
-            assert_eq!(
-                Partitioner::Murmur2Random.partition(key.as_bytes(), 6),
-                (hash & 0x7fff_ffff) % 6,
-                "{key}"
-            );
-        }
-        // CRC32 (IEEE) of "abc" = 0x352441c2 = 891568578.
-        assert_eq!(
-            Partitioner::ConsistentRandom.partition(b"abc", 7),
-            (891_568_578u32 % 7) as i32
-        );
-        assert_eq!(Partitioner::ConsistentRandom.partition(b"abc", 0), 0);
     }
 }

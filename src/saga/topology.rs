@@ -142,62 +142,7 @@ struct RawOutcomes {
 
 // ---- the validated definition -----------------------------------------------------------------
 
-/// Wire format of a topic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Format {
-    Json,
-    /// Avro in the Confluent wire format, its schemas in a Schema Registry.
-    Avro(SubjectStrategy),
-}
-
-/// How a topic's Avro schemas are named in the registry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SubjectStrategy {
-    /// `<topic>-value`; a topic carrying several event types has a union schema.
-    TopicName,
-    /// The record's full name; each event type evolves on its own.
-    RecordName,
-}
-
-impl Format {
-    /// Parses `json`, `avro`, or `avro:<strategy>` (`topic_name`, `record_name`).
-    pub fn parse(text: &str) -> Result<Format, String> {
-        let (format, strategy) = match text.split_once(':') {
-            Some((f, s)) => (f, Some(s)),
-            None => (text, None),
-        };
-        match (format, strategy) {
-            ("json", None) => Ok(Format::Json),
-            ("json", Some(_)) => Err("a subject strategy applies to avro only".into()),
-            ("avro", s) => Ok(Format::Avro(SubjectStrategy::parse(
-                s.unwrap_or("topic_name"),
-            )?)),
-            (other, _) => Err(format!("unknown format '{other}' (json, avro)")),
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Format::Json => "json",
-            Format::Avro(SubjectStrategy::TopicName) => "avro",
-            Format::Avro(SubjectStrategy::RecordName) => "avro:record_name",
-        }
-    }
-}
-
-impl SubjectStrategy {
-    pub fn parse(text: &str) -> Result<SubjectStrategy, String> {
-        match text {
-            "topic_name" => Ok(SubjectStrategy::TopicName),
-            "record_name" => Ok(SubjectStrategy::RecordName),
-            other => Err(format!(
-                "unknown subject strategy '{other}' (topic_name, record_name)"
-            )),
-        }
-    }
-}
+pub use crate::codec::{Format, SubjectStrategy};
 
 /// Type of a payload field an event must carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -630,6 +575,24 @@ impl SagaDefinition {
             }
         }
         formats
+    }
+
+    /// Every topic of every loaded version as the codec sees it: its format and event types.
+    pub fn topic_set(&self) -> crate::codec::TopicSet {
+        let mut names: BTreeSet<String> = self.all_formats().into_keys().collect();
+        names.extend(self.input_topics());
+        names.extend(self.output_topics());
+        crate::codec::TopicSet {
+            topics: self.all_formats(),
+            types: names
+                .into_iter()
+                .map(|t| {
+                    let types = self.types_on(&t);
+                    (t, types)
+                })
+                .collect(),
+            schemas_dir: self.schemas_dir.clone(),
+        }
     }
 
     /// True when any topic is Avro.
@@ -1630,5 +1593,67 @@ mod tests {
             err.contains("every version must read a topic the same way"),
             "{err}"
         );
+    }
+
+    mod schemas {
+        use super::*;
+        use crate::codec::schemas::{subjects, Catalogue};
+        use apache_avro::Schema;
+        use std::path::PathBuf;
+
+        fn repo(path: &str) -> PathBuf {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+        }
+
+        fn avro_def(strategy: SubjectStrategy) -> crate::codec::TopicSet {
+            let mut def = SagaDefinition::load(&repo("topologies/order_saga.yaml")).unwrap();
+            for topic in def.topics.clone().keys() {
+                def.set_topic_format(topic, Format::Avro(strategy)).unwrap();
+            }
+            def.topic_set()
+        }
+
+        #[test]
+        fn every_event_and_command_of_the_order_saga_has_a_schema() {
+            let catalogue = Catalogue::load(&repo("schemas")).unwrap();
+            let def = avro_def(SubjectStrategy::TopicName);
+            let subjects = subjects(&def, &catalogue).unwrap();
+            let names: Vec<&str> = subjects.iter().map(|s| s.name.as_str()).collect();
+            assert_eq!(
+                names,
+                [
+                    "inventory.commands-value",
+                    "inventory.events-value",
+                    "orders.cancelled-value",
+                    "orders.completed-value",
+                    "orders.created-value",
+                    "payments.commands-value",
+                    "payments.events-value",
+                ]
+            );
+            let payments = &subjects[6];
+            assert_eq!(
+                payments.types,
+                ["PaymentSucceeded", "PaymentFailed", "PaymentRefunded"]
+            );
+            assert!(matches!(payments.schema, Schema::Union(_)));
+            // OrderItem is defined by both inventory commands: once in the union, then referenced.
+            let inventory = &subjects[0];
+            assert_eq!(inventory.text.matches("\"OrderItem\"").count(), 1);
+            assert_eq!(catalogue.latest("OrderCreated").unwrap().version, 2);
+            assert_eq!(catalogue.versions("PaymentSucceeded").len(), 2);
+        }
+
+        #[test]
+        fn record_name_subjects_are_the_full_names() {
+            let catalogue = Catalogue::load(&repo("schemas")).unwrap();
+            let def = avro_def(SubjectStrategy::RecordName);
+            let subjects = subjects(&def, &catalogue).unwrap();
+            assert_eq!(subjects.len(), 15 - 2);
+            assert!(subjects
+                .iter()
+                .any(|s| s.name == "io.sagastreams.payment.PaymentSucceeded"
+                    && matches!(s.schema, Schema::Record(_))));
+        }
     }
 }

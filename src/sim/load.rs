@@ -13,8 +13,8 @@ use serde_json::{json, Value};
 
 use super::participant::share_of;
 use super::SimError;
-use crate::codec::json::{rfc3339, CORRELATION_HEADER};
 use crate::codec::Codec;
+use crate::saga::contract::{rfc3339, CORRELATION_HEADER};
 use crate::saga::SagaDefinition;
 
 /// What to produce.

@@ -20,9 +20,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::codec::json::{self, CORRELATION_HEADER, TRACEPARENT_HEADER};
 use crate::codec::{Codec, DecodeError};
 use crate::runtime::{InputRecord, OutputRecord, Processor, ProcessorContext, ProcessorError};
+use crate::saga::contract::{self, CORRELATION_HEADER, TRACEPARENT_HEADER};
 use crate::saga::topology::{FieldKind, SagaDefinition, StepSpec};
 
 /// Held replies sent by one punctuation, at most.
@@ -302,7 +302,7 @@ impl Processor for Participant {
         reply_body.insert("event_version".into(), Value::from(1));
         reply_body.insert(self.def.key_field.clone(), Value::String(saga_id.clone()));
         reply_body.insert("correlation_id".into(), Value::String(correlation_id));
-        reply_body.insert("occurred_at".into(), Value::String(json::rfc3339(now)));
+        reply_body.insert("occurred_at".into(), Value::String(contract::rfc3339(now)));
         let mut headers = Vec::new();
         for name in [CORRELATION_HEADER, TRACEPARENT_HEADER] {
             if let Some(v) = record.header(name) {

@@ -74,7 +74,7 @@ impl AvroEnv {
             .set("bootstrap.servers", &bootstrap)
             .create()
             .unwrap();
-        let codec = Codec::new(&def, Some(&registry_url), &[]).unwrap();
+        let codec = Codec::new(&def.topic_set(), Some(&registry_url), &[]).unwrap();
         Self {
             registry: Registry::new(&registry_url, Duration::from_secs(10)).unwrap(),
             bootstrap,

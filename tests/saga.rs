@@ -554,3 +554,73 @@ fn the_audit_reads_past_a_transaction_left_open_to_the_records_committed_after_i
     assert_eq!(keys, vec![Some(b"after-open".as_slice())]);
     env.seen.clear();
 }
+
+#[test]
+fn a_participant_answers_a_re_sent_command_again_then_forgets_it_after_remember_commands() {
+    let env = SagaEnv::new("order_saga.yaml", 1);
+    let mut args = env.args(
+        &["simulate", "payment"],
+        &["--remember-commands", "3s", "--instance-id", "sim"],
+    );
+    args.push("--state-dir".into());
+    args.push(env.dir.path().join("sim").display().to_string());
+    let mut participant = BinProcess::spawn(&args, env.dir.path().join("sim.log"));
+    let step = &env.def.steps[0];
+    let command = json!({ "event": {
+        "event_id": "cmd-1",
+        "event_type": step.command.event_type,
+        "event_version": 1,
+        "order_id": "o-1",
+        "amount": 12.5,
+        "currency": "EUR",
+    }});
+    let value = serde_json::to_vec(&command).unwrap();
+    let changelog = format!("{}sim-payment-participant-changelog", env.prefix);
+    let read = |scanner: &TopicScanner,
+                seen: &mut Vec<ReadRecord>,
+                what: &str,
+                done: &dyn Fn(&[ReadRecord]) -> bool| {
+        let ok = poll_until(Duration::from_secs(60), || {
+            let mut batch = Vec::new();
+            scanner
+                .poll_batch(Duration::from_millis(200), &mut batch)
+                .unwrap();
+            seen.extend(batch);
+            done(seen)
+        });
+        assert!(ok, "no {what}:\n{}", participant_log(seen));
+    };
+    let replies = |seen: &[ReadRecord]| {
+        seen.iter()
+            .filter(|r| r.topic == step.reply_topic && r.key.as_deref() == Some(b"o-1".as_slice()))
+            .count()
+    };
+
+    env.send_raw(&step.command.topic, Some("o-1"), &value, &[]);
+    let scanner =
+        TopicScanner::new(&env.bootstrap, std::slice::from_ref(&step.reply_topic)).unwrap();
+    let mut seen = Vec::new();
+    read(&scanner, &mut seen, "reply", &|s| replies(s) >= 1);
+    // Sent again while remembered: answered again with the same reply (same event id).
+    env.send_raw(&step.command.topic, Some("o-1"), &value, &[]);
+    read(&scanner, &mut seen, "second reply", &|s| replies(s) >= 2);
+    let ids: Vec<String> = seen
+        .iter()
+        .map(|r| body(r)["event_id"].to_string())
+        .collect();
+    assert_eq!(ids[0], ids[1]);
+
+    // After --remember-commands the id is forgotten: its entry is deleted (a changelog
+    // tombstone), so the store does not grow with every command ever answered.
+    let changelog_scanner = TopicScanner::new(&env.bootstrap, &[changelog]).unwrap();
+    let mut log = Vec::new();
+    read(&changelog_scanner, &mut log, "tombstone of c/cmd-1", &|s| {
+        s.iter()
+            .any(|r| r.key.as_deref() == Some(b"c/cmd-1".as_slice()) && r.value.is_none())
+    });
+    participant.assert_alive();
+}
+
+fn participant_log(seen: &[ReadRecord]) -> String {
+    seen.iter().map(describe).collect::<Vec<_>>().join("\n")
+}

@@ -54,6 +54,10 @@ pub struct BehaviourArgs {
     /// Share of commands never answered (compensations are always answered).
     #[arg(long, default_value = "0", value_parser = parse_share)]
     pub no_reply_share: f64,
+    /// How long an answered command's id (and its answer, sent again for a re-sent command) is
+    /// kept; then it is forgotten, so the store stays bounded.
+    #[arg(long, default_value = "7d", value_parser = parse_duration)]
+    pub remember_commands: Duration,
 }
 
 impl BehaviourArgs {
@@ -64,6 +68,7 @@ impl BehaviourArgs {
             stock: self.stock.clone().unwrap_or_default().into_iter().collect(),
             latency: self.latency,
             no_reply_share: self.no_reply_share,
+            remember_commands: self.remember_commands,
         }
     }
 }

@@ -7,7 +7,9 @@
 //! hash of the saga id, so a run is reproducible and a redelivered command gets the same answer.
 //!
 //! Store `participant`:
-//! - `c/<command event_id>`: answered already;
+//! - `c/<command event_id>`: answered already (the answer, sent again for a re-sent command);
+//! - `x/<expires ms, 8 bytes big-endian><command event_id>`: when `c/` is forgotten
+//!   (`--remember-commands`), so the store stays bounded;
 //! - `d/<due ms, 8 bytes big-endian><command event_id>`: a reply held back by `--latency`;
 //! - `k/<sku>`: the remaining stock of a SKU in this task (stock is per partition, since orders are
 //!   spread over partitions by id).
@@ -25,14 +27,16 @@ use crate::runtime::{InputRecord, OutputRecord, Processor, ProcessorContext, Pro
 use crate::saga::contract::{self, CORRELATION_HEADER, TRACEPARENT_HEADER};
 use crate::saga::topology::{FieldKind, SagaDefinition, StepSpec};
 
-/// Held replies sent by one punctuation, at most.
+/// Held replies sent, and remembered command ids forgotten, by one punctuation, at most.
 const HELD_REPLIES_PER_PUNCTUATION: usize = 10_000;
+/// How long answered command ids are kept by default.
+pub const REMEMBER_COMMANDS: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// The participant's store.
 pub const PARTICIPANT_STORE: &str = "participant";
 
 /// How a participant answers.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Behaviour {
     /// Share of commands (0..=1) answered with the failure reply.
     pub failure_share: f64,
@@ -45,6 +49,25 @@ pub struct Behaviour {
     pub latency: Duration,
     /// Share of commands (0..=1) never answered (compensations are always answered).
     pub no_reply_share: f64,
+    /// How long an answered command id is remembered (default [`REMEMBER_COMMANDS`]).
+    pub remember_commands: Duration,
+}
+
+impl Default for Behaviour {
+    fn default() -> Self {
+        Self {
+            failure_share: 0.0,
+            decline_above: None,
+            stock: BTreeMap::new(),
+            latency: Duration::ZERO,
+            no_reply_share: 0.0,
+            remember_commands: REMEMBER_COMMANDS,
+        }
+    }
+}
+
+fn timed_key(prefix: &[u8], at_ms: u64, id: &str) -> Vec<u8> {
+    [prefix, &at_ms.to_be_bytes(), id.as_bytes()].concat()
 }
 
 /// A value in `[0, 1)` derived from `text` and `salt`: the same inputs always give the same value.
@@ -228,9 +251,10 @@ fn items(body: &Map<String, Value>) -> Vec<(String, i64)> {
 
 impl Processor for Participant {
     fn init(&mut self, ctx: &mut ProcessorContext<'_>) -> Result<(), ProcessorError> {
-        if !self.behaviour.latency.is_zero() {
-            ctx.schedule_punctuation((self.behaviour.latency / 4).max(Duration::from_millis(10)));
-        }
+        // Held replies are sent, and remembered ids forgotten, from the punctuation.
+        let tick =
+            (self.behaviour.latency / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        ctx.schedule_punctuation(tick);
         Ok(())
     }
 
@@ -281,6 +305,9 @@ impl Processor for Participant {
                 return Ok(());
             }
             store.put(seen_key.as_bytes(), b"");
+            let forget_at = (now_ms() as u64)
+                .saturating_add(self.behaviour.remember_commands.as_millis() as u64);
+            store.put(&timed_key(b"x/", forget_at, &command_id), b"");
         }
         let Some((reply_type, payload)) = self.decide(ctx, &command_type, &saga_id, &body)? else {
             return Ok(());
@@ -326,12 +353,7 @@ impl Processor for Participant {
             send(ctx, reply);
         } else {
             let due = now + self.behaviour.latency.as_millis() as i64;
-            let key = [
-                b"d/".as_slice(),
-                &(due as u64).to_be_bytes(),
-                command_id.as_bytes(),
-            ]
-            .concat();
+            let key = timed_key(b"d/", due as u64, &command_id);
             ctx.store(PARTICIPANT_STORE)?.put_json(&key, &reply)?;
         }
         Ok(())
@@ -361,6 +383,15 @@ impl Processor for Participant {
         }
         for reply in due {
             send(ctx, reply);
+        }
+        // Command ids remembered long enough are forgotten, a bounded batch at a time.
+        let end = [b"x/".as_slice(), &(now + 1).to_be_bytes()].concat();
+        let mut store = ctx.store(PARTICIPANT_STORE)?;
+        for (key, _) in store.range(b"x/", Some(&end), HELD_REPLIES_PER_PUNCTUATION)? {
+            store.delete(&key);
+            if let Some(id) = key.get(2 + 8..) {
+                store.delete(&[b"c/".as_slice(), id].concat());
+            }
         }
         Ok(())
     }

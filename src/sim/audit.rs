@@ -17,7 +17,7 @@ use std::time::Duration;
 use comfy_table::Table;
 use serde_json::Value;
 
-use super::{read_to_end, ReadRecord, SimError};
+use super::{for_each_to_end, ReadRecord, SimError};
 use crate::codec::Codec;
 use crate::saga::processor::dlq_headers;
 use crate::saga::topology::SagaDefinition;
@@ -123,63 +123,121 @@ fn parse(
     Some((saga_id, event_type, map))
 }
 
-/// Reads the saga's topics and checks them.
+/// Reads the saga's topics and checks them, streaming: dead letters first (they say which inputs
+/// to leave out), then every other topic, one record at a time. What is kept is a small trail per
+/// saga, never the records.
 pub fn audit(
     bootstrap: &str,
     def: &SagaDefinition,
     codec: &Codec,
     timeout: Duration,
 ) -> Result<AuditReport, SimError> {
+    let deadline = std::time::Instant::now() + timeout;
     let mut topics = def.input_topics();
     for t in def.output_topics() {
         if !topics.contains(&t) {
             topics.push(t);
         }
     }
-    let records = read_to_end(bootstrap, &topics, timeout)?;
-    Ok(check(def, codec, &records))
+    let (letters, others): (Vec<String>, Vec<String>) =
+        topics.into_iter().partition(|t| t.ends_with(".dlq"));
+    let mut auditor = Auditor::new(def, codec);
+    for_each_to_end(bootstrap, &letters, timeout, &mut |r| {
+        auditor.dead_letter(&r)
+    })?;
+    let left = deadline.saturating_duration_since(std::time::Instant::now());
+    for_each_to_end(bootstrap, &others, left, &mut |r| auditor.record(&r))?;
+    Ok(auditor.finish())
 }
 
 /// Checks records already read (all of the saga's topics).
 pub fn check(def: &SagaDefinition, codec: &Codec, records: &[ReadRecord]) -> AuditReport {
-    let mut report = AuditReport::default();
-    let mut dead: HashSet<(String, i32, i64)> = HashSet::new();
-    for r in records.iter().filter(|r| r.topic.ends_with(".dlq")) {
+    let mut auditor = Auditor::new(def, codec);
+    let (letters, others): (Vec<&ReadRecord>, Vec<&ReadRecord>) =
+        records.iter().partition(|r| r.topic.ends_with(".dlq"));
+    for r in letters {
+        auditor.dead_letter(r);
+    }
+    for r in others {
+        auditor.record(r);
+    }
+    auditor.finish()
+}
+
+/// The audit's state while records stream through it.
+pub struct Auditor<'a> {
+    def: &'a SagaDefinition,
+    codec: &'a Codec,
+    report: AuditReport,
+    /// Inputs that were dead-lettered: (topic, partition, offset).
+    dead: HashSet<(String, i32, i64)>,
+    command_kind: HashMap<(&'a str, &'a str), (usize, bool)>,
+    trails: BTreeMap<String, Trail>,
+}
+
+impl<'a> Auditor<'a> {
+    pub fn new(def: &'a SagaDefinition, codec: &'a Codec) -> Self {
+        let mut command_kind = HashMap::new();
+        for (i, s) in def.steps.iter().enumerate() {
+            command_kind.insert(
+                (s.command.topic.as_str(), s.command.event_type.as_str()),
+                (i, false),
+            );
+            command_kind.insert(
+                (
+                    s.compensation.topic.as_str(),
+                    s.compensation.event_type.as_str(),
+                ),
+                (i, true),
+            );
+        }
+        Self {
+            def,
+            codec,
+            report: AuditReport::default(),
+            dead: HashSet::new(),
+            command_kind,
+            trails: BTreeMap::new(),
+        }
+    }
+
+    /// A record of a DLQ topic; all of them come before any other record.
+    pub fn dead_letter(&mut self, r: &ReadRecord) {
         let reason = r
             .header(dlq_headers::KIND)
             .unwrap_or_else(|| "unknown".into());
-        *report.dead_letters_by_reason.entry(reason).or_default() += 1;
+        *self
+            .report
+            .dead_letters_by_reason
+            .entry(reason)
+            .or_default() += 1;
         let topic = r.header(dlq_headers::TOPIC);
         let partition = r
             .header(dlq_headers::PARTITION)
             .and_then(|p| p.parse().ok());
         let offset = r.header(dlq_headers::OFFSET).and_then(|o| o.parse().ok());
         if let (Some(t), Some(p), Some(o)) = (topic, partition, offset) {
-            dead.insert((t, p, o));
+            self.dead.insert((t, p, o));
         }
     }
 
-    let mut command_kind: HashMap<(&str, &str), (usize, bool)> = HashMap::new();
-    for (i, s) in def.steps.iter().enumerate() {
-        command_kind.insert((&s.command.topic, &s.command.event_type), (i, false));
-        command_kind.insert(
-            (&s.compensation.topic, &s.compensation.event_type),
-            (i, true),
-        );
-    }
-    let mut trails: BTreeMap<String, Trail> = BTreeMap::new();
-    for r in records {
-        if r.topic.ends_with(".dlq") || dead.contains(&(r.topic.clone(), r.partition, r.offset)) {
-            continue;
+    /// A record of any other topic of the saga.
+    pub fn record(&mut self, r: &ReadRecord) {
+        let (def, report, trails) = (self.def, &mut self.report, &mut self.trails);
+        if self
+            .dead
+            .contains(&(r.topic.clone(), r.partition, r.offset))
+        {
+            return;
         }
-        let Some((saga_id, event_type, body)) = parse(def, codec, r) else {
+        let Some((saga_id, event_type, body)) = parse(def, self.codec, r) else {
             // Every record the orchestrator cannot read is dead-lettered, and everything it
             // writes is readable: anything else unreadable is a fault, not noise to skip.
             report.violations.push(format!(
                 "{} partition {} offset {}: unreadable and not dead-lettered",
                 r.topic, r.partition, r.offset
             ));
-            continue;
+            return;
         };
         if r.topic == def.start_topic {
             if event_type == def.start_event {
@@ -190,7 +248,10 @@ pub fn check(def: &SagaDefinition, codec: &Codec, records: &[ReadRecord]) -> Aud
                         .map_or(r.timestamp_ms, |t| t.min(r.timestamp_ms)),
                 );
             }
-        } else if command_kind.contains_key(&(r.topic.as_str(), event_type.as_str())) {
+        } else if self
+            .command_kind
+            .contains_key(&(r.topic.as_str(), event_type.as_str()))
+        {
             *report
                 .messages_by_type
                 .entry(event_type.clone())
@@ -221,112 +282,116 @@ pub fn check(def: &SagaDefinition, codec: &Codec, records: &[ReadRecord]) -> Aud
         }
     }
 
-    for (id, trail) in &trails {
-        let mut violation = |v: String| {
-            if report.violations.len() < 10_000 {
-                report.violations.push(format!("{id}: {v}"));
-            }
-        };
-        let Some(created_at) = trail.created_at else {
-            if !trail.outcomes.is_empty() || !trail.commands.is_empty() {
-                violation("messages for a saga that was never started".into());
-            }
-            continue;
-        };
-        report.sagas += 1;
-        report.first_start_ms = Some(
-            report
-                .first_start_ms
-                .map_or(created_at, |t| t.min(created_at)),
-        );
-        let outcome = match trail.outcomes.as_slice() {
-            [] => {
-                report.without_outcome += 1;
-                violation("no outcome".into());
-                None
-            }
-            [one] => Some(one),
-            many => {
-                violation(format!("{} outcomes", many.len()));
-                many.first()
-            }
-        };
-        let cancelled = outcome.is_some_and(|(t, _, _)| *t == def.cancelled.event_type);
-        if let Some((event_type, reason, at)) = outcome {
-            if *event_type == def.completed.event_type {
-                report.completed += 1;
-            } else {
-                *report
-                    .cancelled_by_reason
-                    .entry(reason.clone().unwrap_or_default())
-                    .or_default() += 1;
-            }
-            report.durations_ms.push(at - created_at);
-            report.last_outcome_ms = Some(report.last_outcome_ms.map_or(*at, |t| t.max(*at)));
-        }
-        // Distinct event ids per type: a re-send is the same message again.
-        let distinct = |event_type: &str| {
-            trail
-                .commands
-                .iter()
-                .filter(|(t, _, _)| t == event_type)
-                .map(|(_, id, _)| id.as_str())
-                .collect::<HashSet<&str>>()
-                .len()
-        };
-        for (i, step) in def.steps.iter().enumerate() {
-            let sent = distinct(&step.command.event_type);
-            let expected_max = 1;
-            if sent > expected_max || (i == 0 && sent == 0) {
-                violation(format!("{} sent {sent} times", step.command.event_type));
-            }
-            let compensations = distinct(&step.compensation.event_type);
-            let expected = usize::from(cancelled && trail.success.contains(&i));
-            if compensations != expected {
-                violation(format!(
-                    "{} sent {compensations} times, expected {expected} ({} {}, saga {})",
-                    step.compensation.event_type,
-                    step.success,
-                    if trail.success.contains(&i) {
-                        "seen"
-                    } else {
-                        "not seen"
-                    },
-                    if cancelled {
-                        "cancelled"
-                    } else {
-                        "not cancelled"
-                    }
-                ));
-            }
-        }
-        if let Some((_, reason, outcome_at)) = outcome {
-            for (event_type, _, at) in &trail.commands {
-                if at <= outcome_at {
-                    continue;
+    /// The report, once every record went through.
+    pub fn finish(self) -> AuditReport {
+        let (def, mut report, trails) = (self.def, self.report, self.trails);
+        for (id, trail) in &trails {
+            let mut violation = |v: String| {
+                if report.violations.len() < 10_000 {
+                    report.violations.push(format!("{id}: {v}"));
                 }
-                // The step the saga stopped at (the reason names it) succeeded late.
-                let stopped_by = reason
-                    .as_deref()
-                    .unwrap_or_default()
-                    .split(';')
-                    .next()
-                    .unwrap_or_default();
-                let late = def.steps.iter().any(|s| {
-                    s.compensation.event_type == *event_type
-                        && (stopped_by == format!("timeout:{}", s.name)
-                            || stopped_by == format!("{}_failed", s.name))
-                });
-                if late {
-                    report.late_compensations += 1;
+            };
+            let Some(created_at) = trail.created_at else {
+                if !trail.outcomes.is_empty() || !trail.commands.is_empty() {
+                    violation("messages for a saga that was never started".into());
+                }
+                continue;
+            };
+            report.sagas += 1;
+            report.first_start_ms = Some(
+                report
+                    .first_start_ms
+                    .map_or(created_at, |t| t.min(created_at)),
+            );
+            let outcome = match trail.outcomes.as_slice() {
+                [] => {
+                    report.without_outcome += 1;
+                    violation("no outcome".into());
+                    None
+                }
+                [one] => Some(one),
+                many => {
+                    violation(format!("{} outcomes", many.len()));
+                    many.first()
+                }
+            };
+            let cancelled = outcome.is_some_and(|(t, _, _)| *t == def.cancelled.event_type);
+            if let Some((event_type, reason, at)) = outcome {
+                if *event_type == def.completed.event_type {
+                    report.completed += 1;
                 } else {
-                    violation(format!("{event_type} sent after the outcome"));
+                    *report
+                        .cancelled_by_reason
+                        .entry(reason.clone().unwrap_or_default())
+                        .or_default() += 1;
+                }
+                report.durations_ms.push(at - created_at);
+                report.last_outcome_ms = Some(report.last_outcome_ms.map_or(*at, |t| t.max(*at)));
+            }
+            // Distinct event ids per type: a re-send is the same message again.
+            let distinct = |event_type: &str| {
+                trail
+                    .commands
+                    .iter()
+                    .filter(|(t, _, _)| t == event_type)
+                    .map(|(_, id, _)| id.as_str())
+                    .collect::<HashSet<&str>>()
+                    .len()
+            };
+            for (i, step) in def.steps.iter().enumerate() {
+                let sent = distinct(&step.command.event_type);
+                let expected_max = 1;
+                if sent > expected_max || (i == 0 && sent == 0) {
+                    violation(format!("{} sent {sent} times", step.command.event_type));
+                }
+                let compensations = distinct(&step.compensation.event_type);
+                let expected = usize::from(cancelled && trail.success.contains(&i));
+                if compensations != expected {
+                    violation(format!(
+                        "{} sent {compensations} times, expected {expected} ({} {}, saga {})",
+                        step.compensation.event_type,
+                        step.success,
+                        if trail.success.contains(&i) {
+                            "seen"
+                        } else {
+                            "not seen"
+                        },
+                        if cancelled {
+                            "cancelled"
+                        } else {
+                            "not cancelled"
+                        }
+                    ));
+                }
+            }
+            if let Some((_, reason, outcome_at)) = outcome {
+                for (event_type, _, at) in &trail.commands {
+                    if at <= outcome_at {
+                        continue;
+                    }
+                    // The step the saga stopped at (the reason names it) succeeded late.
+                    let stopped_by = reason
+                        .as_deref()
+                        .unwrap_or_default()
+                        .split(';')
+                        .next()
+                        .unwrap_or_default();
+                    let late = def.steps.iter().any(|s| {
+                        s.compensation.event_type == *event_type
+                            && (stopped_by == format!("timeout:{}", s.name)
+                                || stopped_by == format!("{}_failed", s.name))
+                    });
+                    if late {
+                        report.late_compensations += 1;
+                    } else {
+                        violation(format!("{event_type} sent after the outcome"));
+                    }
                 }
             }
         }
+        report.durations_ms.sort_unstable();
+        report
     }
-    report.durations_ms.sort_unstable();
-    report
 }
 
 fn event_id(body: &serde_json::Map<String, Value>) -> String {

@@ -184,7 +184,8 @@ impl TopicScanner {
         self,
         bootstrap: &str,
         deadline: Instant,
-    ) -> Result<Vec<ReadRecord>, SimError> {
+        each: &mut dyn FnMut(ReadRecord),
+    ) -> Result<(), SimError> {
         let assignment = self
             .consumer
             .assignment()
@@ -207,7 +208,6 @@ impl TopicScanner {
         let mut done = std::collections::HashSet::new();
         // Partitions at their end with nothing read (no position to compare), and since when.
         let mut unread_since = std::collections::HashMap::new();
-        let mut records = Vec::new();
         while done.len() < self.partitions {
             if Instant::now() >= deadline {
                 return Err(SimError::Other(format!(
@@ -219,7 +219,7 @@ impl TopicScanner {
             match self.consumer.poll(Duration::from_millis(200)) {
                 Some(Ok(m)) => {
                     unread_since.remove(&m.partition());
-                    records.push(read(&m));
+                    each(read(&m));
                 }
                 Some(Err(KafkaError::PartitionEOF(p))) => {
                     let Some((topic, low, high)) = ends.get(&p) else {
@@ -263,7 +263,7 @@ impl TopicScanner {
                 }
             }
         }
-        Ok(records)
+        Ok(())
     }
 }
 
@@ -276,14 +276,26 @@ pub fn read_to_end(
     topics: &[String],
     timeout: Duration,
 ) -> Result<Vec<ReadRecord>, SimError> {
-    let deadline = Instant::now() + timeout;
     let mut all = Vec::new();
+    for_each_to_end(bootstrap, topics, timeout, &mut |r| all.push(r))?;
+    Ok(all)
+}
+
+/// Like [`read_to_end`], handing each record to `each` as it is read instead of keeping them:
+/// memory stays bounded whatever the size of the topics.
+pub fn for_each_to_end(
+    bootstrap: &str,
+    topics: &[String],
+    timeout: Duration,
+    each: &mut dyn FnMut(ReadRecord),
+) -> Result<(), SimError> {
+    let deadline = Instant::now() + timeout;
     // One consumer per topic: end-of-partition events name the partition, not the topic.
     for topic in topics {
         let scanner = TopicScanner::new(bootstrap, std::slice::from_ref(topic))?;
-        all.extend(scanner.read_topic_to_end(bootstrap, deadline)?);
+        scanner.read_topic_to_end(bootstrap, deadline, each)?;
     }
-    Ok(all)
+    Ok(())
 }
 
 fn read<M: Message>(m: &M) -> ReadRecord {

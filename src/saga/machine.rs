@@ -290,6 +290,23 @@ impl SagaRecord {
         named.extend(&self.compensated_steps);
         named.extend(&self.stuck_steps);
         named.extend(self.in_flight.as_ref().map(|f| f.step));
+        // The step awaited must be the one of that name: a topology whose steps were renamed or
+        // reordered under the same version has the index, but not the step.
+        let awaited = match &self.phase {
+            Phase::Running { step } | Phase::Compensating { step, .. } => Some(*step),
+            Phase::Finished => None,
+        };
+        if let (Some(step), Some(name)) = (awaited, &self.step_awaited) {
+            if let Some(spec) = def.steps.get(step).filter(|s| s.name != *name) {
+                return Err(format!(
+                    "saga '{}' waits on step '{name}' but step {} of topology '{}' is '{}'",
+                    self.saga_id,
+                    step + 1,
+                    def.name,
+                    spec.name
+                ));
+            }
+        }
         match named.iter().find(|s| **s >= def.steps.len()) {
             Some(step) => Err(format!(
                 "saga '{}' refers to step {} but topology '{}' has {} steps",
@@ -1538,6 +1555,12 @@ mod tests {
         r.phase = Phase::Running { step: 2 };
         let err = r.fits(&d).unwrap_err();
         assert!(err.contains("step 3") && err.contains("2 steps"), "{err}");
+        // The same index under another name: a step renamed or moved under the same version.
+        let (r, _) = started(&d);
+        let mut renamed = d.clone();
+        renamed.steps[0].name = "charge".into();
+        let err = r.fits(&renamed).unwrap_err();
+        assert!(err.contains("waits on step 'payment'"), "{err}");
     }
 
     #[test]

@@ -95,8 +95,15 @@ const QUARANTINE_PREFIX: &[u8] = b"q/";
 /// The status under which quarantined records are counted.
 pub const QUARANTINED: &str = "QUARANTINED";
 
+/// The quarantined record's bytes, exactly as they were stored (so the entry is never larger
+/// than the changelog record it came from).
 pub fn quarantine_key(saga_id: &str) -> Vec<u8> {
     [QUARANTINE_PREFIX, saga_id.as_bytes()].concat()
+}
+
+/// Why and when a record was quarantined ([`QuarantineNote`]).
+pub fn quarantine_note_key(saga_id: &str) -> Vec<u8> {
+    [b"qe/".as_slice(), saga_id.as_bytes()].concat()
 }
 
 /// Numbers kept in the store beside the sagas (`<prefix><label value>`, so they survive restarts
@@ -312,45 +319,18 @@ impl RecordSummary {
     }
 }
 
-/// A saga record that could not be read, moved aside under `q/<saga id>`: listed at
-/// `/quarantine`, its events dead-lettered (`quarantined_saga`), put back when a version of
-/// saga-streams that reads it processes one of them.
+/// A saga record that could not be read is moved aside: its bytes under `q/<saga id>`, this note
+/// under `qe/<saga id>`. Listed at `/quarantine`; its events are dead-lettered
+/// (`quarantined_saga`); put back when a build of saga-streams that reads it meets it again (an
+/// event, or its timer, tried every minute).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct QuarantinedRecord {
-    pub saga_id: String,
+pub struct QuarantineNote {
     pub error: String,
     pub at_ms: i64,
-    /// The stored bytes as text (saga records are JSON), or hex when they are not UTF-8.
-    pub raw: String,
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub raw_is_hex: bool,
 }
 
-impl QuarantinedRecord {
-    fn new(saga_id: &str, error: &str, at_ms: i64, bytes: &[u8]) -> Self {
-        let (raw, raw_is_hex) = match std::str::from_utf8(bytes) {
-            Ok(text) => (text.to_string(), false),
-            Err(_) => (bytes.iter().map(|b| format!("{b:02x}")).collect(), true),
-        };
-        Self {
-            saga_id: saga_id.to_string(),
-            error: error.to_string(),
-            at_ms,
-            raw,
-            raw_is_hex,
-        }
-    }
-
-    /// The bytes that were stored.
-    pub fn bytes(&self) -> Vec<u8> {
-        if !self.raw_is_hex {
-            return self.raw.clone().into_bytes();
-        }
-        (0..self.raw.len() / 2)
-            .filter_map(|i| u8::from_str_radix(self.raw.get(2 * i..2 * i + 2)?, 16).ok())
-            .collect()
-    }
-}
+/// How often a quarantined record is tried again.
+const QUARANTINE_RETRY_MS: i64 = 60_000;
 
 /// A saga looked up by id.
 enum Loaded {
@@ -558,9 +538,15 @@ impl SagaProcessor {
                 Err(e) => {
                     tracing::error!(saga_id, error = %e.0, "a stored saga record cannot be read; it is moved to the quarantine (GET /quarantine) and its events are dead-lettered");
                     metrics::counter!(m::SAGAS_QUARANTINED).increment(1);
-                    let entry = QuarantinedRecord::new(saga_id, &e.0, now, &bytes);
                     store.delete(&key);
-                    store.put_json(&quarantine_key(saga_id), &entry)?;
+                    store.put(&quarantine_key(saga_id), &bytes);
+                    store.put_json(
+                        &quarantine_note_key(saga_id),
+                        &QuarantineNote {
+                            error: e.0.clone(),
+                            at_ms: now,
+                        },
+                    )?;
                     self.counts
                         .removed(store, &RecordSummary::of_bytes(&bytes))?;
                     self.counts.change(store, QUARANTINED, 1)?;
@@ -568,18 +554,9 @@ impl SagaProcessor {
                 }
             };
         }
-        let Some(entry) = store.get(&quarantine_key(saga_id))? else {
+        let Some(bytes) = store.get(&quarantine_key(saga_id))? else {
             return Ok(Loaded::Missing);
         };
-        let entry: QuarantinedRecord = match serde_json::from_slice(&entry) {
-            Ok(entry) => entry,
-            Err(e) => {
-                return Ok(Loaded::Quarantined(format!(
-                    "unreadable quarantine entry: {e}"
-                )))
-            }
-        };
-        let bytes = entry.bytes();
         match decode_record(&bytes) {
             Ok(record) => {
                 tracing::warn!(
@@ -587,11 +564,12 @@ impl SagaProcessor {
                     "a quarantined saga record is readable again; it is put back"
                 );
                 store.delete(&quarantine_key(saga_id));
+                store.delete(&quarantine_note_key(saga_id));
                 self.counts.change(store, QUARANTINED, -1)?;
                 self.counts.save(store, None, &record, &bytes)?;
                 Ok(Loaded::Found(Box::new(record)))
             }
-            Err(_) => Ok(Loaded::Quarantined(entry.error)),
+            Err(e) => Ok(Loaded::Quarantined(e.0)),
         }
     }
 
@@ -607,26 +585,43 @@ impl SagaProcessor {
         Ok(def)
     }
 
-    /// The definition an input is checked against: its saga's, when earlier versions are loaded
-    /// and the saga exists on this partition; else the current one.
-    fn def_for_input(
+    /// Checks an input against the definition of its saga's version, when earlier versions are
+    /// loaded and the saga is on this partition, else the current one. A reply for a saga that is
+    /// not here (keyless, on its way to its partition) is accepted if any loaded version accepts
+    /// it; its saga's own version decides its role once it is there.
+    fn check_input(
         &self,
         ctx: &mut ProcessorContext<'_>,
-        map: &serde_json::Map<String, serde_json::Value>,
-    ) -> Result<&SagaDefinition, ProcessorError> {
+        record: &InputRecord,
+        map: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Result<DecodedEvent, BadInput>, ProcessorError> {
         if self.def.previous.is_empty() {
-            return Ok(&self.def);
+            return Ok(contract::check(&self.def, record, map));
         }
-        let Ok(saga_id) = contract::saga_id(map, &self.def.key_field) else {
-            return Ok(&self.def);
+        let Ok(saga_id) = contract::saga_id(&map, &self.def.key_field) else {
+            return Ok(contract::check(&self.def, record, map));
         };
         let store = ctx.store(SAGA_STORE)?;
-        let record = store
+        let here = store
             .get(&saga_key(&saga_id))?
             .and_then(|bytes| decode_record(&bytes).ok());
-        Ok(record
-            .and_then(|r| Self::def_of(&self.def, &r).ok())
-            .unwrap_or(&self.def))
+        if let Some(saga) = here {
+            let def = Self::def_of(&self.def, &saga).unwrap_or(&self.def);
+            return Ok(contract::check(def, record, map));
+        }
+        Ok(match contract::check(&self.def, record, map.clone()) {
+            Ok(event) => Ok(event),
+            Err(bad) => self
+                .def
+                .previous
+                .iter()
+                .find_map(|d| {
+                    contract::check(d, record, map.clone())
+                        .ok()
+                        .filter(|e| e.role != EventRole::Start)
+                })
+                .ok_or(bad),
+        })
     }
 
     fn handle(
@@ -668,6 +663,11 @@ impl SagaProcessor {
             None => &*root,
             Some(current) => match Self::def_of(&root, current) {
                 Ok(def) => def,
+                // A second start for a finished saga changes nothing, whatever its version.
+                Err(_) if current.is_finished() && event.role == EventRole::Start => {
+                    metrics::counter!(m::EVENTS_IGNORED, "reason" => machine::Ignored::AlreadyStarted.as_str()).increment(1);
+                    return Ok(());
+                }
                 Err(why) => {
                     // Applying the event could only go wrong. It waits in the DLQ (replayable
                     // once that version is loaded again); the saga is left as it is.
@@ -684,14 +684,33 @@ impl SagaProcessor {
             current.rebuild_in_flight(def);
             current
         });
+        // The event's role (its step number) as the saga's own version defines it.
+        let role = match (&existing, event.role) {
+            (Some(_), EventRole::Start) | (None, _) => event.role,
+            (Some(_), _) => match def.role_of(&record.topic, &event.event_type) {
+                Some(role) => role,
+                None => {
+                    drop(store);
+                    let bad = BadInput::new(
+                        BadInputKind::UnknownEventType,
+                        format!(
+                            "event type '{}' is not expected on topic '{}' by version {} of the topology, which {} '{}' started under",
+                            event.event_type, record.topic, def.version, def.key_field, event.saga_id
+                        ),
+                    );
+                    self.dead_letter(ctx, record, &bad);
+                    return Ok(());
+                }
+            },
+        };
         let saga_event = SagaEvent {
             event_id: event.event_id.clone(),
             event_type: event.event_type.clone(),
-            role: event.role,
+            role,
             payload: event.payload,
             traceparent,
         };
-        let (before, record_after, outputs) = match (existing, event.role) {
+        let (before, record_after, outputs) = match (existing, role) {
             (None, EventRole::Start) => {
                 let correlation_id = event
                     .correlation_id
@@ -1017,10 +1036,7 @@ impl Processor for SagaProcessor {
         };
         // Err(Ok(bad)): dead-letter it; Err(Err(why)): the registry cannot be reached.
         let decoded = match self.codec.read(&record.topic, record.value.as_deref()) {
-            Ok(map) => {
-                let def = self.def_for_input(ctx, &map)?;
-                contract::check(def, record, map).map_err(Ok)
-            }
+            Ok(map) => self.check_input(ctx, record, map)?.map_err(Ok),
             Err(DecodeError::Bad(bad)) => Err(Ok(BadInput::from(bad))),
             Err(DecodeError::Unavailable(why)) => Err(Err(why)),
         };
@@ -1111,8 +1127,15 @@ impl Processor for SagaProcessor {
             let mut current = match self.load_saga(&mut store, &saga_id, now)? {
                 Loaded::Found(record) => *record,
                 // Gone, or moved to the quarantine (with its timer no longer indexed).
-                Loaded::Missing | Loaded::Quarantined(_) => {
+                Loaded::Missing => {
                     store.delete(&key);
+                    continue;
+                }
+                // Tried again every minute: a build that reads it puts it back, timers and all.
+                Loaded::Quarantined(_) => {
+                    store.delete(&key);
+                    let again = now.max(cutoff).saturating_add(QUARANTINE_RETRY_MS);
+                    store.put(&timer_key(again, &saga_id), b"");
                     continue;
                 }
             };

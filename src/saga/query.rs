@@ -7,7 +7,8 @@ use serde_json::{json, Value};
 
 use super::machine::SagaRecord;
 use super::processor::{
-    decode_record, quarantine_key, saga_key, QuarantinedRecord, QUARANTINED, SAGA_STORE,
+    decode_record, quarantine_key, quarantine_note_key, saga_key, QuarantineNote, QUARANTINED,
+    SAGA_STORE,
 };
 pub use crate::runtime::partitioner::Partitioner;
 use crate::runtime::RuntimeStatus;
@@ -89,7 +90,16 @@ impl SagaLookup for SagaQuery {
             }));
         }
         match get(&quarantine_key(saga_id))? {
-            Some(bytes) => Ok(Lookup::Found(quarantine_json(&bytes, partition))),
+            Some(bytes) => {
+                let note = get(&quarantine_note_key(saga_id))?;
+                Ok(Lookup::Found(quarantine_json(
+                    saga_id,
+                    &bytes,
+                    note.as_deref(),
+                    partition,
+                    usize::MAX,
+                )))
+            }
             None => Ok(Lookup::Missing { partition }),
         }
     }
@@ -101,33 +111,65 @@ impl SagaLookup for SagaQuery {
             if left == 0 {
                 break;
             }
-            for (_, bytes) in reader
+            for (key, bytes) in reader
                 .prefix(SAGA_STORE, &quarantine_key(""), left)
                 .map_err(|e| e.to_string())?
             {
-                entries.push(quarantine_json(&bytes, partition));
+                let saga_id =
+                    String::from_utf8_lossy(&key[quarantine_key("").len()..]).into_owned();
+                let note = reader
+                    .get(SAGA_STORE, &quarantine_note_key(&saga_id))
+                    .map_err(|e| e.to_string())?;
+                entries.push(quarantine_json(
+                    &saga_id,
+                    &bytes,
+                    note.as_deref(),
+                    partition,
+                    LISTED_RECORD_BYTES,
+                ));
             }
         }
         Ok(entries)
     }
 }
 
-/// A quarantine entry as the endpoints show it.
-fn quarantine_json(bytes: &[u8], partition: i32) -> Value {
-    match serde_json::from_slice::<QuarantinedRecord>(bytes) {
-        Ok(q) => json!({
-            "saga_id": q.saga_id,
-            "partition": partition,
-            "status": QUARANTINED,
-            "error": q.error,
-            "quarantined_at": rfc3339(q.at_ms),
-            "record": q.raw,
-            "record_is_hex": q.raw_is_hex,
-        }),
-        Err(e) => json!({
-            "partition": partition,
-            "status": QUARANTINED,
-            "error": format!("unreadable quarantine entry: {e}"),
-        }),
-    }
+/// How much of each record the quarantine list shows (`/sagas/{id}` shows all of it).
+const LISTED_RECORD_BYTES: usize = 1_000;
+
+/// A quarantine entry as the endpoints show it: the record as text (hex when it is not UTF-8),
+/// its first `show` bytes.
+fn quarantine_json(
+    saga_id: &str,
+    bytes: &[u8],
+    note: Option<&[u8]>,
+    partition: i32,
+    show: usize,
+) -> Value {
+    let note = note.and_then(|n| serde_json::from_slice::<QuarantineNote>(n).ok());
+    let (record, hex) = match std::str::from_utf8(bytes) {
+        Ok(text) => {
+            let mut end = text.len().min(show);
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            (text[..end].to_string(), false)
+        }
+        Err(_) => (
+            bytes[..bytes.len().min(show)]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+            true,
+        ),
+    };
+    json!({
+        "saga_id": saga_id,
+        "partition": partition,
+        "status": QUARANTINED,
+        "error": note.as_ref().map(|n| n.error.clone()),
+        "quarantined_at": note.as_ref().map(|n| rfc3339(n.at_ms)),
+        "record": record,
+        "record_is_hex": hex,
+        "record_bytes": bytes.len(),
+    })
 }

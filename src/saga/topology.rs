@@ -386,22 +386,16 @@ pub struct SagaDefinition {
 }
 
 impl SagaDefinition {
-    /// Loads and validates a topology file.
+    /// Loads and validates a topology file, with the earlier versions it lists.
     pub fn load(path: &Path) -> Result<Self, TopologyError> {
-        let text = std::fs::read_to_string(path).map_err(|e| TopologyError {
-            problems: vec![format!("{}: cannot read: {e}", path.display())],
-        })?;
         let file = path.display().to_string();
-        let mut def = Self::parse(&file, &text)?;
+        let mut def = Self::load_one(path)?;
         let base = path.parent().unwrap_or(Path::new(""));
-        if let Some(dir) = &def.schemas_dir {
-            if dir.is_relative() {
-                def.schemas_dir = Some(base.join(dir));
-            }
-        }
         let mut problems = Vec::new();
         for (at, name) in std::mem::take(&mut def.previous_files) {
-            let mut earlier = match Self::load(&base.join(&name)) {
+            // Never followed further: an earlier file's own list is refused below, so a file
+            // that lists itself (or a cycle) is an error, not an endless recursion.
+            let earlier = match Self::load_one(&base.join(&name)) {
                 Ok(earlier) => earlier,
                 Err(e) => {
                     problems.push(format!(
@@ -411,9 +405,8 @@ impl SagaDefinition {
                     continue;
                 }
             };
-            if !earlier.previous.is_empty() {
+            if !earlier.previous_files.is_empty() {
                 problems.push(format!("{file}:{at}: '{name}' lists previous versions of its own: list every earlier version in the newest file"));
-                earlier.previous.clear();
             }
             def.previous.push(earlier);
         }
@@ -421,6 +414,20 @@ impl SagaDefinition {
         problems.extend(def.check_previous(&file));
         if !problems.is_empty() {
             return Err(TopologyError { problems });
+        }
+        Ok(def)
+    }
+
+    /// One file, its schema directory resolved against the file's, its earlier versions not read.
+    fn load_one(path: &Path) -> Result<Self, TopologyError> {
+        let text = std::fs::read_to_string(path).map_err(|e| TopologyError {
+            problems: vec![format!("{}: cannot read: {e}", path.display())],
+        })?;
+        let mut def = Self::parse(&path.display().to_string(), &text)?;
+        if let (Some(dir), Some(base)) = (&def.schemas_dir, path.parent()) {
+            if dir.is_relative() {
+                def.schemas_dir = Some(base.join(dir));
+            }
         }
         Ok(def)
     }
@@ -458,8 +465,9 @@ impl SagaDefinition {
                         continue;
                     }
                 }
-                // An Avro topic's codec is built from this version: it must know every type.
-                if matches!(format, Format::Avro(_)) {
+                // An Avro topic both versions use: its subject holds this version's types, which
+                // must include the earlier version's.
+                if matches!(format, Format::Avro(_)) && self.topics.contains_key(topic) {
                     let ours = self.types_of_version(topic);
                     let missing: Vec<String> = earlier
                         .types_of_version(topic)
@@ -473,6 +481,15 @@ impl SagaDefinition {
                         ));
                     }
                 }
+            }
+        }
+        // Over all versions together, as the runtime consumes and writes them.
+        let outputs = self.output_topics();
+        for topic in self.input_topics() {
+            if outputs.contains(&topic) {
+                problems.push(format!(
+                    "{file}: topic '{topic}' is read by one version and written by another: the saga would consume its own outputs"
+                ));
             }
         }
         problems
@@ -1574,6 +1591,7 @@ mod tests {
                 "is saga 'order_saga'",
             ),
             ("version: 0", "version must be"),
+            ("version: 2\nprevious_versions: [v2.yaml]", "of its own"),
         ] {
             let path = write(dir.path(), "v2.yaml", &without_shipping(header));
             let err = SagaDefinition::load(&path).unwrap_err().to_string();

@@ -252,8 +252,10 @@ fn items(body: &Map<String, Value>) -> Vec<(String, i64)> {
 impl Processor for Participant {
     fn init(&mut self, ctx: &mut ProcessorContext<'_>) -> Result<(), ProcessorError> {
         // Held replies are sent, and remembered ids forgotten, from the punctuation.
-        let tick =
-            (self.behaviour.latency / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let tick = match self.behaviour.latency {
+            Duration::ZERO => Duration::from_secs(1),
+            latency => (latency / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)),
+        };
         ctx.schedule_punctuation(tick);
         Ok(())
     }

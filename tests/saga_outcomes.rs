@@ -6,6 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::saga_env::{Reply, SagaEnv};
+use saga_streams::runtime::partitioner::Partitioner;
 use saga_streams::saga::processor::dlq_headers;
 
 const PAYMENT_TIMEOUT: &str = "payment=4s";
@@ -661,7 +662,19 @@ fn sagas_live_across_a_topology_change_finish_under_the_version_they_started_und
     env.topology = v2_alone;
     let mut orchestrator = env.orchestrator("a", &[]);
     env.reply(0, Reply::Success, "G");
-    env.reply(2, Reply::Success, "B");
+    // B's shipment reply comes without a key, as an outbox job sends it, on the partition that
+    // does not hold B.
+    let (topic, value) = env.reply_record(2, Reply::Success, "B", "ship-b");
+    let elsewhere = 1 - Partitioner::ConsistentRandom.partition(b"B", 2);
+    env.producer
+        .send(
+            rdkafka::producer::BaseRecord::<(), [u8]>::to(&topic)
+                .partition(elsewhere)
+                .payload(value.as_bytes()),
+        )
+        .map_err(|(e, _)| e)
+        .unwrap();
+    rdkafka::producer::Producer::flush(&env.producer, Duration::from_secs(10)).unwrap();
     env.create("D", &[]);
     succeed_from(&mut env, "D", 0, 2);
     env.expect("D", &completed);
@@ -685,7 +698,8 @@ fn sagas_live_across_a_topology_change_finish_under_the_version_they_started_und
     );
     assert!(orchestrator.sigterm(Duration::from_secs(30)).is_some());
 
-    // Version 1 loaded again: B's shipment reply, written meanwhile, completes it.
+    // Version 1 loaded again: B's shipment reply, written meanwhile without a key (a type only
+    // version 1 knows), is re-keyed to B's partition and completes it.
     env.topology = v2_with_v1;
     let _orchestrator = env.orchestrator("a", &[]);
     env.expect("B", &completed);

@@ -119,6 +119,14 @@ pub fn participant(
 }
 
 pub fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
+    if args.behaviour.remember_commands <= args.behaviour.latency {
+        // A command re-sent while its reply is still held would be carried out again.
+        anyhow::bail!(
+            "--remember-commands ({:?}) must be longer than --latency ({:?})",
+            args.behaviour.remember_commands,
+            args.behaviour.latency
+        );
+    }
     let def = args.topology.load()?;
     let step = step_index(&def, &args.step)?;
     let codec = args

@@ -10,12 +10,25 @@ use crate::codec::Codec;
 use crate::saga::topology::Format;
 use crate::saga::SagaDefinition;
 
-/// The broker.
+/// The broker, and how every client of the command talks to it.
 #[derive(Debug, Clone, clap::Args)]
 pub struct KafkaArgs {
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "KAFKA_BOOTSTRAP")]
+    /// Kafka bootstrap servers (also `SAGA_STREAMS_BOOTSTRAP`, or `KAFKA_BOOTSTRAP`).
+    #[arg(long)]
     pub bootstrap: String,
+    /// A librdkafka property for every Kafka client of the command: `--kafka-config
+    /// security.protocol=SASL_SSL` (repeatable); `NAME_file=PATH` reads the value from a file
+    /// (`sasl.password_file=/run/secrets/kafka`). Also `SAGA_STREAMS_KAFKA_<NAME>` variables and
+    /// the configuration file's `kafka:` table.
+    #[arg(long = "kafka-config", value_parser = super::config::parse_property)]
+    pub kafka_config: Vec<(String, String)>,
+}
+
+impl KafkaArgs {
+    /// The command's Kafka settings: file, then environment, then flags; secrets read.
+    pub fn settings(&self) -> anyhow::Result<crate::runtime::client::KafkaSettings> {
+        super::config::kafka_settings(&self.bootstrap, &self.kafka_config).map_err(|e| anyhow!(e))
+    }
 }
 
 /// Which saga, and how its topics are named.
@@ -37,8 +50,9 @@ pub struct TopologyArgs {
     /// The directory of the Avro schemas (default: the topology's `schemas:`).
     #[arg(long)]
     pub schemas: Option<PathBuf>,
-    /// The Schema Registry (Confluent REST API), needed when a topic is Avro.
-    #[arg(long, env = "SCHEMA_REGISTRY_URL")]
+    /// The Schema Registry (Confluent REST API), needed when a topic is Avro (also
+    /// `SCHEMA_REGISTRY_URL`).
+    #[arg(long)]
     pub schema_registry_url: Option<String>,
 }
 

@@ -36,7 +36,7 @@ pub fn print_report(report: &AuditReport) {
 pub fn run(args: AuditArgs) -> anyhow::Result<ExitCode> {
     let def = args.topology.load()?;
     let codec = args.topology.codec(&def, &[])?;
-    let report = audit(&args.kafka.bootstrap, &def, &codec, args.timeout)?;
+    let report = audit(&args.kafka.settings()?, &def, &codec, args.timeout)?;
     print_report(&report);
     Ok(if report.is_clean() {
         ExitCode::SUCCESS

@@ -22,7 +22,7 @@ pub struct LagArgs {
 
 pub fn run(args: LagArgs) -> anyhow::Result<ExitCode> {
     let lags = group_lag(
-        &args.kafka.bootstrap,
+        &args.kafka.settings()?,
         &args.group,
         &args.topics,
         args.timeout,

@@ -56,7 +56,7 @@ pub fn run(args: LoadArgs) -> anyhow::Result<ExitCode> {
         deliver_within: args.deliver_within,
     };
     let bar = progress_bar(spec.orders, "produced");
-    load::run(&args.kafka.bootstrap, &def, &codec, &spec, &|n| {
+    load::run(&args.kafka.settings()?, &def, &codec, &spec, &|n| {
         bar.set_position(n)
     })?;
     bar.finish();

@@ -2,6 +2,8 @@
 
 mod args;
 mod audit;
+pub mod config;
+mod config_show;
 mod demo;
 mod describe;
 mod lag;
@@ -12,7 +14,7 @@ mod simulate;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::telemetry::{init_tracing, shutdown_tracing, LogFormat};
 
@@ -33,6 +35,10 @@ pub struct Cli {
     /// unset.
     #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    /// A configuration file (TOML, or YAML): every flag's setting by its name (`application_id`),
+    /// librdkafka properties under `kafka`. Flags and `SAGA_STREAMS_...` variables take precedence.
+    #[arg(long, global = true, env = "SAGA_STREAMS_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -55,11 +61,24 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Avro schemas of the topology: list, check compatibility against the registry, register.
     Schemas(schemas::SchemasArgs),
+    /// The effective configuration (file, environment, flags), every secret masked.
+    Config(config_show::ConfigArgs),
 }
 
 /// Parses the command line, runs the command and maps its result to the process exit code.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Err(e) = config::prepare(&argv, &config::with_env_vars(Cli::command())) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    // Built again: clap reads a variable's value when the flag is given it, so only now are
+    // the file's values (set as variables by `prepare`) seen.
+    let matches = config::with_env_vars(Cli::command()).get_matches_from(argv);
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let default_filter = match cli.command {
         Command::Demo(_) => "warn",
         _ => "info",
@@ -81,6 +100,7 @@ pub fn main() -> ExitCode {
         Command::Lag(args) => lag::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Schemas(args) => schemas::run(args),
+        Command::Config(args) => config_show::run(args),
     };
     shutdown_tracing();
     match result {

@@ -85,6 +85,7 @@ pub fn run_saga(
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let kafka = args.kafka.settings()?;
     let def = args.topology.load()?;
     let codec = args.topology.codec(&def, &def.output_topics())?;
     let application_id = args
@@ -98,6 +99,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         &args.kafka.bootstrap,
         args.state_dir,
     );
+    config.kafka = kafka.properties().clone();
     config.commit_interval = args.commit_interval;
     config.guarantee = args.guarantee;
     config.partitioner = args.partitioner.setting().to_string();

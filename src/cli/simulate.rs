@@ -127,6 +127,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
             args.behaviour.latency
         );
     }
+    let kafka = args.kafka.settings()?;
     let def = args.topology.load()?;
     let step = step_index(&def, &args.step)?;
     let codec = args
@@ -135,12 +136,13 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
     let application_id = args
         .application_id
         .unwrap_or_else(|| format!("{}sim-{}", args.topology.topic_prefix, def.steps[step].name));
-    let config = RuntimeConfig::new(
+    let mut config = RuntimeConfig::new(
         application_id,
         args.instance_id.unwrap_or_else(default_instance_id),
         args.kafka.bootstrap,
         args.state_dir,
     );
+    config.kafka = kafka.properties().clone();
     let (config, supplier) = participant(def, codec, step, args.behaviour.behaviour(), config);
     if let Some(addr) = args.metrics_addr {
         let metrics = crate::telemetry::metrics::install_recorder().map_err(anyhow::Error::msg)?;

@@ -13,6 +13,7 @@
 //!   task knows up to what time it has consumed its inputs.
 //! - [`watchdog`]: bounds blocking client calls librdkafka does not bound itself.
 
+pub mod client;
 pub mod config;
 pub mod engine;
 pub mod error;

@@ -44,7 +44,10 @@ pub struct EofContext;
 impl ClientContext for EofContext {
     fn error(&self, error: KafkaError, reason: &str) {
         match error {
-            KafkaError::PartitionEOF(_) => tracing::trace!(reason, "end of partition reached"),
+            KafkaError::PartitionEOF(_)
+            | KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF) => {
+                tracing::trace!(reason, "end of partition reached")
+            }
             other => tracing::warn!(error = %other, reason, "consumer error"),
         }
     }

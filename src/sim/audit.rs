@@ -19,6 +19,7 @@ use serde_json::Value;
 
 use super::{for_each_to_end, ReadRecord, SimError};
 use crate::codec::Codec;
+use crate::runtime::client::KafkaClients;
 use crate::saga::processor::dlq_headers;
 use crate::saga::topology::SagaDefinition;
 
@@ -127,7 +128,7 @@ fn parse(
 /// to leave out), then every other topic, one record at a time. What is kept is a small trail per
 /// saga, never the records.
 pub fn audit(
-    bootstrap: &str,
+    kafka: &(impl KafkaClients + ?Sized),
     def: &SagaDefinition,
     codec: &Codec,
     timeout: Duration,
@@ -142,11 +143,9 @@ pub fn audit(
     let (letters, others): (Vec<String>, Vec<String>) =
         topics.into_iter().partition(|t| t.ends_with(".dlq"));
     let mut auditor = Auditor::new(def, codec);
-    for_each_to_end(bootstrap, &letters, timeout, &mut |r| {
-        auditor.dead_letter(&r)
-    })?;
+    for_each_to_end(kafka, &letters, timeout, &mut |r| auditor.dead_letter(&r))?;
     let left = deadline.saturating_duration_since(std::time::Instant::now());
-    for_each_to_end(bootstrap, &others, left, &mut |r| auditor.record(&r))?;
+    for_each_to_end(kafka, &others, left, &mut |r| auditor.record(&r))?;
     Ok(auditor.finish())
 }
 

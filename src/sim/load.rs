@@ -4,7 +4,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
@@ -14,6 +13,7 @@ use serde_json::{json, Value};
 use super::participant::share_of;
 use super::SimError;
 use crate::codec::Codec;
+use crate::runtime::client::KafkaClients;
 use crate::saga::contract::{rfc3339, CORRELATION_HEADER};
 use crate::saga::SagaDefinition;
 
@@ -84,15 +84,14 @@ impl ProducerContext for DeliveryCounter {
 
 /// Produces the orders; calls `progress(produced)` now and then. Returns the saga ids.
 pub fn run(
-    bootstrap: &str,
+    kafka: &(impl KafkaClients + ?Sized),
     def: &SagaDefinition,
     codec: &Codec,
     spec: &LoadSpec,
     progress: &dyn Fn(u64),
 ) -> Result<Vec<String>, SimError> {
-    let mut config = ClientConfig::new();
+    let mut config = kafka.client_config();
     config
-        .set("bootstrap.servers", bootstrap)
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
         .set(

@@ -17,6 +17,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
+use crate::runtime::client::KafkaClients;
 use crate::runtime::{EofContext, InputRecord};
 use crate::saga::SagaDefinition;
 
@@ -42,12 +43,12 @@ impl SimError {
 /// Creates every topic of a topology (inputs, outputs and DLQs) with `partitions` partitions;
 /// topics that exist already are left as they are. Returns the names created.
 pub fn create_topics(
-    bootstrap: &str,
+    kafka: &(impl KafkaClients + ?Sized),
     def: &SagaDefinition,
     partitions: i32,
 ) -> Result<Vec<String>, SimError> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
+    let admin: AdminClient<DefaultClientContext> = kafka
+        .client_config()
         .create()
         .map_err(SimError::kafka("create admin client"))?;
     let mut names = def.input_topics();
@@ -101,12 +102,15 @@ impl ReadRecord {
 pub struct TopicScanner {
     consumer: BaseConsumer<EofContext>,
     partitions: usize,
+    /// The client settings, for the watermark client of `read_topic_to_end`.
+    base: ClientConfig,
 }
 
 impl TopicScanner {
-    pub fn new(bootstrap: &str, topics: &[String]) -> Result<Self, SimError> {
-        let consumer: BaseConsumer<EofContext> = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
+    pub fn new(kafka: &(impl KafkaClients + ?Sized), topics: &[String]) -> Result<Self, SimError> {
+        let base = kafka.client_config();
+        let consumer: BaseConsumer<EofContext> = base
+            .clone()
             .set(
                 "group.id",
                 format!("saga-streams-scan-{}", uuid::Uuid::new_v4()),
@@ -153,6 +157,7 @@ impl TopicScanner {
         Ok(Self {
             consumer,
             partitions: assignment.count(),
+            base,
         })
     }
 
@@ -182,7 +187,6 @@ impl TopicScanner {
     /// past, or records written before the audit would be missed.
     fn read_topic_to_end(
         self,
-        bootstrap: &str,
         deadline: Instant,
         each: &mut dyn FnMut(ReadRecord),
     ) -> Result<(), SimError> {
@@ -192,8 +196,9 @@ impl TopicScanner {
             .map_err(SimError::kafka("assignment"))?;
         // The high watermark as a read_uncommitted client sees it: a read_committed one is told
         // the last stable offset instead.
-        let uncommitted: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
+        let uncommitted: BaseConsumer = self
+            .base
+            .clone()
             .set("isolation.level", "read_uncommitted")
             .create()
             .map_err(SimError::kafka("create consumer"))?;
@@ -272,19 +277,19 @@ const UNREAD_PARTITION_PATIENCE: Duration = Duration::from_secs(30);
 
 /// Reads topics from the beginning to their current end, `read_committed`.
 pub fn read_to_end(
-    bootstrap: &str,
+    kafka: &(impl KafkaClients + ?Sized),
     topics: &[String],
     timeout: Duration,
 ) -> Result<Vec<ReadRecord>, SimError> {
     let mut all = Vec::new();
-    for_each_to_end(bootstrap, topics, timeout, &mut |r| all.push(r))?;
+    for_each_to_end(kafka, topics, timeout, &mut |r| all.push(r))?;
     Ok(all)
 }
 
 /// Like [`read_to_end`], handing each record to `each` as it is read instead of keeping them:
 /// memory stays bounded whatever the size of the topics.
 pub fn for_each_to_end(
-    bootstrap: &str,
+    kafka: &(impl KafkaClients + ?Sized),
     topics: &[String],
     timeout: Duration,
     each: &mut dyn FnMut(ReadRecord),
@@ -292,8 +297,8 @@ pub fn for_each_to_end(
     let deadline = Instant::now() + timeout;
     // One consumer per topic: end-of-partition events name the partition, not the topic.
     for topic in topics {
-        let scanner = TopicScanner::new(bootstrap, std::slice::from_ref(topic))?;
-        scanner.read_topic_to_end(bootstrap, deadline, each)?;
+        let scanner = TopicScanner::new(kafka, std::slice::from_ref(topic))?;
+        scanner.read_topic_to_end(deadline, each)?;
     }
     Ok(())
 }

@@ -9,12 +9,12 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
+use crate::runtime::client::KafkaClients;
 use crate::runtime::EofContext;
 
 /// Gaps up to this size are read to tell data records from transaction markers.
@@ -33,9 +33,12 @@ pub struct PartitionLag {
     pub lag: i64,
 }
 
-fn consumer(bootstrap: &str, group: &str) -> Result<BaseConsumer<EofContext>, String> {
-    ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
+fn consumer(
+    kafka: &(impl KafkaClients + ?Sized),
+    group: &str,
+) -> Result<BaseConsumer<EofContext>, String> {
+    kafka
+        .client_config()
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
@@ -46,14 +49,14 @@ fn consumer(bootstrap: &str, group: &str) -> Result<BaseConsumer<EofContext>, St
 
 /// The lag of `group` on `topics` (all topics it has committed offsets on when empty).
 pub fn group_lag(
-    bootstrap: &str,
+    kafka: &(impl KafkaClients + ?Sized),
     group: &str,
     topics: &[String],
     timeout: Duration,
 ) -> Result<Vec<PartitionLag>, String> {
     // A consumer with the group's id that never subscribes: it reads the group's committed
     // offsets without joining the group.
-    let client = consumer(bootstrap, group)?;
+    let client = consumer(kafka, group)?;
     let metadata = client
         .fetch_metadata(None, timeout)
         .map_err(|e| format!("fetching metadata: {e}"))?;
@@ -91,7 +94,7 @@ pub fn group_lag(
             .map_err(|err| format!("end offset of {}/{}: {err}", e.topic(), e.partition()))?;
         let gap = end - committed;
         let lag = if gap > 0 && gap <= VERIFY_GAP {
-            data_records(bootstrap, e.topic(), e.partition(), committed, end, timeout)?
+            data_records(kafka, e.topic(), e.partition(), committed, end, timeout)?
         } else {
             gap.max(0)
         };
@@ -109,17 +112,14 @@ pub fn group_lag(
 
 /// Counts the records `read_committed` delivers in `[from, end)`.
 fn data_records(
-    bootstrap: &str,
+    kafka: &(impl KafkaClients + ?Sized),
     topic: &str,
     partition: i32,
     from: i64,
     end: i64,
     timeout: Duration,
 ) -> Result<i64, String> {
-    let reader = consumer(
-        bootstrap,
-        &format!("saga-streams-lag-{}", uuid::Uuid::new_v4()),
-    )?;
+    let reader = consumer(kafka, &format!("saga-streams-lag-{}", uuid::Uuid::new_v4()))?;
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition, Offset::Offset(from))
         .map_err(|e| e.to_string())?;

@@ -1,5 +1,6 @@
 // Asks the broker for its cluster metadata with the real Java client, retrying until a deadline.
 // Run as a single-file program: java -cp '<kafka lib>/*' KafkaProbe.java <bootstrap> <seconds>
+// [client.properties]  (security settings for a secured listener)
 // Exit 0 once a metadata request succeeded, 1 when the deadline passed.
 import java.util.Properties;
 import java.util.concurrent.TimeUnit;
@@ -11,6 +12,11 @@ public class KafkaProbe {
         String bootstrap = args[0];
         long deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(Long.parseLong(args[1]));
         Properties props = new Properties();
+        if (args.length > 2) {
+            try (java.io.Reader in = new java.io.FileReader(args[2])) {
+                props.load(in);
+            }
+        }
         props.put(AdminClientConfig.BOOTSTRAP_SERVERS_CONFIG, bootstrap);
         props.put(AdminClientConfig.REQUEST_TIMEOUT_MS_CONFIG, "3000");
         props.put(AdminClientConfig.DEFAULT_API_TIMEOUT_MS_CONFIG, "5000");

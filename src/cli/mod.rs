@@ -1,5 +1,6 @@
 //! The command line. Each subcommand lives in a file of its own here.
 
+mod acls;
 mod args;
 mod audit;
 pub mod config;
@@ -63,6 +64,8 @@ pub enum Command {
     Schemas(schemas::SchemasArgs),
     /// The effective configuration (file, environment, flags), every secret masked.
     Config(config_show::ConfigArgs),
+    /// The ACLs the orchestrator (or a participant simulator) needs on a secured cluster.
+    Acls(acls::AclsArgs),
 }
 
 /// Parses the command line, runs the command and maps its result to the process exit code.
@@ -101,6 +104,7 @@ pub fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args),
         Command::Schemas(args) => schemas::run(args),
         Command::Config(args) => config_show::run(args),
+        Command::Acls(args) => acls::run(args),
     };
     shutdown_tracing();
     match result {

@@ -1,0 +1,262 @@
+//! The saga on the secured broker of `scripts/stack up --secure`: SASL_SSL with SCRAM-SHA-512
+//! users and mTLS, each application with exactly the ACLs `saga-streams acls` lists.
+
+mod common;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{unique, BinProcess};
+use saga_streams::runtime::client::KafkaSettings;
+use saga_streams::saga::SagaDefinition;
+
+const START_SECURE: &str =
+    "start the secured broker and export its addresses: scripts/stack up --secure && eval \"$(scripts/stack secure-env)\"";
+
+/// The secured broker of the local stack.
+struct Secure {
+    sasl: String,
+    mtls: String,
+    dir: PathBuf,
+    kafka_lib: PathBuf,
+}
+
+fn secure() -> Secure {
+    let var = |name: &str| {
+        std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set; {START_SECURE}"))
+    };
+    Secure {
+        sasl: var("SAGA_STACK_SECURE_SASL"),
+        mtls: var("SAGA_STACK_SECURE_MTLS"),
+        dir: PathBuf::from(var("SAGA_STACK_SECURE_DIR")),
+        kafka_lib: PathBuf::from(var("SAGA_STACK_KAFKA_LIB")),
+    }
+}
+
+impl Secure {
+    fn ca(&self) -> String {
+        self.dir.join("certs/ca.pem").display().to_string()
+    }
+
+    /// `--kafka-config` properties of SCRAM user `user` on the SASL_SSL listener.
+    fn sasl_properties(&self, user: &str) -> Vec<(String, String)> {
+        vec![
+            ("security.protocol".into(), "SASL_SSL".into()),
+            ("sasl.mechanism".into(), "SCRAM-SHA-512".into()),
+            ("sasl.username".into(), user.into()),
+            (
+                "sasl.password_file".into(),
+                self.dir
+                    .join(format!("users/{user}.password"))
+                    .display()
+                    .to_string(),
+            ),
+            ("ssl.ca.location".into(), self.ca()),
+        ]
+    }
+
+    /// `--kafka-config` properties of the client certificate `name` on the mTLS listener.
+    fn mtls_properties(&self, name: &str) -> Vec<(String, String)> {
+        let cert = |ext: &str| {
+            self.dir
+                .join(format!("certs/{name}.{ext}"))
+                .display()
+                .to_string()
+        };
+        vec![
+            ("security.protocol".into(), "SSL".into()),
+            ("ssl.ca.location".into(), self.ca()),
+            ("ssl.certificate.location".into(), cert("pem")),
+            ("ssl.key.location".into(), cert("key")),
+        ]
+    }
+
+    fn admin(&self) -> KafkaSettings {
+        let mut settings = KafkaSettings::new(self.sasl.clone());
+        for (k, v) in self.sasl_properties("admin") {
+            settings.set(&k, &v).unwrap();
+        }
+        settings
+    }
+
+    /// Adds ACLs (lines of `saga-streams acls`) as the administrator.
+    fn grant(&self, lines: &str) {
+        let mut child = Command::new("java")
+            .arg("-cp")
+            .arg(format!("{}/*", self.kafka_lib.display()))
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/scripts/lib/KafkaAcls.java"
+            ))
+            .arg(&self.sasl)
+            .arg(self.dir.join("admin.properties"))
+            .arg("add")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running java");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(lines.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "adding ACLs failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// `--kafka-config` flags.
+fn flags(properties: &[(String, String)]) -> Vec<String> {
+    properties
+        .iter()
+        .flat_map(|(k, v)| ["--kafka-config".to_string(), format!("{k}={v}")])
+        .collect()
+}
+
+/// Runs the binary to its end: (success, stdout + stderr).
+fn saga_streams(args: &[String]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_saga-streams"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("running saga-streams");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+/// The whole saga on one listener of the secured broker: topics created by the administrator,
+/// the orchestrator as `app`, each participant simulator as `participant`, each with exactly the
+/// ACLs `saga-streams acls` lists; orders produced and audited by the administrator.
+fn saga_on_the_secured_broker(
+    bootstrap: &str,
+    app: &[(String, String)],
+    app_principal: &str,
+    participant: &[(String, String)],
+    participant_principal: &str,
+) {
+    let secure = secure();
+    let prefix = format!("{}.", unique("secure"));
+    let dir = tempfile::tempdir().unwrap();
+    let topology = "topologies/order_saga.yaml";
+    let def = SagaDefinition::load(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(topology))
+        .unwrap()
+        .with_topic_prefix(&prefix);
+    saga_streams::sim::create_topics(&secure.admin(), &def, 2).unwrap();
+    let common_args = strings(&["--topology", topology, "--topic-prefix", &prefix]);
+
+    let mut acls = strings(&["acls", "--principal", app_principal]);
+    acls.extend(common_args.clone());
+    let (ok, lines) = saga_streams(&acls);
+    assert!(ok, "{lines}");
+    secure.grant(&lines);
+    for step in ["payment", "inventory"] {
+        let mut acls = strings(&[
+            "acls",
+            "--principal",
+            participant_principal,
+            "--participant",
+            step,
+        ]);
+        acls.extend(common_args.clone());
+        let (ok, lines) = saga_streams(&acls);
+        assert!(ok, "{lines}");
+        secure.grant(&lines);
+    }
+
+    let base = |command: &[&str], kafka: &[(String, String)]| {
+        let mut args = strings(command);
+        args.extend(strings(&["--bootstrap", bootstrap]));
+        args.extend(common_args.clone());
+        args.extend(flags(kafka));
+        args
+    };
+    let mut run = base(
+        &["run", "--instance-id", "a", "--metrics-addr", "127.0.0.1:0"],
+        app,
+    );
+    run.extend([
+        "--state-dir".into(),
+        dir.path().join("a").display().to_string(),
+    ]);
+    let _orchestrator = BinProcess::spawn(&run, dir.path().join("a.log"));
+    let mut participants = Vec::new();
+    for step in ["payment", "inventory"] {
+        let mut args = base(&["simulate", step, "--instance-id", "sim"], participant);
+        args.extend([
+            "--state-dir".into(),
+            dir.path().join(step).display().to_string(),
+        ]);
+        participants.push(BinProcess::spawn(
+            &args,
+            dir.path().join(format!("{step}.log")),
+        ));
+    }
+
+    let admin = secure.sasl_properties("admin");
+    let admin_on = |command: &[&str]| {
+        let mut args = strings(command);
+        args.extend(strings(&["--bootstrap", &secure.sasl]));
+        args.extend(common_args.clone());
+        args.extend(flags(&admin));
+        args
+    };
+    let (ok, out) = saga_streams(&admin_on(&["load", "--orders", "200", "--rate", "400"]));
+    assert!(ok, "{out}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (ok, out) = saga_streams(&admin_on(&["audit", "--timeout", "60s"]));
+        if ok {
+            assert!(out.contains("audit: PASSED (200 sagas"), "{out}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the saga did not finish on the secured broker:\n{out}\norchestrator log:\n{}",
+            std::fs::read_to_string(dir.path().join("a.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+#[test]
+fn the_saga_runs_over_sasl_ssl_with_exactly_the_listed_acls() {
+    let secure = secure();
+    saga_on_the_secured_broker(
+        &secure.sasl,
+        &secure.sasl_properties("saga"),
+        "User:saga",
+        &secure.sasl_properties("participant"),
+        "User:participant",
+    );
+}
+
+#[test]
+fn the_saga_runs_over_mtls_with_exactly_the_listed_acls() {
+    let secure = secure();
+    saga_on_the_secured_broker(
+        &secure.mtls,
+        &secure.mtls_properties("saga"),
+        "User:saga",
+        &secure.mtls_properties("participant"),
+        "User:participant",
+    );
+}

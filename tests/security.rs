@@ -260,3 +260,107 @@ fn the_saga_runs_over_mtls_with_exactly_the_listed_acls() {
         "User:participant",
     );
 }
+
+/// Runs the orchestrator as `saga` on the SASL_SSL listener, with the ACLs `saga-streams acls`
+/// lists except those `drop` matches and the password in `password_file`; returns its log once it
+/// exited, failing if it did not within a minute.
+fn orchestrator_refused(drop: &dyn Fn(&str) -> bool, password_file: Option<&str>) -> String {
+    let secure = secure();
+    let prefix = format!("{}.", unique("refused"));
+    let dir = tempfile::tempdir().unwrap();
+    let topology = "topologies/order_saga.yaml";
+    let def = SagaDefinition::load(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(topology))
+        .unwrap()
+        .with_topic_prefix(&prefix);
+    saga_streams::sim::create_topics(&secure.admin(), &def, 1).unwrap();
+    let common_args = strings(&["--topology", topology, "--topic-prefix", &prefix]);
+    let mut acls = strings(&["acls", "--principal", "User:saga"]);
+    acls.extend(common_args.clone());
+    let (ok, lines) = saga_streams(&acls);
+    assert!(ok, "{lines}");
+    let kept: String = lines
+        .lines()
+        .filter(|l| !drop(l))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_ne!(
+        kept.lines().count(),
+        lines.lines().count(),
+        "nothing dropped"
+    );
+    secure.grant(&kept);
+    let mut properties = secure.sasl_properties("saga");
+    if let Some(file) = password_file {
+        properties.retain(|(k, _)| k != "sasl.password_file");
+        properties.push(("sasl.password_file".into(), file.into()));
+    }
+    let mut args = strings(&["run", "--instance-id", "a", "--metrics-addr", "127.0.0.1:0"]);
+    args.extend(strings(&["--bootstrap", &secure.sasl]));
+    args.extend(common_args);
+    args.extend(flags(&properties));
+    args.extend([
+        "--state-dir".into(),
+        dir.path().join("a").display().to_string(),
+    ]);
+    let mut orchestrator = BinProcess::spawn(&args, dir.path().join("a.log"));
+    let exited = common::poll_until(Duration::from_secs(60), || {
+        matches!(orchestrator.child.try_wait(), Ok(Some(_)))
+    });
+    let log = orchestrator.log_text();
+    assert!(exited, "the orchestrator did not stop:\n{log}");
+    let status = orchestrator.child.try_wait().unwrap().unwrap();
+    assert!(!status.success(), "{log}");
+    log
+}
+
+#[test]
+fn a_wrong_password_fails_fast_naming_the_principal_and_the_listener() {
+    let secure = secure();
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = dir.path().join("wrong");
+    let password = "not-the-password-5e1f";
+    std::fs::write(&wrong, password).unwrap();
+    let started = Instant::now();
+    let log = orchestrator_refused(
+        &|l| l.contains("nothing is dropped here") || l.contains("DESCRIBE TRANSACTIONAL_ID"),
+        Some(&wrong.display().to_string()),
+    );
+    assert!(started.elapsed() < Duration::from_secs(45), "{log}");
+    assert!(
+        log.contains(&format!(
+            "authentication as 'saga' (SCRAM-SHA-512) on the SASL_SSL listener {}",
+            secure.sasl
+        )),
+        "{log}"
+    );
+    assert!(
+        !log.contains(password),
+        "the password is in the log:\n{log}"
+    );
+}
+
+#[test]
+fn a_missing_acl_fails_at_start_up_naming_the_operation_and_the_resource() {
+    let log = orchestrator_refused(&|l| l.contains("READ GROUP"), None);
+    assert!(
+        log.contains("not authorized to Read consumer group"),
+        "{log}"
+    );
+    assert!(
+        log.contains("as 'saga' (SCRAM-SHA-512) on the SASL_SSL listener"),
+        "{log}"
+    );
+    let log = orchestrator_refused(&|l| l.contains("WRITE TRANSACTIONAL_ID"), None);
+    assert!(
+        log.contains("not authorized to Write transactional id"),
+        "{log}"
+    );
+    let log = orchestrator_refused(
+        &|l| l.contains("READ TOPIC LITERAL") && l.contains("payments.events"),
+        None,
+    );
+    assert!(
+        log.contains("may not describe") && log.contains("payments.events"),
+        "{log}"
+    );
+}

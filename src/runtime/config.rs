@@ -115,6 +115,59 @@ impl RuntimeConfig {
         }
     }
 
+    /// Who this client is to the cluster, for error messages: the SASL user or the client
+    /// certificate, the security protocol and the bootstrap servers. Never a secret.
+    pub fn identity(&self) -> String {
+        let protocol = self
+            .kafka
+            .get("security.protocol")
+            .map_or("PLAINTEXT", String::as_str);
+        let who = match (
+            self.kafka.get("sasl.username"),
+            self.kafka.get("ssl.certificate.location"),
+        ) {
+            (Some(user), _) => format!(
+                "as '{user}' ({})",
+                self.kafka
+                    .get("sasl.mechanism")
+                    .map_or("GSSAPI", String::as_str)
+            ),
+            (None, Some(cert)) => format!("with the client certificate {cert}"),
+            (None, None) => "without credentials".to_string(),
+        };
+        format!("{who} on the {protocol} listener {}", self.bootstrap)
+    }
+
+    /// The error for a refusal (`code`, see [`super::error::refusal`]): what was refused, to whom,
+    /// and what to grant.
+    pub fn refused(&self, code: rdkafka::types::RDKafkaErrorCode, detail: &str) -> RuntimeError {
+        use rdkafka::types::RDKafkaErrorCode::*;
+        let what = match code {
+            GroupAuthorizationFailed => {
+                format!(
+                    "not authorized to Read consumer group '{}'",
+                    self.application_id
+                )
+            }
+            TransactionalIdAuthorizationFailed => format!(
+                "not authorized to Write transactional id '{}'",
+                self.transactional_id()
+            ),
+            TopicAuthorizationFailed => format!("not authorized on a topic ({detail})"),
+            ClusterAuthorizationFailed => format!("not authorized on the cluster ({detail})"),
+            _ => {
+                return RuntimeError::Denied(format!(
+                    "authentication {} failed: {detail}",
+                    self.identity()
+                ))
+            }
+        };
+        RuntimeError::Denied(format!(
+            "{what}, {}; grant the ACLs `saga-streams acls` lists",
+            self.identity()
+        ))
+    }
+
     pub fn transactional_id(&self) -> String {
         format!("{}-{}", self.application_id, self.instance_id)
     }

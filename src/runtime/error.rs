@@ -154,6 +154,11 @@ pub enum RuntimeError {
     /// Shutdown was requested while waiting.
     #[error("interrupted by shutdown while {0}")]
     Interrupted(&'static str),
+    /// The cluster refused this client: its credentials, or an ACL it needs. New clients would
+    /// be refused the same way, so the runtime stops, naming the principal, the listener and
+    /// what was refused.
+    #[error("the Kafka cluster refused this client: {0}")]
+    Denied(String),
     /// An armed failpoint (test builds only).
     #[error("kafka {operation}: injected failure ({facts:?})")]
     Injected {
@@ -162,7 +167,27 @@ pub enum RuntimeError {
     },
 }
 
+/// What a refusal code means, when the cluster refused the client (credentials or ACLs).
+pub fn refusal(code: RDKafkaErrorCode) -> Option<&'static str> {
+    use RDKafkaErrorCode::*;
+    Some(match code {
+        Authentication | SaslAuthenticationFailed => "authentication failed",
+        GroupAuthorizationFailed => "not authorized to Read the consumer group",
+        TopicAuthorizationFailed => "not authorized on a topic",
+        TransactionalIdAuthorizationFailed => "not authorized to Write the transactional id",
+        ClusterAuthorizationFailed => "not authorized on the cluster",
+        _ => return None,
+    })
+}
+
 impl RuntimeError {
+    /// The refusal code of this error, when the cluster refused the client.
+    pub fn refusal_code(&self) -> Option<RDKafkaErrorCode> {
+        self.facts()
+            .and_then(|f| f.code)
+            .filter(|code| refusal(*code).is_some())
+    }
+
     pub fn kafka(operation: &'static str) -> impl FnOnce(KafkaError) -> RuntimeError {
         move |source| RuntimeError::Kafka { operation, source }
     }
@@ -190,7 +215,9 @@ impl RuntimeError {
             RuntimeError::State(_) | RuntimeError::Processor(_) | RuntimeError::Group(_) => {
                 ErrorClass::Abortable
             }
-            RuntimeError::Config(_) | RuntimeError::Topics(_) => ErrorClass::Fatal,
+            RuntimeError::Config(_) | RuntimeError::Topics(_) | RuntimeError::Denied(_) => {
+                ErrorClass::Fatal
+            }
         }
     }
 }

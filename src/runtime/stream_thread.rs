@@ -18,11 +18,13 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Statistics};
 
 use super::config::RuntimeConfig;
 use super::engine::{sleep_unless_shutdown, Engine};
-use super::error::{ErrorClass, RuntimeError};
+use super::error::{refusal, ErrorClass, RuntimeError};
 use super::processor::{InputRecord, ProcessorSupplier};
 use super::topics::prepare_topics;
 use crate::state::rocks::RocksResources;
@@ -79,6 +81,8 @@ const POLL_BATCH: usize = 5_000;
 
 struct StreamsContext {
     engine: Arc<Mutex<Engine>>,
+    /// A refusal librdkafka reported (credentials, ACLs): it ends the run.
+    refused: Mutex<Option<(RDKafkaErrorCode, String)>>,
     /// Assigned input partitions the consumer knows no leader for, and since when.
     leaderless: Mutex<BTreeMap<(String, i32), Instant>>,
 }
@@ -91,6 +95,18 @@ const LEADERLESS_REBUILD_AFTER: Duration = Duration::from_secs(60);
 impl ClientContext for StreamsContext {
     fn stats(&self, statistics: Statistics) {
         self.report_lag(&statistics);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        match error.rdkafka_error_code().filter(|c| refusal(*c).is_some()) {
+            Some(code) => {
+                tracing::error!(error = %error, reason, "the cluster refused the consumer");
+                if let Ok(mut refused) = self.refused.lock() {
+                    refused.get_or_insert((code, reason.to_string()));
+                }
+            }
+            None => tracing::error!(error = %error, reason, "librdkafka error"),
+        }
     }
 }
 
@@ -206,10 +222,16 @@ pub fn run(
     shutdown: Shutdown,
 ) -> Result<(), RuntimeError> {
     config.validate()?;
+    let mut refusals = Refusals::default();
     let partitions = loop {
         match prepare_topics(&config) {
             Ok(partitions) => break partitions,
             Err(e @ (RuntimeError::Config(_) | RuntimeError::Topics(_))) => return Err(e),
+            Err(e) if refusals.stop(&config, &e)? => {
+                if !sleep_unless_shutdown(&shutdown, Duration::from_secs(1)) {
+                    return Ok(());
+                }
+            }
             Err(e) => {
                 tracing::warn!(error = %e, bootstrap = %config.bootstrap, "cannot reach the Kafka cluster yet; waiting for it");
                 if !sleep_unless_shutdown(&shutdown, Duration::from_secs(2)) {
@@ -231,7 +253,15 @@ pub fn run(
         match run_generation(&config, &supplier, &resources, &shutdown) {
             Ok(()) => return Ok(()),
             Err(e @ (RuntimeError::Config(_) | RuntimeError::Topics(_))) => return Err(e),
+            Err(e) if refusals.stop(&config, &e)? => {
+                if !sleep_unless_shutdown(&shutdown, Duration::from_secs(1)) {
+                    return Ok(());
+                }
+            }
             Err(e) => {
+                if started.elapsed() >= HEALTHY_GENERATION {
+                    refusals = Refusals::default();
+                }
                 if shutdown.requested() {
                     tracing::info!(error = %e, "stopped while recovering from an error");
                     return Ok(());
@@ -247,6 +277,34 @@ pub fn run(
                 }
             }
         }
+    }
+}
+
+/// Refusals by the cluster (credentials, ACLs) are tried again for [`REFUSAL_GRACE`]: a user or
+/// an ACL granted a moment ago takes a moment to reach every broker. Then the runtime stops.
+#[derive(Default)]
+struct Refusals {
+    since: Option<Instant>,
+}
+
+/// How long the cluster may keep refusing this client before the runtime stops.
+const REFUSAL_GRACE: Duration = Duration::from_secs(10);
+
+impl Refusals {
+    /// `Ok(true)`: `error` is a refusal, try again; `Ok(false)`: it is not one; `Err`: refused for
+    /// longer than the grace, stop with the refusal.
+    fn stop(&mut self, config: &RuntimeConfig, error: &RuntimeError) -> Result<bool, RuntimeError> {
+        let denied = match (error, error.refusal_code()) {
+            (RuntimeError::Denied(message), _) => RuntimeError::Denied(message.clone()),
+            (_, Some(code)) => config.refused(code, &error.to_string()),
+            _ => return Ok(false),
+        };
+        let since = *self.since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= REFUSAL_GRACE {
+            return Err(denied);
+        }
+        tracing::warn!(error = %denied, "refused by the cluster; trying again for a few seconds");
+        Ok(true)
     }
 }
 
@@ -402,6 +460,7 @@ fn build_consumer(
     }
     client
         .create_with_context(StreamsContext {
+            refused: Mutex::new(None),
             engine,
             leaderless: Mutex::new(BTreeMap::new()),
         })
@@ -469,7 +528,21 @@ fn poll_loop(
                 config.commit_interval.min(Duration::from_millis(50))
             }
         };
-        poll_into(consumer, &mut batch, wait);
+        if let Some(error) = poll_into(consumer, &mut batch, wait) {
+            let code = error
+                .rdkafka_error_code()
+                .unwrap_or(RDKafkaErrorCode::Authentication);
+            return Err(config.refused(code, &error.to_string()));
+        }
+        let refused = consumer
+            .context()
+            .refused
+            .lock()
+            .ok()
+            .and_then(|r| r.clone());
+        if let Some((code, reason)) = refused {
+            return Err(config.refused(code, &reason));
+        }
 
         let mut guard = lock(engine);
         if let Some(failure) = guard.failure.take() {
@@ -523,7 +596,10 @@ fn poll_loop(
             });
         match step {
             Ok(()) => failures.succeeded(config, committed_records),
-            Err(e) if e.class() == ErrorClass::Fatal => return Err(e),
+            // Refused (an output topic not writable, say): no retry can fix it.
+            Err(e) if e.class() == ErrorClass::Fatal || e.refusal_code().is_some() => {
+                return Err(e)
+            }
             Err(e) => {
                 let pause = failures.failed(config, &e);
                 tracing::warn!(error = %e, "aborting the commit cycle and rewinding inputs");
@@ -547,12 +623,12 @@ fn poll_loop(
 const POLL_BATCH_BYTES: usize = 8 << 20;
 
 /// Polls up to [`POLL_BATCH`] records or [`POLL_BATCH_BYTES`]: waits up to `wait` for the
-/// first, then takes what is ready.
+/// first, then takes what is ready. Returns a refusal (credentials, ACLs) the consumer reported.
 fn poll_into(
     consumer: &BaseConsumer<StreamsContext>,
     batch: &mut Vec<InputRecord>,
     wait: Duration,
-) {
+) -> Option<KafkaError> {
     let mut timeout = wait;
     let mut bytes = 0;
     while batch.len() < POLL_BATCH && bytes < POLL_BATCH_BYTES {
@@ -563,14 +639,16 @@ fn poll_into(
                 batch.push(record);
                 timeout = Duration::ZERO;
             }
+            Some(Err(e)) if e.rdkafka_error_code().and_then(refusal).is_some() => return Some(e),
             Some(Err(e)) => {
                 tracing::warn!(error = %e, "consumer error");
-                return;
+                return None;
             }
             // Nothing ready, or a rebalance was just served.
-            None => return,
+            None => return None,
         }
     }
+    None
 }
 
 #[cfg(test)]

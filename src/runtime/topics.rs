@@ -4,13 +4,39 @@
 
 use std::time::Duration;
 
+use std::sync::Mutex;
+use std::time::Instant;
+
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::ClientContext;
 
 use super::config::RuntimeConfig;
-use super::error::RuntimeError;
+use super::error::{refusal, RuntimeError};
+
+/// Remembers the first refusal (credentials, ACLs) librdkafka reports, so that start-up fails at
+/// once with it instead of waiting for a broker that will never accept this client.
+#[derive(Default)]
+struct RefusalContext {
+    refused: Mutex<Option<(RDKafkaErrorCode, String)>>,
+}
+
+impl ConsumerContext for RefusalContext {}
+
+impl ClientContext for RefusalContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        match error.rdkafka_error_code().filter(|c| refusal(*c).is_some()) {
+            Some(code) => {
+                if let Ok(mut refused) = self.refused.lock() {
+                    refused.get_or_insert((code, reason.to_string()));
+                }
+            }
+            None => tracing::warn!(error = %error, reason, "admin client error"),
+        }
+    }
+}
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -22,13 +48,63 @@ pub fn prepare_topics(config: &RuntimeConfig) -> Result<i32, RuntimeError> {
     for (key, value) in &config.kafka {
         client.set(key, value);
     }
-    let admin: AdminClient<DefaultClientContext> = client
-        .create()
+    let admin: AdminClient<RefusalContext> = client
+        .create_with_context(RefusalContext::default())
         .map_err(RuntimeError::kafka("create admin client"))?;
-    let metadata = admin
-        .inner()
-        .fetch_metadata(None, TIMEOUT)
-        .map_err(RuntimeError::kafka("fetch metadata"))?;
+    // Metadata through a consumer that never subscribes: polling it serves librdkafka's error
+    // events, so a refusal is seen. In short attempts, so that one ends the wait at once.
+    let probe: BaseConsumer<RefusalContext> = client
+        .create_with_context(RefusalContext::default())
+        .map_err(RuntimeError::kafka("create consumer"))?;
+    let deadline = Instant::now() + TIMEOUT;
+    let metadata = loop {
+        let attempt = probe.fetch_metadata(None, Duration::from_secs(1));
+        let _ = probe.poll(Duration::ZERO);
+        let refused = probe.context().refused.lock().ok().and_then(|r| r.clone());
+        if let Some((code, reason)) = refused {
+            return Err(config.refused(code, &reason));
+        }
+        match attempt {
+            Ok(metadata) => break metadata,
+            Err(e) if Instant::now() >= deadline => {
+                return Err(RuntimeError::kafka("fetch metadata")(e))
+            }
+            Err(_) => {}
+        }
+    };
+    // A topic the principal may not describe is left out of the cluster's metadata: asked for by
+    // name, it answers whether it is missing or refused.
+    let listed = |topic: &str| metadata.topics().iter().any(|t| t.name() == topic);
+    let mut unauthorized = Vec::new();
+    for topic in config
+        .input_topics
+        .iter()
+        .chain(&config.output_topics)
+        .filter(|t| !config.internal_topics.contains(t) && !listed(t))
+    {
+        let refused = probe
+            .fetch_metadata(Some(topic), Duration::from_secs(5))
+            .ok()
+            .is_some_and(|m| {
+                m.topics().iter().any(|t| {
+                    t.error().is_some_and(|e| {
+                        RDKafkaErrorCode::from(e) == RDKafkaErrorCode::TopicAuthorizationFailed
+                    })
+                })
+            });
+        if refused {
+            unauthorized.push(topic.clone());
+        }
+    }
+    if !unauthorized.is_empty() {
+        return Err(config.refused(
+            RDKafkaErrorCode::TopicAuthorizationFailed,
+            &format!(
+                "may not describe {}: it needs Read on inputs, Write on outputs",
+                unauthorized.join(", ")
+            ),
+        ));
+    }
     let partitions_of = |topic: &str| {
         metadata
             .topics()
@@ -160,7 +236,7 @@ pub fn prepare_topics(config: &RuntimeConfig) -> Result<i32, RuntimeError> {
 /// partition count and `configs`; a failure is added to `problems`. A topic another instance
 /// created at the same moment is fine: it is checked afterwards like any other.
 fn create_missing(
-    admin: &AdminClient<DefaultClientContext>,
+    admin: &AdminClient<RefusalContext>,
     options: &AdminOptions,
     missing: &[String],
     partitions: i32,

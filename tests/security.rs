@@ -302,7 +302,9 @@ fn orchestrator_refused(drop: &dyn Fn(&str) -> bool, password_file: Option<&str>
         "--state-dir".into(),
         dir.path().join("a").display().to_string(),
     ]);
-    let mut orchestrator = BinProcess::spawn(&args, dir.path().join("a.log"));
+    // Debug logging: no secret may appear at any level.
+    let mut orchestrator =
+        BinProcess::spawn_with_log_filter(&args, dir.path().join("a.log"), "debug");
     let exited = common::poll_until(Duration::from_secs(60), || {
         matches!(orchestrator.child.try_wait(), Ok(Some(_)))
     });
@@ -337,6 +339,16 @@ fn a_wrong_password_fails_fast_naming_the_principal_and_the_listener() {
         !log.contains(password),
         "the password is in the log:\n{log}"
     );
+    let real = std::fs::read_to_string(secure.dir.join("users/saga.password")).unwrap();
+    for log in [
+        log,
+        orchestrator_refused(&|l| l.contains("READ GROUP"), None),
+    ] {
+        assert!(
+            !log.contains(real.trim()),
+            "a password is in the debug log:\n{log}"
+        );
+    }
 }
 
 #[test]

@@ -77,6 +77,8 @@ pub fn application_acls(app: &str, inputs: &[String], outputs: &[String]) -> Vec
     for operation in ["WRITE", "DESCRIBE"] {
         acls.push(acl("TRANSACTIONAL_ID", "PREFIXED", &internal, operation));
     }
+    // The restore consumer's group (`<app>-restore`): it only looks up its coordinator.
+    acls.push(acl("GROUP", "PREFIXED", &internal, "DESCRIBE"));
     acls.sort();
     acls.dedup();
     acls

@@ -124,7 +124,13 @@ pub fn read_file(path: &Path) -> Result<FileConfig, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("configuration file {}: {e}", path.display()))?;
     let value: Value = if path.extension().is_some_and(|e| e == "toml") {
-        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?
+        toml::from_str(&text).map_err(|e| {
+            // The error's own text quotes the line, which may hold a secret.
+            let line = e.span().map_or(0, |s| {
+                text[..s.start.min(text.len())].lines().count().max(1)
+            });
+            format!("{}:{line}: {}", path.display(), e.message())
+        })?
     } else {
         marked_yaml::from_yaml(0, &text).map_err(|e| format!("{}: {e}", path.display()))?
     };
@@ -221,8 +227,9 @@ pub fn prepare(argv: &[OsString], command: &clap::Command) -> Result<(), String>
 /// The librdkafka properties of the environment: `SAGA_STREAMS_KAFKA_SASL_MECHANISM=...` is
 /// `sasl.mechanism`, `SAGA_STREAMS_KAFKA_SASL_PASSWORD_FILE=...` is `sasl.password_file`.
 pub fn kafka_env() -> BTreeMap<String, String> {
-    std::env::vars()
+    std::env::vars_os()
         .filter_map(|(name, value)| {
+            let (name, value) = (name.into_string().ok()?, value.into_string().ok()?);
             let rest = name.strip_prefix(KAFKA_ENV_PREFIX)?.to_ascii_lowercase();
             let property = match rest.strip_suffix(FILE_SUFFIX) {
                 Some(p) => format!("{}{FILE_SUFFIX}", p.replace('_', ".")),
@@ -249,26 +256,32 @@ pub fn kafka_settings(
         .chain(env.iter().map(|(k, v)| ("environment", k, v)))
         .chain(flags.iter().map(|(k, v)| ("--kafka-config", k, v)));
     for (source, name, value) in all {
+        if name.is_empty() {
+            problems.push(format!(
+                "{source}: '{}' is not NAME=VALUE, e.g. security.protocol=SASL_SSL",
+                mask_value(value)
+            ));
+            continue;
+        }
         if let Err(e) = settings.set(name, value) {
             problems.push(format!("{source}: {e}"));
         }
     }
     if problems.is_empty() {
+        settings.validate()?;
         Ok(settings)
     } else {
         Err(problems.join("\n"))
     }
 }
 
-/// Parses `name=value` for `--kafka-config`.
+/// Parses `name=value` for `--kafka-config`. Never fails here (clap would print the value in its
+/// error): a malformed one is reported, masked, by [`kafka_settings`].
 pub fn parse_property(s: &str) -> Result<(String, String), String> {
-    let (name, value) = s.split_once('=').ok_or_else(|| {
-        format!(
-            "'{}' is not NAME=VALUE, e.g. security.protocol=SASL_SSL",
-            mask_value(s)
-        )
-    })?;
-    Ok((name.trim().to_string(), value.to_string()))
+    Ok(match s.split_once('=') {
+        Some((name, value)) => (name.trim().to_string(), value.to_string()),
+        None => (String::new(), s.to_string()),
+    })
 }
 
 /// `s` with anything after a `=` hidden when the name looks secret.
@@ -290,11 +303,13 @@ pub fn shown(name: &str, value: &str) -> String {
 
 /// A URL with any `user:password@` replaced by `***@`.
 pub fn mask_url(value: &str) -> String {
-    match (value.find("://"), value.find('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}***{}", &value[..scheme + 3], &value[at..])
-        }
-        _ => value.to_string(),
+    let start = value.find("://").map_or(0, |i| i + 3);
+    let end = value[start..]
+        .find(['/', '?', '#'])
+        .map_or(value.len(), |i| start + i);
+    match value[start..end].rfind('@') {
+        Some(at) => format!("{}***{}", &value[..start], &value[start + at..]),
+        None => value.to_string(),
     }
 }
 
@@ -350,8 +365,19 @@ mod tests {
             "https://***@registry:8081/apis"
         );
         assert_eq!(mask_url("http://registry:8081"), "http://registry:8081");
+        assert_eq!(mask_url("https://u:p@ss@host/x@y"), "https://***@host/x@y");
+        assert_eq!(mask_url("u:pw@host:1"), "***@host:1");
         assert_eq!(shown("sasl.password", "pw"), "***");
         assert_eq!(mask_value("sasl.password=pw"), "sasl.password=***");
-        assert!(parse_property("sasl.password").is_err());
+        assert_eq!(
+            kafka_settings("b", &[parse_property("sasl.password:pw").unwrap()]).unwrap_err(),
+            "--kafka-config: 'sasl.password:pw' is not NAME=VALUE, e.g. security.protocol=SASL_SSL"
+                .replace("sasl.password:pw", "***")
+        );
+        let err = kafka_settings("b", &[("sasl.pasword".into(), "pw".into())]).unwrap_err();
+        assert!(
+            err.contains("sasl.pasword") && !err.contains("pw\""),
+            "{err}"
+        );
     }
 }

@@ -35,9 +35,17 @@ impl std::fmt::Debug for KafkaSettings {
 /// Whether a librdkafka property holds a secret: its value is never shown.
 pub fn is_secret(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
-    ["password", "secret", "jaas", "token", "key.pem", "private"]
-        .iter()
-        .any(|s| name.contains(s))
+    [
+        "password",
+        "secret",
+        "jaas",
+        "token",
+        "key.pem",
+        "private",
+        "oauthbearer.config",
+    ]
+    .iter()
+    .any(|s| name.contains(s))
         || name == "ssl.key"
 }
 
@@ -86,6 +94,30 @@ impl KafkaSettings {
         }
         self.properties.extend(fresh);
         Ok(())
+    }
+
+    /// Checks every property with librdkafka (known name, valid value); the problems name the
+    /// property, never a secret's value.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut problems = Vec::new();
+        for (name, value) in &self.properties {
+            let mut one = ClientConfig::new();
+            one.set(name, value);
+            if let Err(rdkafka::error::KafkaError::ClientConfig(_, desc, _, _)) =
+                one.create_native_config()
+            {
+                problems.push(if is_secret(name) {
+                    format!("librdkafka property {name}: not accepted")
+                } else {
+                    format!("librdkafka property {name}: {desc}")
+                });
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("\n"))
+        }
     }
 
     /// Every property with its real value, secrets included: for building clients only.

@@ -172,6 +172,8 @@ pub fn refusal(code: RDKafkaErrorCode) -> Option<&'static str> {
     use RDKafkaErrorCode::*;
     Some(match code {
         Authentication | SaslAuthenticationFailed => "authentication failed",
+        // A TLS handshake the broker or this client refuses: an untrusted certificate.
+        SSL => "TLS handshake refused",
         GroupAuthorizationFailed => "not authorized to Read the consumer group",
         TopicAuthorizationFailed => "not authorized on a topic",
         TransactionalIdAuthorizationFailed => "not authorized to Write the transactional id",
@@ -181,6 +183,26 @@ pub fn refusal(code: RDKafkaErrorCode) -> Option<&'static str> {
 }
 
 impl RuntimeError {
+    /// A client that cannot be built from its settings (an unknown property, a CA file that
+    /// cannot be read): no retry helps. The message names the property, not its value.
+    pub fn misconfigured(&self) -> Option<String> {
+        match self {
+            RuntimeError::Kafka {
+                source: KafkaError::ClientConfig(_, desc, key, _),
+                ..
+            } => Some(if crate::runtime::client::is_secret(key) {
+                format!("librdkafka property {key}: not accepted")
+            } else {
+                format!("librdkafka property {key}: {desc}")
+            }),
+            RuntimeError::Kafka {
+                source: KafkaError::ClientCreation(why),
+                operation,
+            } => Some(format!("{operation}: {why}")),
+            _ => None,
+        }
+    }
+
     /// The refusal code of this error, when the cluster refused the client.
     pub fn refusal_code(&self) -> Option<RDKafkaErrorCode> {
         self.facts()

@@ -225,8 +225,16 @@ pub fn run(
     let mut refusals = Refusals::default();
     let partitions = loop {
         match prepare_topics(&config) {
-            Ok(partitions) => break partitions,
+            Ok(partitions) => {
+                refusals = Refusals::default();
+                break partitions;
+            }
             Err(e @ (RuntimeError::Config(_) | RuntimeError::Topics(_))) => return Err(e),
+            Err(e) if e.misconfigured().is_some() => {
+                return Err(RuntimeError::Config(
+                    e.misconfigured().into_iter().collect(),
+                ))
+            }
             Err(e) if refusals.stop(&config, &e)? => {
                 if !sleep_unless_shutdown(&shutdown, Duration::from_secs(1)) {
                     return Ok(());
@@ -250,18 +258,25 @@ pub fn run(
     let mut backoff = RebuildBackoff::default();
     loop {
         let started = Instant::now();
-        match run_generation(&config, &supplier, &resources, &shutdown) {
+        let result = run_generation(&config, &supplier, &resources, &shutdown);
+        // Only an unbroken run of refusals counts against the grace.
+        if started.elapsed() >= HEALTHY_GENERATION {
+            refusals = Refusals::default();
+        }
+        match result {
             Ok(()) => return Ok(()),
             Err(e @ (RuntimeError::Config(_) | RuntimeError::Topics(_))) => return Err(e),
+            Err(e) if e.misconfigured().is_some() => {
+                return Err(RuntimeError::Config(
+                    e.misconfigured().into_iter().collect(),
+                ))
+            }
             Err(e) if refusals.stop(&config, &e)? => {
                 if !sleep_unless_shutdown(&shutdown, Duration::from_secs(1)) {
                     return Ok(());
                 }
             }
             Err(e) => {
-                if started.elapsed() >= HEALTHY_GENERATION {
-                    refusals = Refusals::default();
-                }
                 if shutdown.requested() {
                     tracing::info!(error = %e, "stopped while recovering from an error");
                     return Ok(());
@@ -304,6 +319,7 @@ impl Refusals {
             return Err(denied);
         }
         tracing::warn!(error = %denied, "refused by the cluster; trying again for a few seconds");
+        config.status.set_stalled(Some(denied.to_string()));
         Ok(true)
     }
 }

@@ -54,6 +54,9 @@ pub fn prepare_topics(config: &RuntimeConfig) -> Result<i32, RuntimeError> {
     // Metadata through a consumer that never subscribes: polling it serves librdkafka's error
     // events, so a refusal is seen. In short attempts, so that one ends the wait at once.
     let probe: BaseConsumer<RefusalContext> = client
+        .clone()
+        // Asking for a missing topic by name must not create it.
+        .set("allow.auto.create.topics", "false")
         .create_with_context(RefusalContext::default())
         .map_err(RuntimeError::kafka("create consumer"))?;
     let deadline = Instant::now() + TIMEOUT;

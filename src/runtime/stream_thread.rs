@@ -266,11 +266,8 @@ pub fn run(
         match result {
             Ok(()) => return Ok(()),
             Err(e @ (RuntimeError::Config(_) | RuntimeError::Topics(_))) => return Err(e),
-            Err(e) if e.misconfigured().is_some() => {
-                return Err(RuntimeError::Config(
-                    e.misconfigured().into_iter().collect(),
-                ))
-            }
+            // Clients were built from these settings at start-up: a later failure to build one
+            // is transient (resources), not configuration, and is rebuilt as any other.
             Err(e) if refusals.stop(&config, &e)? => {
                 if !sleep_unless_shutdown(&shutdown, Duration::from_secs(1)) {
                     return Ok(());

@@ -143,6 +143,31 @@ fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
 
+/// Topics of a fresh order saga created by the administrator: (its `--topology` and
+/// `--topic-prefix` arguments, a state directory).
+fn fresh_saga(secure: &Secure, label: &str, partitions: i32) -> (Vec<String>, tempfile::TempDir) {
+    let prefix = format!("{}.", unique(label));
+    let topology = "topologies/order_saga.yaml";
+    let def = SagaDefinition::load(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(topology))
+        .unwrap()
+        .with_topic_prefix(&prefix);
+    saga_streams::sim::create_topics(&secure.admin(), &def, partitions).unwrap();
+    (
+        strings(&["--topology", topology, "--topic-prefix", &prefix]),
+        tempfile::tempdir().unwrap(),
+    )
+}
+
+/// The ACL lines `saga-streams acls` prints for `principal` (`extra`: `--participant STEP`).
+fn listed_acls(principal: &str, extra: &[&str], common_args: &[String]) -> String {
+    let mut acls = strings(&["acls", "--principal", principal]);
+    acls.extend(strings(extra));
+    acls.extend(common_args.iter().cloned());
+    let (ok, lines) = saga_streams(&acls);
+    assert!(ok, "{lines}");
+    lines
+}
+
 /// The whole saga on one listener of the secured broker: topics created by the administrator,
 /// the orchestrator as `app`, each participant simulator as `participant`, each with exactly the
 /// ACLs `saga-streams acls` lists; orders produced and audited by the administrator.
@@ -154,31 +179,14 @@ fn saga_on_the_secured_broker(
     participant_principal: &str,
 ) {
     let secure = secure();
-    let prefix = format!("{}.", unique("secure"));
-    let dir = tempfile::tempdir().unwrap();
-    let topology = "topologies/order_saga.yaml";
-    let def = SagaDefinition::load(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(topology))
-        .unwrap()
-        .with_topic_prefix(&prefix);
-    saga_streams::sim::create_topics(&secure.admin(), &def, 2).unwrap();
-    let common_args = strings(&["--topology", topology, "--topic-prefix", &prefix]);
-
-    let mut acls = strings(&["acls", "--principal", app_principal]);
-    acls.extend(common_args.clone());
-    let (ok, lines) = saga_streams(&acls);
-    assert!(ok, "{lines}");
-    secure.grant(&lines);
+    let (common_args, dir) = fresh_saga(&secure, "secure", 2);
+    secure.grant(&listed_acls(app_principal, &[], &common_args));
     for step in ["payment", "inventory"] {
-        let mut acls = strings(&[
-            "acls",
-            "--principal",
+        let lines = listed_acls(
             participant_principal,
-            "--participant",
-            step,
-        ]);
-        acls.extend(common_args.clone());
-        let (ok, lines) = saga_streams(&acls);
-        assert!(ok, "{lines}");
+            &["--participant", step],
+            &common_args,
+        );
         secure.grant(&lines);
     }
 
@@ -266,18 +274,8 @@ fn the_saga_runs_over_mtls_with_exactly_the_listed_acls() {
 /// exited, failing if it did not within a minute.
 fn orchestrator_refused(drop: &dyn Fn(&str) -> bool, password_file: Option<&str>) -> String {
     let secure = secure();
-    let prefix = format!("{}.", unique("refused"));
-    let dir = tempfile::tempdir().unwrap();
-    let topology = "topologies/order_saga.yaml";
-    let def = SagaDefinition::load(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(topology))
-        .unwrap()
-        .with_topic_prefix(&prefix);
-    saga_streams::sim::create_topics(&secure.admin(), &def, 1).unwrap();
-    let common_args = strings(&["--topology", topology, "--topic-prefix", &prefix]);
-    let mut acls = strings(&["acls", "--principal", "User:saga"]);
-    acls.extend(common_args.clone());
-    let (ok, lines) = saga_streams(&acls);
-    assert!(ok, "{lines}");
+    let (common_args, dir) = fresh_saga(&secure, "refused", 1);
+    let lines = listed_acls("User:saga", &[], &common_args);
     let kept: String = lines
         .lines()
         .filter(|l| !drop(l))

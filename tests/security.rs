@@ -374,3 +374,200 @@ fn a_missing_acl_fails_at_start_up_naming_the_operation_and_the_resource() {
         "{log}"
     );
 }
+
+/// The registry proxy's URLs: TLS with basic auth, and TLS with a client certificate and a token.
+fn registry_proxy() -> (String, String) {
+    let var = |name: &str| {
+        std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set; {START_SECURE}"))
+    };
+    (
+        var("SAGA_STACK_REGISTRY_BASIC_URL"),
+        var("SAGA_STACK_REGISTRY_MTLS_URL"),
+    )
+}
+
+fn ready(http: &str) -> (u16, String) {
+    common::http_get(&format!("http://{http}/ready"))
+}
+
+#[test]
+fn the_avro_saga_reads_the_registry_through_tls_and_basic_auth_and_rides_out_wrong_credentials() {
+    use common::avro_env::{first_versions, schema_file, AvroEnv, LIMIT, ORDER_V1, ORDER_V2};
+    use common::poll_until;
+
+    let secure = secure();
+    let (basic_url, _) = registry_proxy();
+    let right = std::fs::read_to_string(secure.dir.join("users/registry.password")).unwrap();
+    let right = right.trim().to_string();
+    let wrong = "wrong-registry-password-77f3";
+    let mut env = AvroEnv::new(2);
+    let password_file = env.dir.path().join("registry-password");
+    std::fs::write(&password_file, format!("{right}\n")).unwrap();
+    env.registry_args = strings(&[
+        "--schema-registry-url",
+        &basic_url,
+        "--schema-registry-user",
+        "saga",
+        "--schema-registry-password-file",
+        &password_file.display().to_string(),
+        "--schema-registry-ca",
+        &secure.ca(),
+    ]);
+    // Registered through the proxy: versions 1 and 2 of OrderCreated.
+    let (ok, out) = env.schemas("register", first_versions().path());
+    assert!(ok, "{out}");
+    env.register();
+    let (v1_id, v2_id) = (
+        env.start_subject_id(ORDER_V1),
+        env.start_subject_id(ORDER_V2),
+    );
+    let (v1, v2) = (schema_file(ORDER_V1), schema_file(ORDER_V2));
+    env.start(&[]);
+    let http = env.orchestrator().http_addr(LIMIT);
+    let warm: Vec<String> = (0..3).map(|i| format!("warm-{i}")).collect();
+    for order in &warm {
+        let fields = env.order_fields(order, &[]);
+        env.send_raw(&env.def.start_topic, order, &env.encode(&v2, v2_id, fields));
+    }
+    let ids = warm.clone();
+    env.wait("the orders before the change", LIMIT, move |e| {
+        ids.iter().all(|o| !e.outcomes(o).is_empty())
+    });
+
+    // The orchestrator's credentials turn wrong (the file changes, SIGHUP): records that need a
+    // schema it has not fetched yet wait; the instance says why; nothing is dead-lettered.
+    std::fs::write(&password_file, wrong).unwrap();
+    env.orchestrator().signal("HUP");
+    let during: Vec<String> = (0..4).map(|i| format!("during-{i}")).collect();
+    for order in &during {
+        let fields = env.order_fields(order, &[]);
+        env.send_raw(&env.def.start_topic, order, &env.encode(&v1, v1_id, fields));
+    }
+    let mut last = (0, String::new());
+    assert!(
+        poll_until(LIMIT, || {
+            last = ready(&http);
+            last.0 == 503 && last.1.contains("registry refused our credentials")
+        }),
+        "never reported the refused credentials: {last:?}"
+    );
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        env.poll();
+        env.assert_alive();
+    }
+    for order in &during {
+        assert!(env.outcomes(order).is_empty(), "{order} finished");
+    }
+    assert!(
+        env.all_dead_letters().is_empty(),
+        "{:?}",
+        env.all_dead_letters()
+    );
+
+    // Fixed: the file holds the right password again, SIGHUP, and every order completes once.
+    std::fs::write(&password_file, &right).unwrap();
+    env.orchestrator().signal("HUP");
+    let ids = during.clone();
+    env.wait("the orders sent with wrong credentials", LIMIT, move |e| {
+        ids.iter().all(|o| !e.outcomes(o).is_empty())
+    });
+    for order in &during {
+        let outcomes = env.outcomes(order);
+        assert_eq!(outcomes.len(), 1, "{order}: {outcomes:?}");
+        assert_eq!(outcomes[0]["event_type"], "OrderCompleted");
+    }
+    assert!(env.all_dead_letters().is_empty());
+    assert!(
+        poll_until(LIMIT, || ready(&http).0 == 200),
+        "not ready again"
+    );
+    let log = env.orchestrator().log_text();
+    assert!(
+        log.contains("registry_credentials_refused"),
+        "no audit event:\n{log}"
+    );
+    assert!(log.contains("secret_reloaded"), "no audit event:\n{log}");
+    assert!(
+        !log.contains(&right) && !log.contains(wrong),
+        "a registry password is in the log:\n{log}"
+    );
+}
+
+#[test]
+fn the_registry_is_reached_with_a_client_certificate_and_a_bearer_token_and_refusals_are_clear() {
+    use common::avro_env::{repo, AvroEnv};
+
+    let secure = secure();
+    let (basic_url, mtls_url) = registry_proxy();
+    let token = std::fs::read_to_string(secure.dir.join("users/registry.token")).unwrap();
+    let mut env = AvroEnv::new(1);
+    let token_file = env.dir.path().join("token");
+    let cert = |ext: &str| {
+        secure
+            .dir
+            .join(format!("certs/saga.{ext}"))
+            .display()
+            .to_string()
+    };
+    let with = |url: &str, extra: &[&str]| {
+        let mut args = strings(&["--schema-registry-url", url, "--schema-registry-ca"]);
+        args.push(secure.ca());
+        args.extend(strings(extra));
+        args
+    };
+    let token_arg = token_file.display().to_string();
+    let (pem, key) = (cert("pem"), cert("key"));
+    let mtls = with(
+        &mtls_url,
+        &[
+            "--schema-registry-token-file",
+            &token_arg,
+            "--schema-registry-cert",
+            &pem,
+            "--schema-registry-key",
+            &key,
+        ],
+    );
+
+    std::fs::write(&token_file, &token).unwrap();
+    env.registry_args = mtls.clone();
+    let (ok, out) = env.schemas("register", &repo("schemas"));
+    assert!(ok, "register with a client certificate and a token:\n{out}");
+    let (ok, out) = env.schemas("check", &repo("schemas"));
+    assert!(ok, "{out}");
+
+    // A wrong token: refused, said so, the token not shown.
+    let wrong_token = "wrong-token-0b9c";
+    std::fs::write(&token_file, wrong_token).unwrap();
+    let (ok, out) = env.schemas("check", &repo("schemas"));
+    assert!(!ok && out.contains("refused our credentials"), "{out}");
+    assert!(
+        !out.contains(wrong_token) && !out.contains(token.trim()),
+        "{out}"
+    );
+
+    // No client certificate: the proxy does not let the connection through.
+    std::fs::write(&token_file, &token).unwrap();
+    env.registry_args = with(&mtls_url, &["--schema-registry-token-file", &token_arg]);
+    let (ok, out) = env.schemas("check", &repo("schemas"));
+    assert!(!ok, "{out}");
+
+    // Credentials in the URL (an API key and secret) work, and are never echoed.
+    let password = std::fs::read_to_string(secure.dir.join("users/registry.password")).unwrap();
+    let in_url =
+        |secret: &str| basic_url.replacen("https://", &format!("https://saga:{secret}@"), 1);
+    env.registry_args = with(&in_url(password.trim()), &[]);
+    let (ok, out) = env.schemas("check", &repo("schemas"));
+    assert!(ok, "{out}");
+    let wrong = "wrong-in-url-3d1a";
+    env.registry_args = with(&in_url(wrong), &[]);
+    let (ok, out) = env.schemas("check", &repo("schemas"));
+    assert!(!ok && out.contains("refused our credentials"), "{out}");
+    assert!(!out.contains(wrong), "{out}");
+
+    // Without the CA the proxy's certificate is not trusted.
+    env.registry_args = strings(&["--schema-registry-url", &in_url(password.trim())]);
+    let (ok, out) = env.schemas("check", &repo("schemas"));
+    assert!(!ok && !out.contains(password.trim()), "{out}");
+}

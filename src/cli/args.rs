@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::anyhow;
 
+use crate::codec::registry::RegistryAccess;
 use crate::codec::Codec;
 use crate::saga::topology::Format;
 use crate::saga::SagaDefinition;
@@ -54,6 +55,25 @@ pub struct TopologyArgs {
     /// `SCHEMA_REGISTRY_URL`).
     #[arg(long)]
     pub schema_registry_url: Option<String>,
+    /// The registry's basic-auth user, or API key (its password or API secret in
+    /// `--schema-registry-password-file`).
+    #[arg(long)]
+    pub schema_registry_user: Option<String>,
+    /// A file holding the registry password or API secret (re-read on SIGHUP).
+    #[arg(long)]
+    pub schema_registry_password_file: Option<PathBuf>,
+    /// A file holding a bearer token for the registry (re-read on SIGHUP).
+    #[arg(long)]
+    pub schema_registry_token_file: Option<PathBuf>,
+    /// PEM bundle of CA certificates trusted for the registry's certificate, besides the system's.
+    #[arg(long)]
+    pub schema_registry_ca: Option<PathBuf>,
+    /// PEM client certificate for a registry that asks for one (with `--schema-registry-key`).
+    #[arg(long)]
+    pub schema_registry_cert: Option<PathBuf>,
+    /// PKCS#8 PEM key of `--schema-registry-cert`.
+    #[arg(long)]
+    pub schema_registry_key: Option<PathBuf>,
 }
 
 fn parse_topic_format(s: &str) -> Result<(String, Format), String> {
@@ -96,11 +116,24 @@ impl TopologyArgs {
         Ok(Arc::new(def))
     }
 
+    /// How to reach the registry beyond its URL.
+    pub fn registry_access(&self) -> RegistryAccess {
+        RegistryAccess {
+            user: self.schema_registry_user.clone(),
+            password_file: self.schema_registry_password_file.clone(),
+            token_file: self.schema_registry_token_file.clone(),
+            ca: self.schema_registry_ca.clone(),
+            cert: self.schema_registry_cert.clone(),
+            key: self.schema_registry_key.clone(),
+        }
+    }
+
     /// The codec of the topology's topics for a process writing to `writes`.
     pub fn codec(&self, def: &SagaDefinition, writes: &[String]) -> anyhow::Result<Arc<Codec>> {
-        Codec::new(
+        Codec::with_access(
             &def.topic_set(),
             self.schema_registry_url.as_deref(),
+            &self.registry_access(),
             writes,
         )
         .map(Arc::new)

@@ -94,6 +94,11 @@ pub fn main() -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::FAILURE;
     }
+    // Secret files are read again on SIGHUP (which would otherwise end the process).
+    if let Err(e) = crate::runtime::secrets::rotate_on_sighup() {
+        eprintln!("error: cannot handle SIGHUP: {e}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Describe(args) => describe::run(args),

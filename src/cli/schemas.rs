@@ -84,7 +84,7 @@ fn registry(topology: &TopologyArgs) -> anyhow::Result<Registry> {
     let url = topology.schema_registry_url.as_deref().ok_or_else(|| {
         anyhow!("give the registry with --schema-registry-url or SCHEMA_REGISTRY_URL")
     })?;
-    Registry::new(url, REGISTRY_TIMEOUT).map_err(|e| anyhow!(e))
+    Registry::connect(url, &topology.registry_access(), REGISTRY_TIMEOUT).map_err(|e| anyhow!(e))
 }
 
 fn files(subject: &Subject) -> String {

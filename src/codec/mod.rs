@@ -169,6 +169,21 @@ impl Codec {
         registry_url: Option<&str>,
         writes: &[String],
     ) -> Result<Codec, String> {
+        Self::with_access(
+            topics,
+            registry_url,
+            &registry::RegistryAccess::default(),
+            writes,
+        )
+    }
+
+    /// [`Codec::new`] for a registry that wants credentials or TLS settings.
+    pub fn with_access(
+        topics: &TopicSet,
+        registry_url: Option<&str>,
+        access: &registry::RegistryAccess,
+        writes: &[String],
+    ) -> Result<Codec, String> {
         if !topics.uses_avro() {
             return Ok(Codec {
                 formats: topics.topics.clone(),
@@ -183,7 +198,7 @@ impl Codec {
             "the topology has avro topics: give the Schema Registry with --schema-registry-url or SCHEMA_REGISTRY_URL".to_string()
         })?;
         let catalogue = schemas::Catalogue::load(dir).map_err(list)?;
-        let registry = Arc::new(registry::Registry::new(url, REGISTRY_TIMEOUT)?);
+        let registry = Arc::new(registry::Registry::connect(url, access, REGISTRY_TIMEOUT)?);
         let avro = avro::AvroCodec::new(topics, &catalogue, registry, writes).map_err(list)?;
         Ok(Codec {
             formats: topics.topics.clone(),

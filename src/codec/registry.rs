@@ -7,6 +7,7 @@
 //! plain REST calls here. Every call is blocking: stream threads and commands call it directly,
 //! never from inside an async runtime.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use schema_registry_converter::blocking::schema_registry::{
@@ -15,6 +16,8 @@ use schema_registry_converter::blocking::schema_registry::{
 use schema_registry_converter::error::SRCError;
 use schema_registry_converter::schema_registry_common::{SchemaType, SrCall, SuppliedSchema};
 use serde_json::{json, Value};
+
+use crate::runtime::secrets::{read_secret, Rotating};
 
 /// What went wrong talking to the registry.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -53,11 +56,44 @@ pub const LEVELS: &[&str] = &[
     "NONE",
 ];
 
+/// How to reach a secured registry: basic auth (a user and password, or an API key and secret),
+/// or a bearer token; a CA bundle for its certificate, and a client certificate when it asks for
+/// one. Secrets are read from files, again on each rotation (SIGHUP).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RegistryAccess {
+    /// The basic-auth user, or the API key.
+    pub user: Option<String>,
+    /// A file holding the basic-auth password, or the API secret.
+    pub password_file: Option<PathBuf>,
+    /// A file holding a bearer token.
+    pub token_file: Option<PathBuf>,
+    /// A PEM bundle of CA certificates trusted for the registry, besides the system's.
+    pub ca: Option<PathBuf>,
+    /// A PEM client certificate (with `key`, a PKCS#8 PEM key) for a registry that asks for one.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// Credentials as read from the files (or from the URL), never printed.
+#[derive(Clone, Default)]
+enum Credentials {
+    #[default]
+    None,
+    Basic(String, Option<String>),
+    Token(String),
+}
+
+/// The clients of one generation of the credentials.
+struct Clients {
+    settings: SrSettings,
+    http: reqwest::blocking::Client,
+    credentials: Credentials,
+}
+
 /// A registry client; cheap to share by reference across threads.
 pub struct Registry {
     url: String,
-    settings: SrSettings,
-    http: reqwest::blocking::Client,
+    clients: Rotating<Clients>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -66,26 +102,201 @@ impl std::fmt::Debug for Registry {
     }
 }
 
+/// Splits credentials out of a URL (`https://key:secret@host/`): the URL without them, and them.
+fn split_url(url: &str) -> Result<(String, Credentials), String> {
+    let trimmed = url.trim_end_matches('/');
+    let Ok(mut parsed) = reqwest::Url::parse(trimmed) else {
+        // Not a URL reqwest can use: the request says so later, naming no credentials.
+        return Ok((trimmed.to_string(), Credentials::None));
+    };
+    if parsed.username().is_empty() {
+        return Ok((trimmed.to_string(), Credentials::None));
+    }
+    let decode = |s: &str| {
+        percent_decode(s)
+            .map_err(|_| "the registry URL's credentials are not valid UTF-8".to_string())
+    };
+    let user = decode(parsed.username())?;
+    let password = parsed.password().map(decode).transpose()?;
+    let _ = parsed.set_username("");
+    let _ = parsed.set_password(None);
+    Ok((
+        parsed.as_str().trim_end_matches('/').to_string(),
+        Credentials::Basic(user, password),
+    ))
+}
+
+fn percent_decode(s: &str) -> Result<String, std::string::FromUtf8Error> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out)
+}
+
+impl RegistryAccess {
+    /// Whether anything beyond the URL is configured.
+    pub fn is_empty(&self) -> bool {
+        *self == RegistryAccess::default()
+    }
+
+    /// The settings as `config show` prints them: files named, secrets never.
+    pub fn masked(&self) -> Vec<(String, String)> {
+        let mut shown = Vec::new();
+        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
+        if let Some(user) = &self.user {
+            shown.push(("user".into(), user.clone()));
+        }
+        if let Some(p) = &self.password_file {
+            shown.push(("password".into(), format!("*** (from {})", p.display())));
+        }
+        if let Some(p) = &self.token_file {
+            shown.push(("token".into(), format!("*** (from {})", p.display())));
+        }
+        for (name, p) in [
+            ("ca", path(&self.ca)),
+            ("cert", path(&self.cert)),
+            ("key", path(&self.key)),
+        ] {
+            if let Some(p) = p {
+                shown.push((name.into(), p));
+            }
+        }
+        shown
+    }
+
+    fn credentials(&self, from_url: &Credentials) -> Result<Credentials, String> {
+        if self.token_file.is_some() && (self.user.is_some() || self.password_file.is_some()) {
+            return Err("the registry takes a user and password or a token, not both".into());
+        }
+        if let Some(token) = &self.token_file {
+            return Ok(Credentials::Token(read_secret(
+                "the registry token",
+                token,
+            )?));
+        }
+        match (&self.user, &self.password_file) {
+            (Some(user), password) => Ok(Credentials::Basic(
+                user.clone(),
+                password
+                    .as_ref()
+                    .map(|p| read_secret("the registry password", p))
+                    .transpose()?,
+            )),
+            (None, Some(_)) => {
+                Err("a registry password without a user (--schema-registry-user)".into())
+            }
+            (None, None) => Ok(from_url.clone()),
+        }
+    }
+
+    fn http_client(&self, timeout: Duration) -> Result<reqwest::blocking::ClientBuilder, String> {
+        let mut builder = reqwest::blocking::Client::builder().timeout(timeout);
+        if let Some(ca) = &self.ca {
+            let pem = std::fs::read(ca)
+                .map_err(|e| format!("the registry CA bundle {}: {e}", ca.display()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| format!("the registry CA bundle {}: {e}", ca.display()))?;
+            if certs.is_empty() {
+                return Err(format!(
+                    "the registry CA bundle {} holds no certificate",
+                    ca.display()
+                ));
+            }
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                let cert_pem = std::fs::read(cert)
+                    .map_err(|e| format!("the registry client certificate {}: {e}", cert.display()))?;
+                let key_pem = std::fs::read(key)
+                    .map_err(|e| format!("the registry client key {}: cannot read: {}", key.display(), e.kind()))?;
+                let identity = reqwest::Identity::from_pkcs8_pem(&cert_pem, &key_pem).map_err(|_| {
+                    format!(
+                        "the registry client certificate {} with the key {}: not a PEM certificate and PKCS#8 PEM key",
+                        cert.display(),
+                        key.display()
+                    )
+                })?;
+                builder = builder.identity(identity);
+            }
+            (None, None) => {}
+            _ => {
+                return Err(
+                    "a registry client certificate needs both --schema-registry-cert and --schema-registry-key"
+                        .into(),
+                )
+            }
+        }
+        Ok(builder)
+    }
+}
+
 const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
 
 impl Registry {
-    /// A client of the registry at `url` (e.g. `http://127.0.0.1:18081/apis/ccompat/v7`); each call
-    /// gives up after `timeout`.
+    /// A client of the registry at `url` (e.g. `http://127.0.0.1:18081/apis/ccompat/v7`) without
+    /// credentials (or with those in the URL); each call gives up after `timeout`.
     pub fn new(url: &str, timeout: Duration) -> Result<Registry, String> {
-        let url = url.trim_end_matches('/').to_string();
-        let settings = SrSettings::new_builder(url.clone())
-            .set_timeout(timeout)
-            .build()
-            .map_err(|e| format!("registry client for {url}: {e}"))?;
-        let http = reqwest::blocking::Client::builder()
-            .timeout(timeout)
-            .build()
-            .map_err(|e| format!("registry client for {url}: {e}"))?;
-        Ok(Registry {
-            url,
-            settings,
-            http,
-        })
+        Self::connect(url, &RegistryAccess::default(), timeout)
+    }
+
+    /// A client of the registry at `url` with `access`. Credentials in the URL
+    /// (`https://key:secret@host`) are taken out of it, and used when `access` names none.
+    /// Errors name files, never their content.
+    pub fn connect(
+        url: &str,
+        access: &RegistryAccess,
+        timeout: Duration,
+    ) -> Result<Registry, String> {
+        let (url, from_url) = split_url(url)?;
+        let access = access.clone();
+        let base = url.clone();
+        let clients = Rotating::new("schema registry credentials", move || {
+            let credentials = access.credentials(&from_url)?;
+            let mut builder = SrSettings::new_builder(base.clone());
+            builder.set_timeout(timeout);
+            match &credentials {
+                Credentials::None => {}
+                Credentials::Basic(user, password) => {
+                    builder.set_basic_authorization(user, password.as_deref());
+                }
+                Credentials::Token(token) => {
+                    builder.set_token_authorization(token);
+                }
+            }
+            let settings = builder
+                .build_with(access.http_client(timeout)?)
+                .map_err(|e| format!("registry client for {base}: {}", e.error))?;
+            let http = access
+                .http_client(timeout)?
+                .build()
+                .map_err(|e| format!("registry client for {base}: {e}"))?;
+            Ok(Clients {
+                settings,
+                http,
+                credentials,
+            })
+        })?;
+        Ok(Registry { url, clients })
     }
 
     pub fn url(&self) -> &str {
@@ -94,14 +305,14 @@ impl Registry {
 
     /// The schema text registered under `id`.
     pub fn schema_by_id(&self, id: u32) -> Result<String, RegistryError> {
-        get_schema_by_id(id, &self.settings)
+        get_schema_by_id(id, &self.clients.get().settings)
             .map(|s| s.schema)
             .map_err(|e| classify(e, &format!("schema id {id}")))
     }
 
     /// The versions of `subject`, oldest first; empty when the subject does not exist.
     pub fn versions(&self, subject: &str) -> Result<Vec<u32>, RegistryError> {
-        match get_all_versions(&self.settings, subject.to_string()) {
+        match get_all_versions(&self.clients.get().settings, subject.to_string()) {
             Ok(mut v) => {
                 v.sort_unstable();
                 Ok(v)
@@ -117,7 +328,7 @@ impl Registry {
     pub fn version(&self, subject: &str, version: u32) -> Result<Registered, RegistryError> {
         let what = format!("subject {subject} version {version}");
         let raw = perform_sr_call(
-            &self.settings,
+            &self.clients.get().settings,
             SrCall::GetBySubjectAndVersion(subject, version),
         )
         .map_err(|e| classify(e, &what))?;
@@ -136,7 +347,7 @@ impl Registry {
     /// Registers `schema` under `subject` (or finds it registered already) and returns its id.
     pub fn register(&self, subject: &str, schema: &str) -> Result<Registered, RegistryError> {
         let supplied = SuppliedSchema::new(None, SchemaType::Avro, schema.to_string());
-        let registered = post_schema(&self.settings, subject.to_string(), supplied)
+        let registered = post_schema(&self.clients.get().settings, subject.to_string(), supplied)
             .map_err(|e| classify(e, &format!("subject {subject}")))?;
         // The answer carries the id only; the version comes from a lookup.
         let version = self
@@ -155,7 +366,7 @@ impl Registry {
     pub fn lookup(&self, subject: &str, schema: &str) -> Result<Option<Registered>, RegistryError> {
         let url = format!("{}/subjects/{}", self.url, subject);
         let body = json!({ "schema": schema, "schemaType": "AVRO" });
-        match self.call(self.http.post(&url).json(&body), &url) {
+        match self.call(|http| http.post(&url).json(&body), &url) {
             Ok(v) => Ok(Some(Registered {
                 id: v
                     .get("id")
@@ -174,7 +385,7 @@ impl Registry {
     /// the registry's global level applies).
     pub fn compatibility(&self, subject: &str) -> Result<(String, bool), RegistryError> {
         let url = format!("{}/config/{}", self.url, subject);
-        match self.call(self.http.get(&url), &url) {
+        match self.call(|http| http.get(&url), &url) {
             Ok(v) => {
                 if let Some(level) = level_of(&v) {
                     return Ok((level, true));
@@ -184,7 +395,7 @@ impl Registry {
             Err(e) => return Err(e),
         }
         let url = format!("{}/config", self.url);
-        let v = self.call(self.http.get(&url), &url)?;
+        let v = self.call(|http| http.get(&url), &url)?;
         level_of(&v)
             .map(|level| (level, false))
             .ok_or_else(|| RegistryError::Unavailable(format!("{url}: no level in {v}")))
@@ -194,14 +405,24 @@ impl Registry {
     pub fn set_compatibility(&self, subject: &str, level: &str) -> Result<(), RegistryError> {
         let url = format!("{}/config/{}", self.url, subject);
         let body = json!({ "compatibility": level });
-        self.call(self.http.put(&url).json(&body), &url).map(|_| ())
+        self.call(|http| http.put(&url).json(&body), &url)
+            .map(|_| ())
     }
 
     fn call(
         &self,
-        request: reqwest::blocking::RequestBuilder,
+        request: impl FnOnce(&reqwest::blocking::Client) -> reqwest::blocking::RequestBuilder,
         url: &str,
     ) -> Result<Value, RegistryError> {
+        let clients = self.clients.get();
+        let mut request = request(&clients.http);
+        match &clients.credentials {
+            Credentials::None => {}
+            Credentials::Basic(user, password) => {
+                request = request.basic_auth(user, password.as_ref())
+            }
+            Credentials::Token(token) => request = request.bearer_auth(token),
+        }
         let response = request
             .header(reqwest::header::ACCEPT, CONTENT_TYPE)
             .send()
@@ -219,11 +440,24 @@ impl Registry {
             .unwrap_or(text);
         Err(match status.as_u16() {
             404 => RegistryError::NotFound(format!("{url}: {message}")),
-            401 | 403 => RegistryError::Unauthorized(format!("HTTP {status} from {url}")),
+            401 | 403 => {
+                audit_refused(url, status.as_u16());
+                RegistryError::Unauthorized(format!("HTTP {status} from {url}"))
+            }
             400..=499 => RegistryError::Refused(format!("{message} (HTTP {status})")),
             _ => RegistryError::Unavailable(format!("{url}: HTTP {status}: {message}")),
         })
     }
+}
+
+fn audit_refused(what: &str, status: u16) {
+    tracing::warn!(
+        target: crate::runtime::secrets::AUDIT_TARGET,
+        event = "registry_credentials_refused",
+        status,
+        what,
+        "the schema registry refused our credentials"
+    );
 }
 
 fn level_of(v: &Value) -> Option<String> {
@@ -253,7 +487,10 @@ fn classify(e: SRCError, what: &str) -> RegistryError {
     match status {
         Some(404) => RegistryError::NotFound(text),
         // The registry's message is not repeated: it may echo what was sent.
-        Some(code @ (401 | 403)) => RegistryError::Unauthorized(format!("{what}: HTTP {code}")),
+        Some(code @ (401 | 403)) => {
+            audit_refused(what, code);
+            RegistryError::Unauthorized(format!("{what}: HTTP {code}"))
+        }
         // The registry's own words (its error code and message) say why.
         Some(400..=499) => RegistryError::Refused(e.cause.unwrap_or(text)),
         _ => RegistryError::Unavailable(text),

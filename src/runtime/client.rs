@@ -7,7 +7,9 @@
 //! print `***` in their place.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+
+use super::secrets::read_secret;
 
 use rdkafka::config::ClientConfig;
 
@@ -139,12 +141,6 @@ impl KafkaSettings {
             })
             .collect()
     }
-}
-
-fn read_secret(property: &str, path: &Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("{property}: cannot read {}: {e}", path.display()))?;
-    Ok(text.trim_end_matches(['\n', '\r']).to_string())
 }
 
 /// Anything a Kafka client can be configured from: the full [`KafkaSettings`], or bootstrap

@@ -22,6 +22,7 @@ pub mod input_ends;
 pub mod partitioner;
 pub mod processor;
 pub mod restore;
+pub mod secrets;
 pub mod status;
 pub mod stream_thread;
 pub mod task;

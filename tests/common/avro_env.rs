@@ -46,6 +46,9 @@ pub struct AvroEnv {
     pub codec: Codec,
     pub processes: Vec<BinProcess>,
     pub strategy: SubjectStrategy,
+    /// How the commands reach the registry (`--schema-registry-url` and its access flags); the
+    /// plain registry URL when empty.
+    pub registry_args: Vec<String>,
 }
 
 impl AvroEnv {
@@ -89,6 +92,7 @@ impl AvroEnv {
             codec,
             processes: Vec::new(),
             strategy,
+            registry_args: Vec::new(),
         }
     }
 
@@ -99,10 +103,15 @@ impl AvroEnv {
             ("--bootstrap", self.bootstrap.as_str()),
             ("--topology", TOPOLOGY),
             ("--topic-prefix", self.prefix.as_str()),
-            ("--schema-registry-url", self.registry_url.as_str()),
         ] {
             args.push(k.into());
             args.push(v.into());
+        }
+        if self.registry_args.is_empty() {
+            args.push("--schema-registry-url".into());
+            args.push(self.registry_url.clone());
+        } else {
+            args.extend(self.registry_args.iter().cloned());
         }
         let format = Format::Avro(self.strategy).name();
         for t in &self.topics {

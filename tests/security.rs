@@ -571,3 +571,122 @@ fn the_registry_is_reached_with_a_client_certificate_and_a_bearer_token_and_refu
     let (ok, out) = env.schemas("check", &repo("schemas"));
     assert!(!ok && !out.contains(password.trim()), "{out}");
 }
+
+/// `curl` over loopback with the local CA: (status, body); status 0 when no HTTP answer came.
+fn curl(url: &str, ca: &str, token: Option<&str>) -> (u16, String) {
+    let mut args = strings(&[
+        "-sS",
+        "--max-time",
+        "5",
+        "--cacert",
+        ca,
+        "-w",
+        "\n%{http_code}",
+    ]);
+    if let Some(token) = token {
+        args.extend(strings(&["-H", &format!("Authorization: Bearer {token}")]));
+    }
+    args.push(url.into());
+    let out = Command::new("curl")
+        .args(&args)
+        .output()
+        .expect("running curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+#[test]
+fn saga_endpoints_require_the_bearer_token_over_tls_and_the_token_rotates() {
+    let secure = secure();
+    let bootstrap = common::kafka_bootstrap();
+    let prefix = format!("{}.", unique("http"));
+    let topology = "topologies/order_saga.yaml";
+    let def = SagaDefinition::load(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(topology))
+        .unwrap()
+        .with_topic_prefix(&prefix);
+    saga_streams::sim::create_topics(&bootstrap, &def, 1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    let (first, second) = ("first-token-8c2e51", "second-token-d40a77");
+    std::fs::write(&token_file, format!("{first}\n")).unwrap();
+    let cert = |ext: &str| {
+        secure
+            .dir
+            .join(format!("certs/broker.{ext}"))
+            .display()
+            .to_string()
+    };
+    let mut args = strings(&[
+        "run",
+        "--bootstrap",
+        &bootstrap,
+        "--topology",
+        topology,
+        "--topic-prefix",
+        &prefix,
+        "--instance-id",
+        "a",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--http-tls-cert",
+        &cert("pem"),
+        "--http-tls-key",
+        &cert("key"),
+        "--state-dir",
+    ]);
+    args.push(dir.path().join("state").display().to_string());
+    args.extend(["--http-token-file".into(), token_file.display().to_string()]);
+    let mut orchestrator =
+        BinProcess::spawn_with_log_filter(&args, dir.path().join("a.log"), "debug");
+    let addr = orchestrator.http_addr(Duration::from_secs(60));
+    let ca = secure.ca();
+    let url = |path: &str| format!("https://{addr}{path}");
+
+    // Open endpoints answer without a token.
+    assert_eq!(curl(&url("/health"), &ca, None).0, 200);
+    let (code, metrics) = curl(&url("/metrics"), &ca, None);
+    assert_eq!(code, 200, "{metrics}");
+    let (code, _) = curl(&url("/ready"), &ca, None);
+    assert!(code == 200 || code == 503, "{code}");
+    // Plain HTTP gets no answer from the TLS port.
+    let (code, _) = common::http_get(&format!("http://{addr}/health"));
+    assert_ne!(code, 200);
+
+    // Saga data and the quarantine: 401 without a token and with a wrong one.
+    for path in ["/sagas/order-1", "/quarantine"] {
+        for token in [None, Some("wrong"), Some(second)] {
+            let (code, body) = curl(&url(path), &ca, token);
+            assert_eq!(code, 401, "{path} with {token:?}: {body}");
+            assert!(!body.contains(first), "{body}");
+        }
+    }
+    let mut last = (0, String::new());
+    assert!(
+        common::poll_until(Duration::from_secs(60), || {
+            last = curl(&url("/sagas/order-1"), &ca, Some(first));
+            last.0 == 404 && last.1.contains("no saga")
+        }),
+        "the token was refused or the instance never took its task: {last:?}"
+    );
+    let (code, body) = curl(&url("/quarantine"), &ca, Some(first));
+    assert_eq!(code, 200, "{body}");
+
+    // Rotation: the file changes, SIGHUP; the new token works and the old one no longer does.
+    std::fs::write(&token_file, second).unwrap();
+    orchestrator.signal("HUP");
+    assert!(
+        common::poll_until(Duration::from_secs(30), || {
+            curl(&url("/quarantine"), &ca, Some(second)).0 == 200
+        }),
+        "the new token is not accepted"
+    );
+    assert_eq!(curl(&url("/quarantine"), &ca, Some(first)).0, 401);
+
+    let log = orchestrator.log_text();
+    assert!(log.contains("http_token_refused"), "no audit event:\n{log}");
+    assert!(
+        !log.contains(first) && !log.contains(second),
+        "a token is in the debug log:\n{log}"
+    );
+}

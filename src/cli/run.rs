@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::args::{default_instance_id, parse_duration, KafkaArgs, TopologyArgs};
 use crate::codec::Codec;
+use crate::runtime::secrets::{read_secret, Rotating};
 use crate::runtime::{self, Guarantee, RuntimeConfig, Shutdown};
 use crate::saga::query::{Partitioner, SagaQuery};
 use crate::saga::topology::{repartition_topic, KeyPolicy};
@@ -44,6 +45,36 @@ pub struct RunArgs {
     /// `/sagas/{id}`. Every producer of the input topics must use the same one.
     #[arg(long, value_enum, default_value = "consistent-random")]
     pub partitioner: Partitioner,
+    /// A file holding the bearer token `/sagas/...` and `/quarantine` require (re-read on
+    /// SIGHUP). Without it they answer anyone who reaches `--metrics-addr`.
+    #[arg(long)]
+    pub http_token_file: Option<PathBuf>,
+    /// PEM certificate (chain) for serving the HTTP endpoints over TLS (with `--http-tls-key`).
+    #[arg(long, requires = "http_tls_key")]
+    pub http_tls_cert: Option<PathBuf>,
+    /// PEM private key of `--http-tls-cert`.
+    #[arg(long, requires = "http_tls_cert")]
+    pub http_tls_key: Option<PathBuf>,
+}
+
+/// The HTTP endpoints' token and TLS settings; a token file that cannot be read stops the start.
+pub fn http_security(
+    token_file: Option<&PathBuf>,
+    tls: Option<(PathBuf, PathBuf)>,
+) -> anyhow::Result<http::HttpSecurity> {
+    let token = match token_file {
+        Some(path) => {
+            let file = path.clone();
+            Some(
+                Rotating::new("the HTTP token", move || {
+                    read_secret("the HTTP token (--http-token-file)", &file)
+                })
+                .map_err(anyhow::Error::msg)?,
+            )
+        }
+        None => None,
+    };
+    Ok(http::HttpSecurity { token, tls })
 }
 
 /// The runtime configuration of a saga.
@@ -108,11 +139,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         status: config.status.clone(),
         partitioner: args.partitioner,
     };
+    let tls = args.http_tls_cert.clone().zip(args.http_tls_key.clone());
     http::serve(
         args.metrics_addr,
         Some(metrics),
         config.status.clone(),
         Some(Arc::new(query)),
+        http_security(args.http_token_file.as_ref(), tls)?,
     )
     .map_err(anyhow::Error::msg)?;
     let shutdown = Shutdown::new();

@@ -146,8 +146,14 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
     let (config, supplier) = participant(def, codec, step, args.behaviour.behaviour(), config);
     if let Some(addr) = args.metrics_addr {
         let metrics = crate::telemetry::metrics::install_recorder().map_err(anyhow::Error::msg)?;
-        crate::telemetry::http::serve(addr, Some(metrics), config.status.clone(), None)
-            .map_err(anyhow::Error::msg)?;
+        crate::telemetry::http::serve(
+            addr,
+            Some(metrics),
+            config.status.clone(),
+            None,
+            Default::default(),
+        )
+        .map_err(anyhow::Error::msg)?;
     }
     let shutdown = Shutdown::new();
     shutdown.on_signals()?;

@@ -4,19 +4,86 @@
 //! They run on a small tokio runtime of their own thread, so nothing here ever waits on the stream
 //! thread: readiness comes from [`RuntimeStatus`], saga state from the running tasks' committed
 //! stores through a [`SagaLookup`].
+//!
+//! `/metrics`, `/health` and `/ready` are open (they hold no order data). `/sagas/...` and
+//! `/quarantine` require `Authorization: Bearer <token>` when a token is configured
+//! ([`HttpSecurity`]); the comparison takes the same time whatever the token sent. The server
+//! speaks HTTPS when given a certificate and key.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
+use crate::runtime::secrets::{Rotating, AUDIT_TARGET};
 use crate::runtime::RuntimeStatus;
+
+/// Who may read saga data, and whether the server speaks TLS.
+#[derive(Clone, Default)]
+pub struct HttpSecurity {
+    /// The bearer token `/sagas/...` and `/quarantine` require (read from its file, again on
+    /// SIGHUP); `None`: they are open, as the metrics are.
+    pub token: Option<Rotating<String>>,
+    /// A PEM certificate (chain) and its PEM key: serve HTTPS instead of HTTP.
+    pub tls: Option<(PathBuf, PathBuf)>,
+}
+
+/// Whether `given` is the token, in time that does not depend on where they differ: both are
+/// hashed first, so neither their content nor the expected length shows in the timing.
+fn token_matches(given: &[u8], expected: &[u8]) -> bool {
+    Sha256::digest(given)
+        .ct_eq(&Sha256::digest(expected))
+        .into()
+}
+
+async fn require_token(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(token) = &state.token else {
+        return next.run(request).await;
+    };
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+    let refusal = match given {
+        Some(given) if token_matches(given, token.get().as_bytes()) => None,
+        Some(_) => Some("wrong_token"),
+        None => Some("no_token"),
+    };
+    match refusal {
+        None => next.run(request).await,
+        Some(reason) => {
+            tracing::warn!(
+                target: AUDIT_TARGET,
+                event = "http_token_refused",
+                reason,
+                %peer,
+                path = %request.uri().path(),
+                "an HTTP request without the right bearer token was refused"
+            );
+            (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                Json(json!({ "error": "this endpoint requires the bearer token (Authorization: Bearer <token>)" })),
+            )
+                .into_response()
+        }
+    }
+}
 
 /// The answer to "where is saga X".
 #[derive(Debug, Clone, PartialEq)]
@@ -44,6 +111,7 @@ struct AppState {
     metrics: Option<PrometheusHandle>,
     status: RuntimeStatus,
     sagas: Option<Arc<dyn SagaLookup>>,
+    token: Option<Rotating<String>>,
 }
 
 /// Binds `addr` and serves the endpoints from a background thread; returns the bound address
@@ -53,7 +121,23 @@ pub fn serve(
     metrics: Option<PrometheusHandle>,
     status: RuntimeStatus,
     sagas: Option<Arc<dyn SagaLookup>>,
+    security: HttpSecurity,
 ) -> Result<SocketAddr, String> {
+    // A certificate that cannot be loaded stops the start, like a port that cannot be bound.
+    let tls = match &security.tls {
+        Some((cert, key)) => Some(
+            axum_server::tls_openssl::OpenSSLConfig::from_pem_chain_file(cert, key).map_err(
+                |e| {
+                    format!(
+                        "the HTTP certificate {} with the key {}: {e}",
+                        cert.display(),
+                        key.display()
+                    )
+                },
+            )?,
+        ),
+        None => None,
+    };
     let listener = std::net::TcpListener::bind(addr).map_err(|e| format!("binding {addr}: {e}"))?;
     listener
         .set_nonblocking(true)
@@ -65,34 +149,50 @@ pub fn serve(
         .enable_all()
         .build()
         .map_err(|e| format!("starting the HTTP runtime: {e}"))?;
+    let protected = security.token.is_some();
     let state = AppState {
         metrics,
         status,
         sagas,
+        token: security.token,
     };
+    let guarded = Router::new()
+        .route("/sagas/{id}", get(saga))
+        .route("/quarantine", get(quarantine))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     let app = Router::new()
         .route("/metrics", get(metrics_text))
         .route("/health", get(health))
         .route("/ready", get(ready))
-        .route("/sagas/{id}", get(saga))
-        .route("/quarantine", get(quarantine))
-        .with_state(state);
+        .merge(guarded)
+        .with_state(state)
+        .into_make_service_with_connect_info::<SocketAddr>();
+    let scheme = if tls.is_some() { "https" } else { "http" };
     std::thread::Builder::new()
         .name("http".into())
         .spawn(move || {
             runtime.block_on(async move {
-                match tokio::net::TcpListener::from_std(listener) {
-                    Ok(listener) => {
-                        if let Err(e) = axum::serve(listener, app).await {
-                            tracing::error!(error = %e, "HTTP server stopped");
-                        }
-                    }
-                    Err(e) => tracing::error!(error = %e, "HTTP listener unusable"),
+                let served = match tls {
+                    Some(tls) => match axum_server::from_tcp(listener) {
+                        Ok(server) => server
+                            .acceptor(axum_server::tls_openssl::OpenSSLAcceptor::new(tls))
+                            .serve(app)
+                            .await
+                            .map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    },
+                    None => match tokio::net::TcpListener::from_std(listener) {
+                        Ok(listener) => axum::serve(listener, app).await.map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    },
+                };
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "HTTP server stopped");
                 }
             })
         })
         .map_err(|e| format!("starting the HTTP thread: {e}"))?;
-    tracing::info!(addr = %bound, "http endpoints listening (/metrics, /health, /ready, /sagas/{{id}}, /quarantine)");
+    tracing::info!(addr = %bound, scheme, token_required = protected, "http endpoints listening (/metrics, /health, /ready, /sagas/{{id}}, /quarantine)");
     Ok(bound)
 }
 
@@ -187,5 +287,18 @@ async fn saga(State(state): State<AppState>, Path(id): Path<String>) -> Response
         )
             .into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({ "error": e }))).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::token_matches;
+
+    #[test]
+    fn only_the_exact_token_matches() {
+        assert!(token_matches(b"s3cret", b"s3cret"));
+        for other in [&b""[..], b"s3cre", b"s3cret ", b"S3cret", b"s3cret\n"] {
+            assert!(!token_matches(other, b"s3cret"), "{other:?}");
+        }
     }
 }

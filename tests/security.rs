@@ -690,3 +690,146 @@ fn saga_endpoints_require_the_bearer_token_over_tls_and_the_token_rotates() {
         "a token is in the debug log:\n{log}"
     );
 }
+
+impl Secure {
+    /// Sets SCRAM user `user`'s password on the broker (creating the user), as the administrator.
+    fn set_password(&self, user: &str, password: &str) {
+        let mut child = Command::new("java")
+            .arg("-cp")
+            .arg(format!("{}/*", self.kafka_lib.display()))
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/scripts/lib/KafkaAcls.java"
+            ))
+            .arg(&self.sasl)
+            .arg(self.dir.join("admin.properties"))
+            .arg("scram")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running java");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(format!("{user} {password}\n").as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "setting a SCRAM password failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn the_saga_goes_on_when_the_scram_password_rotates_under_load() {
+    let secure = secure();
+    let (common_args, dir) = fresh_saga(&secure, "rotate", 2);
+    let user = unique("rotating").replace('.', "-");
+    let (old, new) = ("old-password-61b2f0", "new-password-9ae43c");
+    secure.set_password(&user, old);
+    let password_file = dir.path().join("password");
+    std::fs::write(&password_file, format!("{old}\n")).unwrap();
+    secure.grant(&listed_acls(&format!("User:{user}"), &[], &common_args));
+    for step in ["payment", "inventory"] {
+        secure.grant(&listed_acls(
+            "User:participant",
+            &["--participant", step],
+            &common_args,
+        ));
+    }
+    let mut app = secure.sasl_properties("saga");
+    app.retain(|(k, _)| k != "sasl.username" && k != "sasl.password_file");
+    app.push(("sasl.username".into(), user.clone()));
+    app.push((
+        "sasl.password_file".into(),
+        password_file.display().to_string(),
+    ));
+    let on = |command: &[&str], kafka: &[(String, String)]| {
+        let mut args = strings(command);
+        args.extend(strings(&["--bootstrap", &secure.sasl]));
+        args.extend(common_args.clone());
+        args.extend(flags(kafka));
+        args
+    };
+    let mut run = on(
+        &["run", "--instance-id", "a", "--metrics-addr", "127.0.0.1:0"],
+        &app,
+    );
+    run.extend([
+        "--state-dir".into(),
+        dir.path().join("a").display().to_string(),
+    ]);
+    let mut orchestrator =
+        BinProcess::spawn_with_log_filter(&run, dir.path().join("a.log"), "debug");
+    let mut participants = Vec::new();
+    for step in ["payment", "inventory"] {
+        let mut args = on(
+            &["simulate", step, "--instance-id", "sim"],
+            &secure.sasl_properties("participant"),
+        );
+        args.extend([
+            "--state-dir".into(),
+            dir.path().join(step).display().to_string(),
+        ]);
+        participants.push(BinProcess::spawn(
+            &args,
+            dir.path().join(format!("{step}.log")),
+        ));
+    }
+    let http = orchestrator.http_addr(Duration::from_secs(60));
+    assert!(
+        common::poll_until(Duration::from_secs(90), || {
+            common::http_get(&format!("http://{http}/ready")).0 == 200
+        }),
+        "not ready:\n{}",
+        orchestrator.log_text()
+    );
+    let admin = secure.sasl_properties("admin");
+    let orders = 400;
+    let _load = BinProcess::spawn(
+        &on(
+            &["load", "--orders", &orders.to_string(), "--rate", "40"],
+            &admin,
+        ),
+        dir.path().join("load.log"),
+    );
+    // Mid-load: the broker takes only the new password, then the file holds it and SIGHUP.
+    std::thread::sleep(Duration::from_secs(3));
+    secure.set_password(&user, new);
+    std::fs::write(&password_file, new).unwrap();
+    orchestrator.signal("HUP");
+    assert!(
+        common::poll_until(Duration::from_secs(60), || {
+            let log = orchestrator.log_text();
+            log.find("kafka_secrets_reloaded")
+                .is_some_and(|at| log[at..].contains("partitions assigned"))
+        }),
+        "the clients were not rebuilt with the new password:\n{}",
+        orchestrator.log_text()
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(150);
+    loop {
+        let (ok, out) = saga_streams(&on(&["audit", "--timeout", "60s"], &admin));
+        if ok && out.contains(&format!("audit: PASSED ({orders} sagas")) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the saga did not finish after the rotation:\n{out}\norchestrator log:\n{}",
+            orchestrator.log_text()
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    orchestrator.assert_alive();
+    let log = orchestrator.log_text();
+    assert!(
+        !log.contains(old) && !log.contains(new),
+        "a password is in the debug log"
+    );
+}

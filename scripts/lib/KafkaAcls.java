@@ -2,8 +2,10 @@
 //   <principal> <operation> <resource type> <pattern type> <resource name>
 // e.g. `User:saga READ TOPIC LITERAL orders.created` (names as in the Java enums AclOperation,
 // ResourceType and PatternType; `#` starts a comment). Every ACL allows, from any host.
+// With `scram`, the lines are `<user> <password>` instead: each user's SCRAM-SHA-512 credential is
+// set (created, or its password changed), the password never on a command line.
 // Run as a single-file program:
-//   java -cp '<kafka lib>/*' KafkaAcls.java <bootstrap> <client.properties> add|remove < acls.txt
+//   java -cp '<kafka lib>/*' KafkaAcls.java <bootstrap> <client.properties> add|remove|scram < lines
 import java.io.BufferedReader;
 import java.io.FileReader;
 import java.io.InputStreamReader;
@@ -29,6 +31,10 @@ public class KafkaAcls {
             props.load(in);
         }
         props.put(AdminClientConfig.BOOTSTRAP_SERVERS_CONFIG, args[0]);
+        if (args[2].equals("scram")) {
+            scram(props);
+            return;
+        }
         boolean add = args[2].equals("add");
         List<AclBinding> bindings = new ArrayList<>();
         BufferedReader lines = new BufferedReader(new InputStreamReader(System.in));
@@ -58,5 +64,25 @@ public class KafkaAcls {
             }
         }
         System.out.println((add ? "added " : "removed ") + bindings.size() + " ACL(s)");
+    }
+
+    static void scram(Properties props) throws Exception {
+        List<org.apache.kafka.clients.admin.UserScramCredentialAlteration> changes = new ArrayList<>();
+        BufferedReader lines = new BufferedReader(new InputStreamReader(System.in));
+        for (String line = lines.readLine(); line != null; line = lines.readLine()) {
+            String[] f = line.trim().split("\\s+");
+            if (f.length != 2) {
+                System.err.println("not '<user> <password>' (line not shown)");
+                System.exit(2);
+            }
+            changes.add(new org.apache.kafka.clients.admin.UserScramCredentialUpsertion(f[0],
+                    new org.apache.kafka.clients.admin.ScramCredentialInfo(
+                            org.apache.kafka.clients.admin.ScramMechanism.SCRAM_SHA_512, 4096),
+                    f[1]));
+        }
+        try (Admin admin = Admin.create(props)) {
+            admin.alterUserScramCredentials(changes).all().get(30, TimeUnit.SECONDS);
+        }
+        System.out.println("set " + changes.size() + " SCRAM credential(s)");
     }
 }

@@ -131,6 +131,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         args.state_dir,
     );
     config.kafka = kafka.properties().clone();
+    config.kafka_files = kafka.files().clone();
     config.commit_interval = args.commit_interval;
     config.guarantee = args.guarantee;
     config.partitioner = args.partitioner.setting().to_string();

@@ -143,6 +143,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
         args.state_dir,
     );
     config.kafka = kafka.properties().clone();
+    config.kafka_files = kafka.files().clone();
     let (config, supplier) = participant(def, codec, step, args.behaviour.behaviour(), config);
     if let Some(addr) = args.metrics_addr {
         let metrics = crate::telemetry::metrics::install_recorder().map_err(anyhow::Error::msg)?;

@@ -122,6 +122,11 @@ impl KafkaSettings {
         }
     }
 
+    /// Properties whose value came from a file, and the file.
+    pub fn files(&self) -> &BTreeMap<String, PathBuf> {
+        &self.files
+    }
+
     /// Every property with its real value, secrets included: for building clients only.
     pub fn properties(&self) -> &BTreeMap<String, String> {
         &self.properties

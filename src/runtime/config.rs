@@ -61,6 +61,9 @@ pub struct RuntimeConfig {
     pub group_protocol: String,
     /// Extra librdkafka settings for both clients; settings the runtime owns are refused.
     pub kafka: BTreeMap<String, String>,
+    /// Properties of `kafka` whose value comes from a file (`sasl.password`), and the file: on a
+    /// secret rotation (SIGHUP) they are read again and the clients rebuilt.
+    pub kafka_files: BTreeMap<String, PathBuf>,
     /// librdkafka `partitioner` of the producer: how output keys map to partitions
     /// (`consistent_random`, librdkafka's default, or `murmur2_random`, the Java client's).
     pub partitioner: String,
@@ -109,10 +112,25 @@ impl RuntimeConfig {
             transaction_timeout: Duration::from_secs(10),
             group_protocol: "consumer".to_string(),
             kafka: BTreeMap::new(),
+            kafka_files: BTreeMap::new(),
             partitioner: "consistent_random".to_string(),
             status: super::RuntimeStatus::default(),
             internal_topics: Vec::new(),
         }
+    }
+
+    /// This configuration with the secret files of `kafka_files` read again; `Ok(None)` when
+    /// there are none. An unreadable or empty file fails it, naming the file only.
+    pub fn with_secrets_reread(&self) -> Result<Option<RuntimeConfig>, String> {
+        if self.kafka_files.is_empty() {
+            return Ok(None);
+        }
+        let mut fresh = self.clone();
+        for (property, path) in &self.kafka_files {
+            let value = super::secrets::read_secret(property, path)?;
+            fresh.kafka.insert(property.clone(), value);
+        }
+        Ok(Some(fresh))
     }
 
     /// Who this client is to the cluster, for error messages: the SASL user or the client

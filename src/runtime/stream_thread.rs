@@ -26,6 +26,7 @@ use super::config::RuntimeConfig;
 use super::engine::{sleep_unless_shutdown, Engine};
 use super::error::{refusal, ErrorClass, RuntimeError};
 use super::processor::{InputRecord, ProcessorSupplier};
+use super::secrets;
 use super::topics::prepare_topics;
 use crate::state::rocks::RocksResources;
 use crate::telemetry::metrics as m;
@@ -253,7 +254,7 @@ pub fn run(
         application_id = %config.application_id, instance_id = %config.instance_id, tasks = partitions,
         guarantee = ?config.guarantee, "starting"
     );
-    let config = Arc::new(config);
+    let mut config = Arc::new(config);
     let resources = RocksResources::default();
     let mut backoff = RebuildBackoff::default();
     loop {
@@ -264,7 +265,19 @@ pub fn run(
             refusals = Refusals::default();
         }
         match result {
-            Ok(()) => return Ok(()),
+            Ok(Ended::Shutdown) => return Ok(()),
+            // The last cycle committed and the clients closed: build them again with the
+            // secrets as the files hold them now.
+            Ok(Ended::Rotation) => match config.with_secrets_reread() {
+                Ok(Some(fresh)) => {
+                    tracing::info!(target: secrets::AUDIT_TARGET, event = "kafka_secrets_reloaded", identity = %fresh.identity(), "Kafka secret files read again; the clients are rebuilt with them");
+                    config = Arc::new(fresh);
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::error!(target: secrets::AUDIT_TARGET, event = "secret_reload_failed", what = "Kafka client secrets", %error, "secret files not read again; the clients are rebuilt with the previous secrets");
+                }
+            },
             Err(e @ (RuntimeError::Config(_) | RuntimeError::Topics(_))) => return Err(e),
             // Clients were built from these settings at start-up: a later failure to build one
             // is transient (resources), not configuration, and is rebuilt as any other.
@@ -370,12 +383,21 @@ fn rebuild_reason(error: &RuntimeError) -> &'static str {
 }
 
 /// One life of the consumer and producer: from joining the group to shutdown or a fatal error.
+/// Why a generation ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// Shutdown was requested.
+    Shutdown,
+    /// A secret rotation was requested: the clients are to be built again.
+    Rotation,
+}
+
 fn run_generation(
     config: &Arc<RuntimeConfig>,
     supplier: &ProcessorSupplier,
     resources: &RocksResources,
     shutdown: &Shutdown,
-) -> Result<(), RuntimeError> {
+) -> Result<Ended, RuntimeError> {
     let engine = Arc::new(Mutex::new(Engine::new(
         config.clone(),
         supplier.clone(),
@@ -390,7 +412,7 @@ fn run_generation(
 
     let result = poll_loop(config, &consumer, &engine, shutdown);
     match &result {
-        Ok(()) => {
+        Ok(_) => {
             // Graceful: the last cycle commits, then closing the consumer leaves the group
             // (its revoke callback finds nothing left to commit).
             let mut guard = lock(&engine);
@@ -526,12 +548,19 @@ fn poll_loop(
     consumer: &BaseConsumer<StreamsContext>,
     engine: &Mutex<Engine>,
     shutdown: &Shutdown,
-) -> Result<(), RuntimeError> {
+) -> Result<Ended, RuntimeError> {
     let mut batch: Vec<InputRecord> = Vec::with_capacity(POLL_BATCH);
     let mut failures = Failures::default();
     // A rebuilt generation starts from a clean slate.
     config.status.set_stalled(None);
+    let secrets_generation = secrets::generation();
     while !shutdown.requested() {
+        if !config.kafka_files.is_empty() && secrets::generation() != secrets_generation {
+            tracing::info!(
+                "secret rotation requested: committing, then rebuilding the Kafka clients"
+            );
+            return Ok(Ended::Rotation);
+        }
         // Poll without holding the engine: rebalance callbacks run in here and take it.
         let wait = {
             let guard = lock(engine);
@@ -629,7 +658,7 @@ fn poll_loop(
             }
         }
     }
-    Ok(())
+    Ok(Ended::Shutdown)
 }
 
 /// Records (and bytes) one poll round takes at most before the loop turns to processing.

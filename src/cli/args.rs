@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::anyhow;
 
 use crate::codec::registry::RegistryAccess;
+use crate::codec::signing::Signing;
 use crate::codec::Codec;
 use crate::saga::topology::Format;
 use crate::saga::SagaDefinition;
@@ -74,6 +75,10 @@ pub struct TopologyArgs {
     /// PKCS#8 PEM key of `--schema-registry-cert`.
     #[arg(long)]
     pub schema_registry_key: Option<PathBuf>,
+    /// The keys for topics with `signatures:` in the topology: lines of `<key id> <secret>`, the
+    /// first signs, all verify (re-read on SIGHUP). See README, "Signed events".
+    #[arg(long)]
+    pub signing_keys: Option<PathBuf>,
 }
 
 fn parse_topic_format(s: &str) -> Result<(String, Format), String> {
@@ -136,6 +141,11 @@ impl TopologyArgs {
             &self.registry_access(),
             writes,
         )
+        .and_then(|codec| {
+            let topics: Vec<String> = def.topic_set().topics.into_keys().collect();
+            Signing::new(def.signature_modes(), self.signing_keys.as_ref(), &topics)
+                .map(|signing| codec.with_signing(signing))
+        })
         .map(Arc::new)
         .map_err(|e| anyhow!(e))
     }

@@ -8,6 +8,7 @@ pub mod compat;
 pub mod json;
 pub mod registry;
 pub mod schemas;
+pub mod signing;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -150,6 +151,8 @@ pub const REGISTRY_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Codec {
     formats: std::collections::BTreeMap<String, Format>,
     avro: Option<avro::AvroCodec>,
+    /// Which topics' records are signed, and the keys (see [`signing`]).
+    signing: Arc<signing::Signing>,
 }
 
 impl Codec {
@@ -158,6 +161,7 @@ impl Codec {
         Codec {
             formats: Default::default(),
             avro: None,
+            signing: Default::default(),
         }
     }
 
@@ -188,6 +192,7 @@ impl Codec {
             return Ok(Codec {
                 formats: topics.topics.clone(),
                 avro: None,
+                signing: Default::default(),
             });
         }
         let list = |problems: Vec<String>| format!("avro topics:\n  - {}", problems.join("\n  - "));
@@ -203,7 +208,19 @@ impl Codec {
         Ok(Codec {
             formats: topics.topics.clone(),
             avro: Some(avro),
+            signing: Default::default(),
         })
+    }
+
+    /// The codec, signing and verifying the records of the topics `signing` names.
+    pub fn with_signing(mut self, signing: signing::Signing) -> Self {
+        self.signing = Arc::new(signing);
+        self
+    }
+
+    /// Which topics' records are signed, and the keys.
+    pub fn signing(&self) -> &Arc<signing::Signing> {
+        &self.signing
     }
 
     /// The format of a topic.

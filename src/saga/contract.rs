@@ -68,6 +68,10 @@ pub enum BadInputKind {
     IncompatibleSaga,
     /// The saga's stored record cannot be read and was moved to the quarantine.
     QuarantinedSaga,
+    /// The topic's records must be signed (`signatures: required`) and this one is not.
+    MissingSignature,
+    /// The record's signature does not verify (wrong key, unknown key id, changed record).
+    BadSignature,
 }
 
 impl BadInputKind {
@@ -88,6 +92,8 @@ impl BadInputKind {
             Self::IncompatibleSaga => "incompatible_saga",
             Self::QuarantinedSaga => "quarantined_saga",
             Self::RecordTooLarge => "record_too_large",
+            Self::MissingSignature => "missing_signature",
+            Self::BadSignature => "bad_signature",
         }
     }
 }

@@ -11,7 +11,9 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::codec::signing::{SignatureProblem, Signing, SIGNATURE_HEADER};
 use crate::codec::{Codec, DecodeError};
+use crate::runtime::secrets::AUDIT_TARGET;
 use crate::runtime::{
     InputRecord, OutputRecord, Processor, ProcessorContext, ProcessorError, Store,
 };
@@ -388,18 +390,68 @@ pub struct SagaProcessor {
     /// The repartition topic inputs are re-keyed through (`keys: rekey`); `None`: dead-letter
     /// them as with `keys: strict`.
     repartition: Option<String>,
+    /// Which inputs must carry a valid signature, which outputs are signed, and the keys (the
+    /// codec's).
+    signing: Arc<Signing>,
 }
 
 impl SagaProcessor {
     pub fn new(def: Arc<SagaDefinition>, codec: Arc<Codec>, tick: Duration) -> Self {
         Self {
             def,
-            codec,
             tick,
             scanned_to: None,
             counts: StatusCounts::default(),
             repartition: None,
+            signing: codec.signing().clone(),
+            codec,
         }
+    }
+
+    /// Checks an input's signature (before anything else reads it); dead-letters it when the
+    /// topic wants one and it is missing or does not verify. `false`: dead-lettered.
+    fn signature_accepted(&self, ctx: &mut ProcessorContext<'_>, record: &InputRecord) -> bool {
+        let header = |name: &str| {
+            record
+                .headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_slice())
+        };
+        let problem = match self.signing.check(
+            &record.topic,
+            header(SIGNATURE_HEADER),
+            record.key.as_deref(),
+            record.value.as_deref(),
+            header(CORRELATION_HEADER),
+        ) {
+            Ok(()) => return true,
+            Err(problem) => problem,
+        };
+        let bad = match problem {
+            SignatureProblem::Missing => BadInput::new(
+                BadInputKind::MissingSignature,
+                format!(
+                    "{} requires signed records and this one has no {SIGNATURE_HEADER} header",
+                    record.topic
+                ),
+            ),
+            SignatureProblem::Bad(why) => BadInput::new(BadInputKind::BadSignature, why),
+        };
+        metrics::counter!(m::SIGNATURE_FAILURES, "topic" => record.topic.clone(), "reason" => bad.kind.as_str())
+            .increment(1);
+        tracing::warn!(
+            target: AUDIT_TARGET,
+            event = "signature_refused",
+            reason = bad.kind.as_str(),
+            topic = %record.topic,
+            partition = record.partition,
+            offset = record.offset,
+            detail = %bad.message,
+            "an input record's signature was refused; the record is dead-lettered"
+        );
+        self.dead_letter(ctx, record, &bad);
+        false
     }
 
     /// Re-keys inputs whose key is not their saga id through `topic` (the application's
@@ -845,6 +897,18 @@ impl SagaProcessor {
             if let Some(tp) = &saga.traceparent {
                 record = record.with_header(TRACEPARENT_HEADER, tp.as_bytes());
             }
+            let signature = self
+                .signing
+                .sign(
+                    &output.topic,
+                    record.key.as_deref(),
+                    record.value.as_deref(),
+                    Some(saga.correlation_id.as_bytes()),
+                )
+                .map_err(|e| BadInput::new(BadInputKind::UnencodableOutput, e))?;
+            if let Some(signature) = signature {
+                record = record.with_header(SIGNATURE_HEADER, signature.as_bytes());
+            }
             let size = record.key.as_ref().map_or(0, Vec::len)
                 + record.value.as_ref().map_or(0, Vec::len)
                 + record
@@ -1034,6 +1098,10 @@ impl Processor for SagaProcessor {
             }
             _ => (record, false),
         };
+        // A re-keyed record was verified before it was forwarded.
+        if !from_repartition && !self.signature_accepted(ctx, record) {
+            return Ok(());
+        }
         // Err(Ok(bad)): dead-letter it; Err(Err(why)): the registry cannot be reached.
         let decoded = match self.codec.read(&record.topic, record.value.as_deref()) {
             Ok(map) => self.check_input(ctx, record, map)?.map_err(Ok),

@@ -6,6 +6,7 @@
 //! stops there with its line. Then every semantic rule is checked and all problems are reported at
 //! once, each as `file:line: message`.
 
+use crate::codec::signing::SignatureMode;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
@@ -68,6 +69,8 @@ struct RawTopic {
     format: Option<Spanned<String>>,
     #[serde(default)]
     subject: Option<Spanned<String>>,
+    #[serde(default)]
+    signatures: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -377,6 +380,8 @@ pub struct SagaDefinition {
     /// Avro; relative paths in the file are taken from the topology file's directory.
     pub schemas_dir: Option<std::path::PathBuf>,
     pub topics: BTreeMap<String, Format>,
+    /// Topics whose records are signed (`signatures: required | optional`); others are off.
+    pub signatures: BTreeMap<String, SignatureMode>,
     pub start_event: String,
     pub start_topic: String,
     pub events: BTreeMap<String, Vec<FieldSpec>>,
@@ -583,6 +588,17 @@ impl SagaDefinition {
             .unwrap_or(Format::Json)
     }
 
+    /// Every signed topic's mode, over all loaded versions (the current version's first).
+    pub fn signature_modes(&self) -> BTreeMap<String, SignatureMode> {
+        let mut modes = BTreeMap::new();
+        for d in self.versions() {
+            for (topic, mode) in &d.signatures {
+                modes.entry(topic.clone()).or_insert(*mode);
+            }
+        }
+        modes
+    }
+
     /// Every topic's format, over all loaded versions.
     pub fn all_formats(&self) -> BTreeMap<String, Format> {
         let mut formats = BTreeMap::new();
@@ -752,6 +768,10 @@ impl SagaDefinition {
         self.topics = std::mem::take(&mut self.topics)
             .into_iter()
             .map(|(t, f)| (format!("{prefix}{t}"), f))
+            .collect();
+        self.signatures = std::mem::take(&mut self.signatures)
+            .into_iter()
+            .map(|(t, m)| (format!("{prefix}{t}"), m))
             .collect();
         p(&mut self.start_topic);
         for step in &mut self.steps {
@@ -983,7 +1003,17 @@ impl Validator<'_> {
             .unwrap_or_else(|| "REFUNDED".into());
 
         let mut topics = BTreeMap::new();
+        let mut signatures = BTreeMap::new();
         for (topic, spec) in &raw.topics {
+            if let Some(mode) = &spec.signatures {
+                match SignatureMode::parse(mode.as_str()) {
+                    Ok(SignatureMode::Off) => {}
+                    Ok(mode) => {
+                        signatures.insert(topic.clone(), mode);
+                    }
+                    Err(e) => self.problem(mode, format!("topic '{topic}': {e}")),
+                }
+            }
             let mut format = match &spec.format {
                 None => Format::Json,
                 Some(f) => match Format::parse(f.as_str()) {
@@ -1284,6 +1314,7 @@ impl Validator<'_> {
             max_input_bytes,
             schemas_dir: raw.schemas.map(|s| std::path::PathBuf::from(s.as_str())),
             topics,
+            signatures,
             start_event,
             start_topic,
             events,

@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 
 use super::participant::share_of;
 use super::SimError;
+use crate::codec::signing::SIGNATURE_HEADER;
 use crate::codec::Codec;
 use crate::runtime::client::KafkaClients;
 use crate::saga::contract::{rfc3339, CORRELATION_HEADER};
@@ -137,10 +138,25 @@ pub fn run(
                 .map_err(SimError::Other)?,
             _ => Vec::new(),
         };
-        let headers = OwnedHeaders::new().insert(Header {
+        let mut headers = OwnedHeaders::new().insert(Header {
             key: CORRELATION_HEADER,
             value: Some(&correlation),
         });
+        let signature = codec
+            .signing()
+            .sign(
+                &def.start_topic,
+                Some(saga_id.as_bytes()),
+                Some(&body),
+                Some(correlation.as_bytes()),
+            )
+            .map_err(SimError::Other)?;
+        if let Some(signature) = &signature {
+            headers = headers.insert(Header {
+                key: SIGNATURE_HEADER,
+                value: Some(signature),
+            });
+        }
         let mut record = BaseRecord::to(&def.start_topic)
             .key(saga_id.as_str())
             .payload(&body)

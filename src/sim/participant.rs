@@ -22,6 +22,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::codec::signing::{SignatureProblem, Signing, SIGNATURE_HEADER, SIGNED_HEADER};
 use crate::codec::{Codec, DecodeError};
 use crate::runtime::{InputRecord, OutputRecord, Processor, ProcessorContext, ProcessorError};
 use crate::saga::contract::{self, CORRELATION_HEADER, TRACEPARENT_HEADER};
@@ -265,6 +266,29 @@ impl Processor for Participant {
         ctx: &mut ProcessorContext<'_>,
         record: &InputRecord,
     ) -> Result<(), ProcessorError> {
+        let header = |name: &str| {
+            record
+                .headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_slice())
+        };
+        if let Err(problem) = self.codec.signing().check(
+            &record.topic,
+            header(SIGNATURE_HEADER),
+            record.key.as_deref(),
+            record.value.as_deref(),
+            header(SIGNED_HEADER),
+        ) {
+            let reason = match problem {
+                SignatureProblem::Missing => "missing_signature".to_string(),
+                SignatureProblem::Bad(why) => why,
+            };
+            tracing::warn!(target: crate::runtime::secrets::AUDIT_TARGET, event = "signature_refused", topic = %record.topic, offset = record.offset, detail = %reason, "ignoring a command whose signature was refused");
+            metrics::counter!(crate::telemetry::metrics::SIGNATURE_FAILURES, "topic" => record.topic.clone(), "reason" => "command")
+                .increment(1);
+            return Ok(());
+        }
         let body = match self.codec.read(&record.topic, record.value.as_deref()) {
             Ok(body) => body,
             Err(DecodeError::Bad(bad)) => {
@@ -298,7 +322,7 @@ impl Processor for Participant {
                 match serde_json::from_slice::<HeldReply>(&answer) {
                     Ok(reply) => {
                         tracing::debug!(%command_id, "command answered already; answering again");
-                        send(ctx, reply);
+                        send(ctx, self.codec.signing(), reply);
                     }
                     Err(_) => {
                         tracing::debug!(%command_id, "command seen already, without an answer")
@@ -352,7 +376,7 @@ impl Processor for Participant {
         ctx.store(PARTICIPANT_STORE)?
             .put_json(seen_key.as_bytes(), &reply)?;
         if self.behaviour.latency.is_zero() {
-            send(ctx, reply);
+            send(ctx, self.codec.signing(), reply);
         } else {
             let due = now + self.behaviour.latency.as_millis() as i64;
             let key = timed_key(b"d/", due as u64, &command_id);
@@ -384,7 +408,7 @@ impl Processor for Participant {
             }
         }
         for reply in due {
-            send(ctx, reply);
+            send(ctx, self.codec.signing(), reply);
         }
         // Command ids remembered long enough are forgotten, a bounded batch at a time.
         let end = [b"x/".as_slice(), &(now + 1).to_be_bytes()].concat();
@@ -407,9 +431,26 @@ fn amount_of(value: &Value) -> Option<f64> {
     }
 }
 
-fn send(ctx: &mut ProcessorContext<'_>, reply: HeldReply) {
+/// Sends a reply, signed when its topic is (with the key that signs now, not when it was held).
+fn send(ctx: &mut ProcessorContext<'_>, signing: &Signing, reply: HeldReply) {
+    let mut headers = reply.headers;
+    headers.retain(|(n, _)| !n.eq_ignore_ascii_case(SIGNATURE_HEADER));
+    let correlation = headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(SIGNED_HEADER))
+        .map(|(_, v)| v.clone());
+    match signing.sign(
+        &reply.topic,
+        Some(reply.key.as_bytes()),
+        Some(&reply.value),
+        correlation.as_deref(),
+    ) {
+        Ok(Some(signature)) => headers.push((SIGNATURE_HEADER.to_string(), signature.into_bytes())),
+        Ok(None) => {}
+        Err(e) => tracing::error!(error = %e, topic = %reply.topic, "the reply is sent unsigned"),
+    }
     let mut record = OutputRecord::new(reply.topic, reply.key.into_bytes(), reply.value);
-    record.headers = reply.headers;
+    record.headers = headers;
     ctx.send(record);
 }
 

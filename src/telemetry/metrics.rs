@@ -37,6 +37,7 @@ pub const RUNNING_TASKS: &str = "saga_streams_running_tasks";
 pub const STALLED: &str = "saga_streams_stalled";
 pub const TASKS_CLOSED_AFTER_FAILURE: &str = "saga_streams_tasks_closed_after_failure_total";
 pub const REBUILDS: &str = "saga_streams_rebuilds_total";
+pub const SIGNATURE_FAILURES: &str = "saga_streams_signature_failures_total";
 
 /// Every metric name of the catalogue.
 pub const CATALOGUE: &[&str] = &[
@@ -55,6 +56,7 @@ pub const CATALOGUE: &[&str] = &[
     RETRIES,
     COMPENSATIONS_STUCK,
     DLQ_RECORDS,
+    SIGNATURE_FAILURES,
     OUTPUT_ERRORS,
     SAGAS_INCOMPATIBLE,
     LIVE_SAGAS_BY_VERSION,
@@ -138,6 +140,11 @@ fn describe() {
         "compensations given up unconfirmed after all their attempts"
     );
     describe_counter!(DLQ_RECORDS, Unit::Count, "input records dead-lettered");
+    describe_counter!(
+        SIGNATURE_FAILURES,
+        Unit::Count,
+        "input records whose signature was missing or did not verify, per topic and reason"
+    );
     describe_counter!(
         REGISTRY_LOOKUPS,
         Unit::Count,

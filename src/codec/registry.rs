@@ -106,8 +106,10 @@ impl std::fmt::Debug for Registry {
 fn split_url(url: &str) -> Result<(String, Credentials), String> {
     let trimmed = url.trim_end_matches('/');
     let Ok(mut parsed) = reqwest::Url::parse(trimmed) else {
-        // Not a URL reqwest can use: the request says so later, naming no credentials.
-        return Ok((trimmed.to_string(), Credentials::None));
+        // Not shown: it may hold credentials.
+        return Err(
+            "the Schema Registry URL is not a valid URL (e.g. https://registry:8081)".into(),
+        );
     };
     if parsed.username().is_empty() {
         return Ok((trimmed.to_string(), Credentials::None));
@@ -154,31 +156,6 @@ impl RegistryAccess {
     /// Whether anything beyond the URL is configured.
     pub fn is_empty(&self) -> bool {
         *self == RegistryAccess::default()
-    }
-
-    /// The settings as `config show` prints them: files named, secrets never.
-    pub fn masked(&self) -> Vec<(String, String)> {
-        let mut shown = Vec::new();
-        let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
-        if let Some(user) = &self.user {
-            shown.push(("user".into(), user.clone()));
-        }
-        if let Some(p) = &self.password_file {
-            shown.push(("password".into(), format!("*** (from {})", p.display())));
-        }
-        if let Some(p) = &self.token_file {
-            shown.push(("token".into(), format!("*** (from {})", p.display())));
-        }
-        for (name, p) in [
-            ("ca", path(&self.ca)),
-            ("cert", path(&self.cert)),
-            ("key", path(&self.key)),
-        ] {
-            if let Some(p) = p {
-                shown.push((name.into(), p));
-            }
-        }
-        shown
     }
 
     fn credentials(&self, from_url: &Credentials) -> Result<Credentials, String> {
@@ -433,11 +410,13 @@ impl Registry {
         if status.is_success() {
             return Ok(body);
         }
+        // The registry's own message; any other body (a proxy's page) is not repeated: it could
+        // echo the request's headers.
         let message = body
             .get("message")
             .and_then(Value::as_str)
-            .map(str::to_string)
-            .unwrap_or(text);
+            .map(|m| m.chars().take(500).collect())
+            .unwrap_or_else(|| "no message".to_string());
         Err(match status.as_u16() {
             404 => RegistryError::NotFound(format!("{url}: {message}")),
             401 | 403 => {

@@ -119,10 +119,40 @@ impl RuntimeConfig {
         }
     }
 
+    /// Whether the clients read a secret from a file: a `*_file` property, or a certificate, key
+    /// or CA that librdkafka loads when a client is built (`ssl.*.location`). A secret rotation
+    /// rebuilds the clients then, so a renewed certificate is picked up too.
+    pub fn reads_secret_files(&self) -> bool {
+        !self.kafka_files.is_empty() || self.kafka.keys().any(|k| k.ends_with(".location"))
+    }
+
+    /// A digest of every file the clients read a secret or certificate from (a missing file
+    /// counts as empty): a rotation rebuilds the clients only when it changed.
+    pub fn secret_files_fingerprint(&self) -> Vec<u8> {
+        use sha2::{Digest, Sha256};
+        let mut digest = Sha256::new();
+        let locations = self
+            .kafka
+            .iter()
+            .filter(|(k, _)| k.ends_with(".location"))
+            .map(|(k, v)| (k, PathBuf::from(v)));
+        for (name, path) in self
+            .kafka_files
+            .iter()
+            .map(|(k, p)| (k, p.clone()))
+            .chain(locations)
+        {
+            digest.update(name.as_bytes());
+            digest.update(std::fs::read(&path).unwrap_or_default());
+            digest.update([0]);
+        }
+        digest.finalize().to_vec()
+    }
+
     /// This configuration with the secret files of `kafka_files` read again; `Ok(None)` when
-    /// there are none. An unreadable or empty file fails it, naming the file only.
+    /// the clients read no secret file. An unreadable or empty file fails it, naming the file only.
     pub fn with_secrets_reread(&self) -> Result<Option<RuntimeConfig>, String> {
-        if self.kafka_files.is_empty() {
+        if !self.reads_secret_files() {
             return Ok(None);
         }
         let mut fresh = self.clone();
@@ -294,6 +324,38 @@ mod tests {
         ] {
             assert!(text.contains(expected), "missing '{expected}' in:\n{text}");
         }
+    }
+
+    #[test]
+    fn the_secret_files_fingerprint_follows_their_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let (password, ca) = (dir.path().join("password"), dir.path().join("ca.pem"));
+        std::fs::write(&password, "one").unwrap();
+        std::fs::write(&ca, "ca-1").unwrap();
+        let mut config = RuntimeConfig::new("app", "a", "b:9092", dir.path());
+        assert!(!config.reads_secret_files());
+        config.kafka.insert("sasl.password".into(), "one".into());
+        config
+            .kafka_files
+            .insert("sasl.password".into(), password.clone());
+        config
+            .kafka
+            .insert("ssl.ca.location".into(), ca.display().to_string());
+        assert!(config.reads_secret_files());
+        let first = config.secret_files_fingerprint();
+        assert_eq!(first, config.secret_files_fingerprint());
+        std::fs::write(&ca, "ca-2").unwrap();
+        let second = config.secret_files_fingerprint();
+        assert_ne!(first, second, "a renewed CA file");
+        std::fs::write(&password, "two\n").unwrap();
+        assert_ne!(second, config.secret_files_fingerprint(), "a new password");
+        let fresh = config.with_secrets_reread().unwrap().unwrap();
+        assert_eq!(fresh.kafka["sasl.password"], "two");
+        std::fs::write(&password, "").unwrap();
+        assert!(
+            config.with_secrets_reread().is_err(),
+            "an empty secret file"
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! Security-relevant events (rotations, refused credentials, refused tokens, bad signatures) go
 //! to the tracing target [`AUDIT_TARGET`], one structured event each, never with a secret's value.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -132,14 +132,6 @@ impl<T: Send + Sync + 'static> Rotating<T> {
             }
         }
         current.1.clone()
-    }
-}
-
-/// A secret's source, for display: the file, never the value.
-pub fn describe(path: Option<&PathBuf>) -> String {
-    match path {
-        Some(p) => format!("*** (from {})", p.display()),
-        None => "(none)".into(),
     }
 }
 

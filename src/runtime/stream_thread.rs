@@ -257,27 +257,42 @@ pub fn run(
     let mut config = Arc::new(config);
     let resources = RocksResources::default();
     let mut backoff = RebuildBackoff::default();
+    // The rotation the secrets in `config` were read at, and what the files held then.
+    let mut loaded = secrets::generation();
+    let mut fingerprint = config.secret_files_fingerprint();
     loop {
+        // A rotation requested since the secrets were read (during a backoff or a recovery too):
+        // read them again before building the clients.
+        let now = secrets::generation();
+        if now != loaded {
+            loaded = now;
+            let current = config.secret_files_fingerprint();
+            if current != fingerprint {
+                match config.with_secrets_reread() {
+                    Ok(Some(fresh)) => {
+                        tracing::info!(target: secrets::AUDIT_TARGET, event = "kafka_secrets_reloaded", identity = %fresh.identity(), "Kafka secret files read again; the clients are built with them");
+                        config = Arc::new(fresh);
+                        fingerprint = current;
+                    }
+                    Ok(None) => {}
+                    Err(error) => {
+                        tracing::error!(target: secrets::AUDIT_TARGET, event = "secret_reload_failed", what = "Kafka client secrets", %error, "secret files not read again; the clients keep the previous secrets");
+                    }
+                }
+            }
+        }
         let started = Instant::now();
-        let result = run_generation(&config, &supplier, &resources, &shutdown);
+        let result = run_generation(&config, &fingerprint, &supplier, &resources, &shutdown);
         // Only an unbroken run of refusals counts against the grace.
         if started.elapsed() >= HEALTHY_GENERATION {
             refusals = Refusals::default();
         }
         match result {
             Ok(Ended::Shutdown) => return Ok(()),
-            // The last cycle committed and the clients closed: build them again with the
-            // secrets as the files hold them now.
-            Ok(Ended::Rotation) => match config.with_secrets_reread() {
-                Ok(Some(fresh)) => {
-                    tracing::info!(target: secrets::AUDIT_TARGET, event = "kafka_secrets_reloaded", identity = %fresh.identity(), "Kafka secret files read again; the clients are rebuilt with them");
-                    config = Arc::new(fresh);
-                }
-                Ok(None) => {}
-                Err(error) => {
-                    tracing::error!(target: secrets::AUDIT_TARGET, event = "secret_reload_failed", what = "Kafka client secrets", %error, "secret files not read again; the clients are rebuilt with the previous secrets");
-                }
-            },
+            // The last cycle committed and the clients closed: the loop's top reads the secret
+            // files and builds the clients again.
+            Ok(Ended::Rotation) if shutdown.requested() => return Ok(()),
+            Ok(Ended::Rotation) => {}
             Err(e @ (RuntimeError::Config(_) | RuntimeError::Topics(_))) => return Err(e),
             // Clients were built from these settings at start-up: a later failure to build one
             // is transient (resources), not configuration, and is rebuilt as any other.
@@ -328,7 +343,7 @@ impl Refusals {
         if since.elapsed() >= REFUSAL_GRACE {
             return Err(denied);
         }
-        tracing::warn!(error = %denied, "refused by the cluster; trying again for a few seconds");
+        tracing::warn!(target: secrets::AUDIT_TARGET, event = "kafka_refused", error = %denied, "refused by the cluster; trying again for a few seconds");
         config.status.set_stalled(Some(denied.to_string()));
         Ok(true)
     }
@@ -392,8 +407,10 @@ enum Ended {
     Rotation,
 }
 
+/// `fingerprint`: what the secret files held when `config` read them.
 fn run_generation(
     config: &Arc<RuntimeConfig>,
+    fingerprint: &[u8],
     supplier: &ProcessorSupplier,
     resources: &RocksResources,
     shutdown: &Shutdown,
@@ -410,7 +427,7 @@ fn run_generation(
         .subscribe(&topics)
         .map_err(RuntimeError::kafka("subscribe"))?;
 
-    let result = poll_loop(config, &consumer, &engine, shutdown);
+    let result = poll_loop(config, fingerprint, &consumer, &engine, shutdown);
     match &result {
         Ok(_) => {
             // Graceful: the last cycle commits, then closing the consumer leaves the group
@@ -545,6 +562,7 @@ impl Failures {
 
 fn poll_loop(
     config: &RuntimeConfig,
+    fingerprint: &[u8],
     consumer: &BaseConsumer<StreamsContext>,
     engine: &Mutex<Engine>,
     shutdown: &Shutdown,
@@ -553,14 +571,9 @@ fn poll_loop(
     let mut failures = Failures::default();
     // A rebuilt generation starts from a clean slate.
     config.status.set_stalled(None);
-    let secrets_generation = secrets::generation();
+    // A rotation ends the generation only when a file the clients read changed.
+    let mut secrets_generation = secrets::generation();
     while !shutdown.requested() {
-        if !config.kafka_files.is_empty() && secrets::generation() != secrets_generation {
-            tracing::info!(
-                "secret rotation requested: committing, then rebuilding the Kafka clients"
-            );
-            return Ok(Ended::Rotation);
-        }
         // Poll without holding the engine: rebalance callbacks run in here and take it.
         let wait = {
             let guard = lock(engine);
@@ -598,6 +611,15 @@ fn poll_loop(
             return Err(RuntimeError::ClientStuck(
                 "the engine was marked broken by a fatal error".to_string(),
             ));
+        }
+        if secrets::generation() != secrets_generation {
+            secrets_generation = secrets::generation();
+            if config.reads_secret_files() && config.secret_files_fingerprint() != fingerprint {
+                tracing::info!(
+                    "secret rotation requested and a secret file changed: committing, then rebuilding the Kafka clients"
+                );
+                return Ok(Ended::Rotation);
+            }
         }
         // An aborted cycle is cleaned up (transaction aborted, inputs rewound) before anything
         // else happens; records polled meanwhile are dropped and fetched again after the rewind.

@@ -411,13 +411,8 @@ impl SagaProcessor {
     /// Checks an input's signature (before anything else reads it); dead-letters it when the
     /// topic wants one and it is missing or does not verify. `false`: dead-lettered.
     fn signature_accepted(&self, ctx: &mut ProcessorContext<'_>, record: &InputRecord) -> bool {
-        let header = |name: &str| {
-            record
-                .headers
-                .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.as_slice())
-        };
+        // Named exactly, as the saga reads the correlation id: the signed value is the one used.
+        let header = |name: &str| record.header(name);
         let problem = match self.signing.check(
             &record.topic,
             header(SIGNATURE_HEADER),

@@ -266,13 +266,8 @@ impl Processor for Participant {
         ctx: &mut ProcessorContext<'_>,
         record: &InputRecord,
     ) -> Result<(), ProcessorError> {
-        let header = |name: &str| {
-            record
-                .headers
-                .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.as_slice())
-        };
+        // Named exactly, as the saga reads the correlation id: the signed value is the one used.
+        let header = |name: &str| record.header(name);
         if let Err(problem) = self.codec.signing().check(
             &record.topic,
             header(SIGNATURE_HEADER),
@@ -434,10 +429,10 @@ fn amount_of(value: &Value) -> Option<f64> {
 /// Sends a reply, signed when its topic is (with the key that signs now, not when it was held).
 fn send(ctx: &mut ProcessorContext<'_>, signing: &Signing, reply: HeldReply) {
     let mut headers = reply.headers;
-    headers.retain(|(n, _)| !n.eq_ignore_ascii_case(SIGNATURE_HEADER));
+    headers.retain(|(n, _)| n != SIGNATURE_HEADER);
     let correlation = headers
         .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case(SIGNED_HEADER))
+        .find(|(n, _)| n == SIGNED_HEADER)
         .map(|(_, v)| v.clone());
     match signing.sign(
         &reply.topic,

@@ -55,10 +55,16 @@ async fn require_token(
     let Some(token) = &state.token else {
         return next.run(request).await;
     };
+    // The scheme is case-insensitive (RFC 7235).
     let given = request
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+        .map(|v| v.as_bytes())
+        .filter(|v| {
+            v.get(..7)
+                .is_some_and(|p| p.eq_ignore_ascii_case(b"bearer "))
+        })
+        .and_then(|v| v.get(7..));
     let refusal = match given {
         Some(given) if token_matches(given, token.get().as_bytes()) => None,
         Some(_) => Some("wrong_token"),

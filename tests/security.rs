@@ -534,6 +534,10 @@ fn the_registry_is_reached_with_a_client_certificate_and_a_bearer_token_and_refu
     env.registry_args = mtls.clone();
     let (ok, out) = env.schemas("register", &repo("schemas"));
     assert!(ok, "register with a client certificate and a token:\n{out}");
+    assert!(
+        out.contains("schema_registration") && out.contains("saga_streams::audit"),
+        "no audit event for the registration:\n{out}"
+    );
     let (ok, out) = env.schemas("check", &repo("schemas"));
     assert!(ok, "{out}");
 
@@ -831,5 +835,67 @@ fn the_saga_goes_on_when_the_scram_password_rotates_under_load() {
     assert!(
         !log.contains(old) && !log.contains(new),
         "a password is in the debug log"
+    );
+}
+
+#[test]
+fn a_refused_write_on_an_output_topic_stops_the_orchestrator_naming_it() {
+    let secure = secure();
+    let (common_args, dir) = fresh_saga(&secure, "nowrite", 1);
+    // Describe but not Write on one output: the start-up checks pass, the first write fails.
+    let lines = listed_acls("User:saga", &[], &common_args);
+    let kept: String = lines
+        .lines()
+        .map(|l| {
+            if l.contains("WRITE TOPIC LITERAL") && l.contains("payments.commands") {
+                l.replace("WRITE", "DESCRIBE")
+            } else {
+                l.to_string()
+            }
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_ne!(kept, lines);
+    secure.grant(&kept);
+    let on = |command: &[&str], kafka: &[(String, String)]| {
+        let mut args = strings(command);
+        args.extend(strings(&["--bootstrap", &secure.sasl]));
+        args.extend(common_args.clone());
+        args.extend(flags(kafka));
+        args
+    };
+    let mut run = on(
+        &["run", "--instance-id", "a", "--metrics-addr", "127.0.0.1:0"],
+        &secure.sasl_properties("saga"),
+    );
+    run.extend([
+        "--state-dir".into(),
+        dir.path().join("a").display().to_string(),
+    ]);
+    let mut orchestrator = BinProcess::spawn(&run, dir.path().join("a.log"));
+    let http = orchestrator.http_addr(Duration::from_secs(60));
+    assert!(
+        common::poll_until(Duration::from_secs(90), || {
+            common::http_get(&format!("http://{http}/ready")).0 == 200
+        }),
+        "not ready:\n{}",
+        orchestrator.log_text()
+    );
+    // An order: its ProcessPayment cannot be written.
+    let (ok, out) = saga_streams(&on(
+        &["load", "--orders", "1"],
+        &secure.sasl_properties("admin"),
+    ));
+    assert!(ok, "{out}");
+    let exited = common::poll_until(Duration::from_secs(90), || {
+        matches!(orchestrator.child.try_wait(), Ok(Some(_)))
+    });
+    let log = orchestrator.log_text();
+    assert!(exited, "the orchestrator did not stop:\n{log}");
+    assert!(
+        log.contains("not authorized on a topic (may not write")
+            && log.contains("payments.commands")
+            && log.contains("as 'saga' (SCRAM-SHA-512)"),
+        "{log}"
     );
 }

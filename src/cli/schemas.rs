@@ -10,6 +10,7 @@ use crate::codec::compat::{self, Against, Level};
 use crate::codec::registry::{Registry, RegistryError};
 use crate::codec::schemas::{subjects, Catalogue, Subject};
 use crate::codec::REGISTRY_TIMEOUT;
+use crate::runtime::secrets::AUDIT_TARGET;
 use crate::saga::SagaDefinition;
 
 #[derive(Debug, clap::Args)]
@@ -220,7 +221,23 @@ fn register(args: RegisterArgs) -> anyhow::Result<ExitCode> {
                     subject.name
                 )
             })?;
-        match registry.register(&subject.name, &subject.text) {
+        let registered = registry.register(&subject.name, &subject.text);
+        let outcome = match &registered {
+            Ok(_) => "registered",
+            Err(RegistryError::Refused(_)) => "refused",
+            Err(_) => "failed",
+        };
+        tracing::info!(
+            target: AUDIT_TARGET,
+            event = "schema_registration",
+            subject = %subject.name,
+            compatibility = %level,
+            id = registered.as_ref().ok().map(|r| r.id),
+            outcome,
+            registry = %registry.url(),
+            "schema registration"
+        );
+        match registered {
             Ok(r) => println!(
                 "{}: registered ({level}) as {}id {} ({})",
                 subject.name,

@@ -21,8 +21,8 @@ pub enum Guarantee {
     AtLeastOnce,
 }
 
-/// Everything the stream thread needs to know.
-#[derive(Debug, Clone)]
+/// Everything the stream thread needs to know. `Debug` masks secrets.
+#[derive(Clone)]
 pub struct RuntimeConfig {
     /// Consumer group id, prefix of changelog topics and of the transactional id.
     pub application_id: String,
@@ -87,6 +87,35 @@ const OWNED_SETTINGS: &[&str] = &[
     "transaction.timeout.ms",
     "partitioner",
 ];
+
+impl std::fmt::Debug for RuntimeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kafka: BTreeMap<&String, &str> = self
+            .kafka
+            .iter()
+            .map(|(k, v)| {
+                let shown = if super::client::is_secret(k) {
+                    "***"
+                } else {
+                    v.as_str()
+                };
+                (k, shown)
+            })
+            .collect();
+        f.debug_struct("RuntimeConfig")
+            .field("application_id", &self.application_id)
+            .field("instance_id", &self.instance_id)
+            .field("bootstrap", &self.bootstrap)
+            .field("state_dir", &self.state_dir)
+            .field("input_topics", &self.input_topics)
+            .field("output_topics", &self.output_topics)
+            .field("stores", &self.stores)
+            .field("guarantee", &self.guarantee)
+            .field("kafka", &kafka)
+            .field("kafka_files", &self.kafka_files)
+            .finish_non_exhaustive()
+    }
+}
 
 impl RuntimeConfig {
     /// A configuration with the defaults for everything but the identity and the topology.
@@ -355,6 +384,20 @@ mod tests {
         assert!(
             config.with_secrets_reread().is_err(),
             "an empty secret file"
+        );
+    }
+
+    #[test]
+    fn debug_output_masks_secrets() {
+        let mut config = RuntimeConfig::new("app", "a", "b:9092", "state");
+        config
+            .kafka
+            .insert("sasl.password".into(), "pw-5b1e".into());
+        config.kafka.insert("sasl.username".into(), "saga".into());
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("pw-5b1e") && shown.contains("saga"),
+            "{shown}"
         );
     }
 

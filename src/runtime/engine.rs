@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -41,6 +42,9 @@ pub struct Deliveries {
     /// (store index, partition) -> highest delivered offset in the open cycle
     changelog: Mutex<HashMap<(usize, i32), i64>>,
     failures: Mutex<Vec<String>>,
+    /// An output topic the cluster refused to let the producer write (Write ACL missing while
+    /// Describe is granted): no retry can fix that.
+    write_refused: Mutex<Option<String>>,
 }
 
 /// Bits of a delivery opaque that hold the store index + 1 (0 for outputs); the rest hold the
@@ -58,7 +62,36 @@ pub struct EngineProducerContext {
     pub deliveries: Arc<Deliveries>,
 }
 
-impl ClientContext for EngineProducerContext {}
+impl ClientContext for EngineProducerContext {
+    /// librdkafka's log, as rdkafka forwards it by default, watching for one thing it reports
+    /// nowhere else: a partition the transaction coordinator refused to add because the topic
+    /// may not be written (the delivery reports then only say "purged").
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        if fac == "ADDPARTS" && message.contains("Topic authorization failed") {
+            let topic = message.split('"').nth(1).unwrap_or("an output topic");
+            if let Ok(mut refused) = self.deliveries.write_refused.lock() {
+                refused.get_or_insert_with(|| topic.to_string());
+            }
+        }
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
+                tracing::error!(target: "librdkafka", "librdkafka: {fac} {message}")
+            }
+            RDKafkaLogLevel::Warning => {
+                tracing::warn!(target: "librdkafka", "librdkafka: {fac} {message}")
+            }
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(target: "librdkafka", "librdkafka: {fac} {message}")
+            }
+            RDKafkaLogLevel::Debug => {
+                tracing::debug!(target: "librdkafka", "librdkafka: {fac} {message}")
+            }
+        }
+    }
+}
 
 impl ProducerContext for EngineProducerContext {
     type DeliveryOpaque = usize;
@@ -81,6 +114,12 @@ impl ProducerContext for EngineProducerContext {
             }
             Ok(_) => {}
             Err((error, message)) => {
+                // Without transactions the report itself says the topic may not be written.
+                if error.rdkafka_error_code() == Some(RDKafkaErrorCode::TopicAuthorizationFailed) {
+                    if let Ok(mut refused) = self.deliveries.write_refused.lock() {
+                        refused.get_or_insert_with(|| message.topic().to_string());
+                    }
+                }
                 if let Ok(mut failures) = self.deliveries.failures.lock() {
                     failures.push(format!(
                         "{} [{}]: {error}",
@@ -522,6 +561,18 @@ impl Engine {
         // The cycle cannot commit what was not delivered: it is aborted and its inputs
         // processed again.
         tracing::warn!(failed = failures.len(), first = %first, "deliveries failed");
+        let refused = self
+            .deliveries
+            .write_refused
+            .lock()
+            .ok()
+            .and_then(|r| r.clone());
+        if let Some(topic) = refused {
+            return Err(self.config.refused(
+                RDKafkaErrorCode::TopicAuthorizationFailed,
+                &format!("may not write {topic}: it needs Write on outputs"),
+            ));
+        }
         Err(RuntimeError::Kafka {
             operation: "deliver",
             source: KafkaError::MessageProduction(RDKafkaErrorCode::Fail),

@@ -44,7 +44,8 @@ fn dashboard_queries() -> Vec<String> {
     for panel in dashboard["panels"].as_array().unwrap() {
         for target in panel["targets"].as_array().into_iter().flatten() {
             if let Some(e) = target["expr"].as_str() {
-                exprs.push(e.to_string());
+                // The dashboard's variables as Grafana fills them with "All".
+                exprs.push(e.replace("$application", ".*").replace("$instance", ".*"));
             }
         }
     }
@@ -696,4 +697,97 @@ fn docker_compose_holds_together() {
             "prometheus does not scrape {orchestrator}"
         );
     }
+}
+
+#[test]
+fn metrics_carry_the_application_id_and_known_series_start_at_zero() {
+    let env = SagaEnv::new("order_saga.yaml", 1);
+    let mut orchestrator = env.orchestrator("a", &[]);
+    let addr = orchestrator.http_addr(LIMIT);
+    let application = format!("{}{}", env.prefix, env.def.name);
+    let (code, metrics) = http_get(&format!("http://{addr}/metrics"));
+    assert_eq!(code, 200);
+    // Before any record: dead letters per input topic and reason, outcomes, per-step series and
+    // sagas per status exist, at 0.
+    let has = |name: &str, labels: &[(&str, &str)]| {
+        metrics.lines().any(|l| {
+            l.starts_with(&format!("{name}{{"))
+                && l.ends_with(" 0")
+                && l.contains(&format!("application_id=\"{application}\""))
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+    };
+    let start = env.def.start_topic.clone();
+    for (name, labels) in [
+        (
+            "saga_streams_dlq_records_total",
+            vec![("topic", start.as_str()), ("reason", "missing_key")],
+        ),
+        (
+            "saga_streams_dlq_records_total",
+            vec![("topic", start.as_str()), ("reason", "bad_signature")],
+        ),
+        (
+            "saga_streams_saga_outcomes_total",
+            vec![("outcome", "completed")],
+        ),
+        (
+            "saga_streams_saga_outcomes_total",
+            vec![("outcome", "cancelled"), ("reason", "timeout:payment")],
+        ),
+        ("saga_streams_timeouts_total", vec![("step", "inventory")]),
+        (
+            "saga_streams_compensations_total",
+            vec![("step", "payment"), ("late", "true")],
+        ),
+        ("saga_streams_sagas", vec![("status", "COMPENSATION_STUCK")]),
+    ] {
+        assert!(has(name, &labels), "no {name} {labels:?} at 0:\n{metrics}");
+    }
+    // Readiness as a gauge, with the application id.
+    assert!(
+        poll_until(LIMIT, || {
+            let (_, m) = http_get(&format!("http://{addr}/metrics"));
+            m.lines().any(|l| {
+                l.starts_with("saga_streams_ready{")
+                    && l.contains(&format!("application_id=\"{application}\""))
+                    && l.ends_with(" 1")
+            })
+        }),
+        "never ready in the metrics"
+    );
+    orchestrator.assert_alive();
+}
+
+#[test]
+fn an_instance_without_tasks_is_ready_once_it_joined() {
+    // One partition, two instances: the second has nothing to do, and must not hold up a
+    // rolling update.
+    let env = SagaEnv::new("order_saga.yaml", 1);
+    let mut a = env.orchestrator("a", &[]);
+    let a_addr = a.http_addr(LIMIT);
+    assert!(poll_until(LIMIT, || http_get(&format!(
+        "http://{a_addr}/ready"
+    ))
+    .0 == 200));
+    let mut b = env.orchestrator("b", &[]);
+    let b_addr = b.http_addr(LIMIT);
+    let mut last = (0, String::new());
+    assert!(
+        poll_until(LIMIT, || {
+            last = http_get(&format!("http://{b_addr}/ready"));
+            last.0 == 200
+        }),
+        "the spare instance never became ready: {last:?}\n{}",
+        b.log_text()
+    );
+    let body: Value = serde_json::from_str(&last.1).unwrap();
+    assert_eq!(body["joined"], true, "{body}");
+    assert_eq!(body["assigned_tasks"], 0, "{body}");
+    // The first still holds the task and is ready too.
+    assert_eq!(http_get(&format!("http://{a_addr}/ready")).0, 200);
+    a.assert_alive();
+    b.assert_alive();
 }

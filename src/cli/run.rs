@@ -135,7 +135,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     config.commit_interval = args.commit_interval;
     config.guarantee = args.guarantee;
     config.partitioner = args.partitioner.setting().to_string();
-    let metrics = install_recorder().map_err(anyhow::Error::msg)?;
+    let metrics = install_recorder(&application_id).map_err(anyhow::Error::msg)?;
+    crate::saga::processor::export_known_series(&def);
     let query = SagaQuery {
         status: config.status.clone(),
         partitioner: args.partitioner,

@@ -146,7 +146,8 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
     config.kafka_files = kafka.files().clone();
     let (config, supplier) = participant(def, codec, step, args.behaviour.behaviour(), config);
     if let Some(addr) = args.metrics_addr {
-        let metrics = crate::telemetry::metrics::install_recorder().map_err(anyhow::Error::msg)?;
+        let metrics = crate::telemetry::metrics::install_recorder(&config.application_id)
+            .map_err(anyhow::Error::msg)?;
         crate::telemetry::http::serve(
             addr,
             Some(metrics),

@@ -4,7 +4,7 @@
 //! components).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::state::ReadStore;
@@ -22,6 +22,9 @@ struct Inner {
     readers: RwLock<BTreeMap<i32, Arc<dyn ReadStore>>>,
     /// Why commit cycles keep failing (a dependency down), while they do.
     stalled: RwLock<Option<String>>,
+    /// The consumer is a member of the group (it found the coordinator and has heartbeated
+    /// since), whether or not it was given tasks.
+    joined: AtomicBool,
 }
 
 impl std::fmt::Debug for RuntimeStatus {
@@ -73,11 +76,26 @@ impl RuntimeStatus {
         self.0.partitions.load(Ordering::Relaxed)
     }
 
-    /// Assigned tasks exist, every one of them is restored and running, and commit cycles are
-    /// not failing.
+    /// Every assigned task is restored and running and commit cycles are not failing. An
+    /// instance with no task (more instances than partitions) is ready once it joined the group:
+    /// a spare replica must not hold up a rolling update.
     pub fn ready(&self) -> bool {
         let assigned = self.assigned_tasks();
-        assigned > 0 && self.running_tasks() >= assigned && self.stalled().is_none()
+        let tasks_ready = if assigned == 0 {
+            self.joined()
+        } else {
+            self.running_tasks() >= assigned
+        };
+        tasks_ready && self.stalled().is_none()
+    }
+
+    /// Whether the consumer is a member of the group.
+    pub fn joined(&self) -> bool {
+        self.0.joined.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_joined(&self, joined: bool) {
+        self.0.joined.store(joined, Ordering::Relaxed);
     }
 
     /// Marks processing as stalled (cycles abort and retry) with the reason, or clears it.

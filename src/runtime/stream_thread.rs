@@ -77,6 +77,10 @@ impl Shutdown {
     }
 }
 
+/// How long the consumer must have had its group coordinator, heartbeating, before an instance
+/// without tasks counts as a member of the group (`/ready`).
+const JOINED_AFTER_MS: i64 = 3_000;
+
 /// Records per poll round before the loop turns to processing.
 const POLL_BATCH: usize = 5_000;
 
@@ -95,6 +99,13 @@ const LEADERLESS_REBUILD_AFTER: Duration = Duration::from_secs(60);
 
 impl ClientContext for StreamsContext {
     fn stats(&self, statistics: Statistics) {
+        // A member with no partition gets no assignment callback: that it found the coordinator
+        // and has been heartbeating for a few seconds is what says it joined.
+        let joined = statistics.cgrp.as_ref().is_some_and(|g| {
+            g.state == "up" && (g.assignment_size > 0 || g.stateage >= JOINED_AFTER_MS)
+        });
+        let status = lock(&self.engine).config.status.clone();
+        status.set_joined(joined);
         self.report_lag(&statistics);
     }
 
@@ -456,6 +467,8 @@ fn run_generation(
             guard.close_all();
         }
     }
+    // The consumer leaves the group with this generation.
+    config.status.set_joined(false);
     if matches!(result, Err(RuntimeError::ClientStuck(_))) {
         // Closing a stuck client can wait forever for its coordinator, so it is closed on a
         // thread of its own that nobody waits for. Not closing it at all would be worse: its

@@ -75,6 +75,27 @@ pub enum BadInputKind {
 }
 
 impl BadInputKind {
+    /// Every kind: the reasons a dead letter can carry.
+    pub const ALL: &'static [BadInputKind] = &[
+        Self::MissingValue,
+        Self::InvalidJson,
+        Self::MissingSagaId,
+        Self::MissingKey,
+        Self::UnknownEventType,
+        Self::InvalidField,
+        Self::KeyMismatch,
+        Self::UnknownSaga,
+        Self::UnknownSchemaId,
+        Self::InvalidAvro,
+        Self::IncompatibleSchema,
+        Self::RecordTooLarge,
+        Self::UnencodableOutput,
+        Self::IncompatibleSaga,
+        Self::QuarantinedSaga,
+        Self::MissingSignature,
+        Self::BadSignature,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::MissingValue => "missing_value",

@@ -941,6 +941,53 @@ impl SagaProcessor {
     }
 }
 
+/// Exports at 0 every series whose labels the topology fixes (dead letters per input topic and
+/// reason, outcomes, timeouts, compensations and retries per step, sagas per status), so a
+/// `rate()` or an alert has a series before the first event: an absent series is not 0.
+pub fn export_known_series(def: &SagaDefinition) {
+    for topic in def.input_topics() {
+        for kind in BadInputKind::ALL {
+            metrics::counter!(m::DLQ_RECORDS, "topic" => topic.clone(), "reason" => kind.as_str())
+                .increment(0);
+        }
+    }
+    metrics::counter!(m::SAGA_OUTCOMES, "outcome" => "completed", "reason" => "").increment(0);
+    let mut statuses: BTreeSet<String> = [
+        crate::saga::topology::PENDING,
+        crate::saga::topology::COMPENSATING,
+        crate::saga::topology::COMPLETED,
+        crate::saga::topology::FAILED,
+        crate::saga::topology::COMPENSATION_STUCK,
+        QUARANTINED,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for d in def.versions() {
+        statuses.insert(d.compensated_state.clone());
+        for step in &d.steps {
+            let name = step.name.clone();
+            statuses.insert(step.state.clone());
+            for reason in [format!("{name}_failed"), format!("timeout:{name}")] {
+                metrics::counter!(m::SAGA_OUTCOMES, "outcome" => "cancelled", "reason" => reason)
+                    .increment(0);
+            }
+            metrics::counter!(m::TIMEOUTS, "step" => name.clone()).increment(0);
+            metrics::counter!(m::COMPENSATIONS_STUCK, "step" => name.clone()).increment(0);
+            for late in ["true", "false"] {
+                metrics::counter!(m::COMPENSATIONS, "step" => name.clone(), "late" => late)
+                    .increment(0);
+            }
+            for kind in ["command", "compensation"] {
+                metrics::counter!(m::RETRIES, "step" => name.clone(), "kind" => kind).increment(0);
+            }
+        }
+    }
+    for status in statuses {
+        metrics::gauge!(m::SAGAS, "status" => status).set(0.0);
+    }
+}
+
 fn count_output(def: &SagaDefinition, saga: &SagaRecord, output: &SagaOutput, now: i64) {
     let duration = || (now - saga.started_at_ms).max(0) as f64 / 1000.0;
     match &output.kind {

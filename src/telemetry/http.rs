@@ -203,6 +203,9 @@ pub fn serve(
 }
 
 async fn metrics_text(State(state): State<AppState>) -> Response {
+    // Readiness as the probe sees it, at the moment of the scrape.
+    metrics::gauge!(crate::telemetry::metrics::READY)
+        .set(f64::from(u8::from(state.status.ready())));
     match &state.metrics {
         Some(handle) => (
             [("content-type", "text/plain; version=0.0.4")],
@@ -224,6 +227,7 @@ async fn ready(State(state): State<AppState>) -> Response {
         "assigned_tasks": s.assigned_tasks(),
         "running_tasks": s.running_tasks(),
         "stalled": s.stalled(),
+        "joined": s.joined(),
     });
     let code = if s.ready() {
         StatusCode::OK

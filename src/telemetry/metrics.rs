@@ -35,6 +35,7 @@ pub const REBALANCES: &str = "saga_streams_rebalances_total";
 pub const ASSIGNED_TASKS: &str = "saga_streams_assigned_tasks";
 pub const RUNNING_TASKS: &str = "saga_streams_running_tasks";
 pub const STALLED: &str = "saga_streams_stalled";
+pub const READY: &str = "saga_streams_ready";
 pub const TASKS_CLOSED_AFTER_FAILURE: &str = "saga_streams_tasks_closed_after_failure_total";
 pub const REBUILDS: &str = "saga_streams_rebuilds_total";
 pub const SIGNATURE_FAILURES: &str = "saga_streams_signature_failures_total";
@@ -57,6 +58,7 @@ pub const CATALOGUE: &[&str] = &[
     COMPENSATIONS_STUCK,
     DLQ_RECORDS,
     SIGNATURE_FAILURES,
+    READY,
     OUTPUT_ERRORS,
     SAGAS_INCOMPATIBLE,
     LIVE_SAGAS_BY_VERSION,
@@ -184,8 +186,11 @@ fn describe() {
 
 /// Installs the Prometheus recorder as the global one and returns the handle that renders the
 /// exposition text. Installing twice in one process fails (one global recorder).
-pub fn install_recorder() -> Result<PrometheusHandle, String> {
+/// Installs the Prometheus recorder; every metric carries `application_id` (the consumer group
+/// the instance belongs to), so several applications can share one Prometheus.
+pub fn install_recorder(application_id: &str) -> Result<PrometheusHandle, String> {
     let handle = PrometheusBuilder::new()
+        .add_global_label("application_id", application_id)
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
         .map_err(|e| format!("metrics buckets: {e}"))?
         .install_recorder()

@@ -28,8 +28,9 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 FROM debian:bookworm-slim
 # libssl3: OpenSSL is linked dynamically. libstdc++6 (RocksDB) and zlib1g (librdkafka) are in the
 # base image already; they are listed so that stays true.
+# curl: the HEALTHCHECK.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates libssl3 libstdc++6 zlib1g \
+    && apt-get install -y --no-install-recommends ca-certificates libssl3 libstdc++6 zlib1g curl \
     && rm -rf /var/lib/apt/lists/*
 # A non-root user. /data is where docker-compose.yml mounts the state volumes (a new named volume
 # takes this directory's owner); /app/state is the default --state-dir.
@@ -38,9 +39,15 @@ RUN useradd --system --user-group --uid 10001 --home-dir /app --shell /usr/sbin/
     && chown saga:saga /app/state /data
 COPY --from=builder /usr/local/bin/saga-streams /usr/local/bin/saga-streams
 COPY topologies /app/topologies
+# The Avro schemas a topology's `schemas: ../schemas` names (relative to topologies/).
+COPY schemas /app/schemas
 WORKDIR /app
 USER saga
 # --metrics-addr (pass 0.0.0.0:9464 in a container): /metrics, /health, /ready, /sagas/{order_id}.
 EXPOSE 9464
+# Alive: /health on the default port, over HTTP or (with --http-tls-cert) HTTPS. Readiness is for
+# the orchestrator to decide (Kubernetes: the chart's readinessProbe on /ready).
+HEALTHCHECK --interval=15s --timeout=3s --start-period=30s --retries=3 \
+    CMD curl -fsS http://127.0.0.1:9464/health >/dev/null || curl -fsSk https://127.0.0.1:9464/health >/dev/null || exit 1
 ENTRYPOINT ["saga-streams"]
 CMD ["--help"]

@@ -244,8 +244,8 @@ fn the_dockerfile_ships_the_schemas_runs_as_non_root_and_checks_health() {
     }
     let user = runtime_stage
         .lines()
-        .filter_map(|l| l.strip_prefix("USER "))
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix("USER "))
         .expect("a USER");
     assert_ne!(user.trim(), "root");
     // Every topology's schema directory is in the image, where the topology looks for it.

@@ -746,6 +746,20 @@ fn metrics_carry_the_application_id_and_known_series_start_at_zero() {
     ] {
         assert!(has(name, &labels), "no {name} {labels:?} at 0:\n{metrics}");
     }
+    // The standard process metrics, with the application id too.
+    for name in [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+    ] {
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with(name)
+                    && l.contains(&format!("application_id=\"{application}\""))),
+            "no {name}:\n{metrics}"
+        );
+    }
     // Readiness as a gauge, with the application id.
     assert!(
         poll_until(LIMIT, || {

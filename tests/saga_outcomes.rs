@@ -691,9 +691,11 @@ fn sagas_live_across_a_topology_change_finish_under_the_version_they_started_und
     let addr = orchestrator.http_addr(Duration::from_secs(5));
     let (_, metrics) = common::http_get(&format!("http://{addr}/metrics"));
     assert!(
-        metrics.lines().any(|l| l
-            .starts_with("saga_streams_live_sagas_by_topology_version{topology_version=\"1\"}")
-            && !l.ends_with(" 0")),
+        metrics.lines().any(
+            |l| l.starts_with("saga_streams_live_sagas_by_topology_version{")
+                && l.contains("topology_version=\"1\"")
+                && !l.ends_with(" 0")
+        ),
         "{metrics}"
     );
     assert!(orchestrator.sigterm(Duration::from_secs(30)).is_some());

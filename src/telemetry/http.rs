@@ -115,6 +115,8 @@ pub trait SagaLookup: Send + Sync {
 #[derive(Clone)]
 struct AppState {
     metrics: Option<PrometheusHandle>,
+    /// The process's CPU, memory and file descriptors, read at each scrape.
+    process: Arc<metrics_process::Collector>,
     status: RuntimeStatus,
     sagas: Option<Arc<dyn SagaLookup>>,
     token: Option<Rotating<String>>,
@@ -156,8 +158,11 @@ pub fn serve(
         .build()
         .map_err(|e| format!("starting the HTTP runtime: {e}"))?;
     let protected = security.token.is_some();
+    let process = Arc::new(metrics_process::Collector::default());
+    process.describe();
     let state = AppState {
         metrics,
+        process,
         status,
         sagas,
         token: security.token,
@@ -203,6 +208,7 @@ pub fn serve(
 }
 
 async fn metrics_text(State(state): State<AppState>) -> Response {
+    state.process.collect();
     // Readiness as the probe sees it, at the moment of the scrape.
     metrics::gauge!(crate::telemetry::metrics::READY)
         .set(f64::from(u8::from(state.status.ready())));

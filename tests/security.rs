@@ -81,8 +81,9 @@ impl Secure {
         settings
     }
 
-    /// Adds ACLs (lines of `saga-streams acls`) as the administrator.
-    fn grant(&self, lines: &str) {
+    /// Runs `scripts/lib/KafkaAcls.java <mode>` as the administrator with `input` on its
+    /// standard input; fails the test with `what` when it fails.
+    fn admin_tool(&self, mode: &str, input: &str, what: &str) {
         let mut child = Command::new("java")
             .arg("-cp")
             .arg(format!("{}/*", self.kafka_lib.display()))
@@ -92,7 +93,7 @@ impl Secure {
             ))
             .arg(&self.sasl)
             .arg(self.dir.join("admin.properties"))
-            .arg("add")
+            .arg(mode)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -102,14 +103,28 @@ impl Secure {
             .stdin
             .take()
             .unwrap()
-            .write_all(lines.as_bytes())
+            .write_all(input.as_bytes())
             .unwrap();
         let out = child.wait_with_output().unwrap();
         assert!(
             out.status.success(),
-            "adding ACLs failed: {}{}",
+            "{what} failed: {}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Adds ACLs (lines of `saga-streams acls`) as the administrator.
+    fn grant(&self, lines: &str) {
+        self.admin_tool("add", lines, "adding ACLs");
+    }
+
+    /// Sets SCRAM user `user`'s password on the broker (creating the user), as the administrator.
+    fn set_password(&self, user: &str, password: &str) {
+        self.admin_tool(
+            "scram",
+            &format!("{user} {password}\n"),
+            "setting a SCRAM password",
         );
     }
 }
@@ -693,40 +708,6 @@ fn saga_endpoints_require_the_bearer_token_over_tls_and_the_token_rotates() {
         !log.contains(first) && !log.contains(second),
         "a token is in the debug log:\n{log}"
     );
-}
-
-impl Secure {
-    /// Sets SCRAM user `user`'s password on the broker (creating the user), as the administrator.
-    fn set_password(&self, user: &str, password: &str) {
-        let mut child = Command::new("java")
-            .arg("-cp")
-            .arg(format!("{}/*", self.kafka_lib.display()))
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/scripts/lib/KafkaAcls.java"
-            ))
-            .arg(&self.sasl)
-            .arg(self.dir.join("admin.properties"))
-            .arg("scram")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("running java");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(format!("{user} {password}\n").as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "setting a SCRAM password failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
 }
 
 #[test]

@@ -12,6 +12,7 @@ mod load;
 mod run;
 mod schemas;
 mod simulate;
+mod test_cmd;
 
 use std::process::ExitCode;
 
@@ -66,6 +67,8 @@ pub enum Command {
     Config(config_show::ConfigArgs),
     /// The ACLs the orchestrator (or a participant simulator) needs on a secured cluster.
     Acls(acls::AclsArgs),
+    /// Run saga scenarios (YAML) against a topology without a broker, in virtual time.
+    Test(test_cmd::TestArgs),
 }
 
 /// Parses the command line, runs the command and maps its result to the process exit code.
@@ -84,6 +87,8 @@ pub fn main() -> ExitCode {
     };
     let default_filter = match cli.command {
         Command::Demo(_) => "warn",
+        // The processor's own warnings (a dead letter) are what scenarios check, not noise.
+        Command::Test(_) => "error",
         _ => "info",
     };
     if let Err(e) = init_tracing(cli.log_format, default_filter, cli.otlp_endpoint.as_deref()) {
@@ -110,6 +115,7 @@ pub fn main() -> ExitCode {
         Command::Schemas(args) => schemas::run(args),
         Command::Config(args) => config_show::run(args),
         Command::Acls(args) => acls::run(args),
+        Command::Test(args) => test_cmd::run(args),
     };
     shutdown_tracing();
     match result {

@@ -30,7 +30,8 @@ use std::collections::{BTreeMap, BTreeSet};
 /// The store of saga records and timers.
 pub const SAGA_STORE: &str = "sagas";
 const SAGA_PREFIX: &[u8] = b"s/";
-const TIMER_PREFIX: &[u8] = b"t/";
+/// Keys of the timer index: `t/<deadline ms, 8 bytes big-endian><saga id>`.
+pub const TIMER_PREFIX: &[u8] = b"t/";
 /// Timers fired per punctuation at most, so one cycle stays bounded after a long outage.
 const TIMERS_PER_PUNCTUATION: usize = 5_000;
 /// Saga statuses counted in the store, at most (a topology has a few dozen at most).
@@ -83,6 +84,12 @@ fn timer_key(at_ms: i64, saga_id: &str) -> Vec<u8> {
         saga_id.as_bytes(),
     ]
     .concat()
+}
+
+/// The deadline (ms) of a timer index key.
+pub fn timer_deadline(key: &[u8]) -> Option<i64> {
+    let bytes: [u8; 8] = key.strip_prefix(TIMER_PREFIX)?.get(..8)?.try_into().ok()?;
+    Some(u64::from_be_bytes(bytes) as i64)
 }
 
 fn now_ms(now: SystemTime) -> i64 {
@@ -393,6 +400,9 @@ pub struct SagaProcessor {
     /// Which inputs must carry a valid signature, which outputs are signed, and the keys (the
     /// codec's).
     signing: Arc<Signing>,
+    /// A virtual clock (ms since the epoch) read instead of the wall clock while processing
+    /// records: scenarios run in virtual time.
+    clock: Option<Arc<std::sync::atomic::AtomicI64>>,
 }
 
 impl SagaProcessor {
@@ -405,7 +415,14 @@ impl SagaProcessor {
             repartition: None,
             signing: codec.signing().clone(),
             codec,
+            clock: None,
         }
+    }
+
+    /// Reads the time from `clock` (ms since the epoch) instead of the wall clock.
+    pub fn with_virtual_clock(mut self, clock: Arc<std::sync::atomic::AtomicI64>) -> Self {
+        self.clock = Some(clock);
+        self
     }
 
     /// Checks an input's signature (before anything else reads it); dead-letters it when the
@@ -1091,7 +1108,10 @@ impl Processor for SagaProcessor {
         ctx: &mut ProcessorContext<'_>,
         record: &InputRecord,
     ) -> Result<(), ProcessorError> {
-        let now = now_ms(SystemTime::now());
+        let now = match &self.clock {
+            Some(clock) => clock.load(std::sync::atomic::Ordering::Relaxed),
+            None => now_ms(SystemTime::now()),
+        };
         if self.counts.stale() {
             self.counts.load(&ctx.store(SAGA_STORE)?)?;
         }

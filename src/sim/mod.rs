@@ -6,6 +6,7 @@
 pub mod audit;
 pub mod load;
 pub mod participant;
+pub mod scenario;
 
 use std::time::{Duration, Instant};
 

@@ -26,7 +26,7 @@ use crate::codec::signing::{SignatureProblem, Signing, SIGNATURE_HEADER, SIGNED_
 use crate::codec::{Codec, DecodeError};
 use crate::runtime::{InputRecord, OutputRecord, Processor, ProcessorContext, ProcessorError};
 use crate::saga::contract::{self, CORRELATION_HEADER, TRACEPARENT_HEADER};
-use crate::saga::topology::{FieldKind, SagaDefinition, StepSpec};
+use crate::saga::topology::{FieldKind, FieldSpec, SagaDefinition, StepSpec};
 
 /// Held replies sent, and remembered command ids forgotten, by one punctuation, at most.
 const HELD_REPLIES_PER_PUNCTUATION: usize = 10_000;
@@ -199,8 +199,6 @@ impl Participant {
         }))
     }
 
-    /// The payload of a reply: each field the topology declares for it, taken from the command
-    /// when it carries one of that name, else made up from its type.
     fn fill(
         &self,
         event_type: &str,
@@ -208,28 +206,46 @@ impl Participant {
         saga_id: &str,
         reason: Option<String>,
     ) -> Map<String, Value> {
-        let mut payload = Map::new();
-        for field in self.def.events.get(event_type).into_iter().flatten() {
-            let value = if field.name == "reason" {
-                Value::String(reason.clone().unwrap_or_else(|| "simulated".into()))
-            } else if let Some(v) = command.get(&field.name).filter(|v| !v.is_null()) {
-                v.clone()
-            } else {
-                match field.kinds.first().copied().unwrap_or(FieldKind::String) {
-                    FieldKind::String | FieldKind::Id => Value::String(format!(
-                        "{}-{}",
-                        field.name.trim_end_matches("_id"),
-                        uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, saga_id.as_bytes())
-                    )),
-                    FieldKind::Number | FieldKind::Integer | FieldKind::Decimal => Value::from(0),
-                    FieldKind::Boolean => Value::Bool(true),
-                    FieldKind::List => Value::Array(vec![]),
-                    FieldKind::Object => Value::Object(Map::new()),
-                }
-            };
-            payload.insert(field.name.clone(), value);
-        }
-        payload
+        reply_payload(&self.def, event_type, command, saga_id, reason)
+    }
+}
+
+/// The payload of a reply: each field the topology declares for it, taken from the command
+/// when it carries one of that name, else made up from its type (`reason` is `reason`, or
+/// "simulated").
+pub fn reply_payload(
+    def: &SagaDefinition,
+    event_type: &str,
+    command: &Map<String, Value>,
+    saga_id: &str,
+    reason: Option<String>,
+) -> Map<String, Value> {
+    let mut payload = Map::new();
+    for field in def.events.get(event_type).into_iter().flatten() {
+        let value = if field.name == "reason" {
+            Value::String(reason.clone().unwrap_or_else(|| "simulated".into()))
+        } else if let Some(v) = command.get(&field.name).filter(|v| !v.is_null()) {
+            v.clone()
+        } else {
+            placeholder(field, saga_id)
+        };
+        payload.insert(field.name.clone(), value);
+    }
+    payload
+}
+
+/// A value of a field's (first) type, the same for the same saga.
+pub fn placeholder(field: &FieldSpec, saga_id: &str) -> Value {
+    match field.kinds.first().copied().unwrap_or(FieldKind::String) {
+        FieldKind::String | FieldKind::Id => Value::String(format!(
+            "{}-{}",
+            field.name.trim_end_matches("_id"),
+            uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, saga_id.as_bytes())
+        )),
+        FieldKind::Number | FieldKind::Integer | FieldKind::Decimal => Value::from(0),
+        FieldKind::Boolean => Value::Bool(true),
+        FieldKind::List => Value::Array(vec![]),
+        FieldKind::Object => Value::Object(Map::new()),
     }
 }
 

@@ -428,6 +428,19 @@ impl BinProcess {
 impl Drop for BinProcess {
     fn drop(&mut self) {
         self.sigkill();
+        // A failing test shows what the process said last, so that a failure seen only in CI
+        // can be read from CI's output.
+        if std::thread::panicking() {
+            let text = self.log_text();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(60)..];
+            eprintln!(
+                "--- last {} lines of {} ---\n{}",
+                tail.len(),
+                self.log.display(),
+                tail.join("\n")
+            );
+        }
     }
 }
 

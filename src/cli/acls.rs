@@ -11,6 +11,9 @@ use crate::saga::topology::KeyPolicy;
 use crate::saga::SagaDefinition;
 
 #[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Examples:\n  saga-streams acls --principal User:saga\n  saga-streams acls --participant payments --principal User:payments"
+)]
 pub struct AclsArgs {
     #[command(flatten)]
     pub topology: TopologyArgs,

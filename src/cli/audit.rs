@@ -7,6 +7,9 @@ use super::args::{parse_duration, KafkaArgs, TopologyArgs};
 use crate::sim::audit::{audit, AuditReport};
 
 #[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Example:\n  saga-streams audit --bootstrap 127.0.0.1:19092 --topic-prefix demo-1764500000.   # exit 1 on any violation"
+)]
 pub struct AuditArgs {
     #[command(flatten)]
     pub kafka: KafkaArgs,

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use super::config::{self, file, shown, ENV_PREFIX};
 
 #[derive(Debug, clap::Args)]
+#[command(after_help = "Example:\n  saga-streams --config saga.toml config show")]
 pub struct ConfigArgs {
     #[command(subcommand)]
     pub action: ConfigAction,
@@ -18,6 +19,9 @@ pub enum ConfigAction {
 }
 
 #[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Examples:\n  saga-streams --config saga.toml config show\n  SAGA_STREAMS_KAFKA_SECURITY_PROTOCOL=SASL_SSL saga-streams config show --kafka-config sasl.mechanism=SCRAM-SHA-512"
+)]
 pub struct ShowArgs {
     /// Kafka bootstrap servers.
     #[arg(long)]

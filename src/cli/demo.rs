@@ -25,10 +25,14 @@ use crate::sim::participant::Behaviour;
 use crate::sim::{self, TopicScanner};
 
 #[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Examples:\n  saga-streams demo\n  saga-streams demo --orders 50000 --rate 5000 --step-timeout 2s"
+)]
 pub struct DemoArgs {
     /// Kafka bootstrap servers (the local stack's by default).
     #[arg(long, env = "KAFKA_BOOTSTRAP", default_value = "127.0.0.1:19092")]
     pub bootstrap: String,
+    /// The topology file.
     #[arg(long, default_value = "topologies/order_saga.yaml")]
     pub topology: PathBuf,
     /// How many orders.

@@ -6,6 +6,9 @@ use std::process::ExitCode;
 use crate::saga::{describe, SagaDefinition};
 
 #[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Examples:\n  saga-streams describe topologies/order_with_shipping.yaml\n  saga-streams describe topologies/order_saga.yaml --format mermaid"
+)]
 pub struct DescribeArgs {
     /// The topology file.
     pub file: PathBuf,

@@ -7,6 +7,9 @@ use super::args::{parse_duration, KafkaArgs};
 use crate::telemetry::lag::{group_lag, table};
 
 #[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Example:\n  saga-streams lag --bootstrap 127.0.0.1:19092 --group order_saga --timeout 10s"
+)]
 pub struct LagArgs {
     #[command(flatten)]
     pub kafka: KafkaArgs,
@@ -16,6 +19,7 @@ pub struct LagArgs {
     /// Only these topics (comma-separated); default: every topic the group committed offsets on.
     #[arg(long, value_delimiter = ',')]
     pub topics: Vec<String>,
+    /// How long to wait for the broker's answers.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub timeout: Duration,
 }

@@ -8,6 +8,9 @@ use super::args::{KafkaArgs, TopologyArgs};
 use crate::sim::load::{self, LoadSpec};
 
 #[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Example:\n  saga-streams load --bootstrap 127.0.0.1:19092 --orders 10000 --rate 1000"
+)]
 pub struct LoadArgs {
     #[command(flatten)]
     pub kafka: KafkaArgs,

@@ -5,8 +5,10 @@ mod args;
 mod audit;
 pub mod config;
 mod config_show;
+mod contract;
 mod demo;
 mod describe;
+mod docs;
 mod lag;
 mod load;
 mod run;
@@ -22,7 +24,12 @@ use crate::telemetry::{init_tracing, shutdown_tracing, LogFormat};
 
 /// saga-streams: a Kafka Streams-style saga orchestrator with exactly-once state and outputs.
 #[derive(Debug, Parser)]
-#[command(name = "saga-streams", version, about)]
+#[command(
+    name = "saga-streams",
+    version,
+    about,
+    after_help = "Examples:\n  saga-streams demo                      # the saga end to end on the local stack\n  saga-streams run --config saga.toml    # the orchestrator\n  saga-streams test topologies/order_saga.yaml topologies/scenarios/order_saga/\n\nEvery flag also reads SAGA_STREAMS_<FLAG>; `saga-streams config show` prints the effective settings."
+)]
 pub struct Cli {
     /// Log line format on stderr; the level comes from RUST_LOG (default info; warn for `demo`).
     #[arg(
@@ -69,6 +76,12 @@ pub enum Command {
     Acls(acls::AclsArgs),
     /// Run saga scenarios (YAML) against a topology without a broker, in virtual time.
     Test(test_cmd::TestArgs),
+    /// The message contract: JSON Schema per message, AsyncAPI, or examples of every message.
+    Contract(contract::ContractArgs),
+    /// Shell completions (bash, zsh, fish, elvish, powershell) on stdout.
+    Completions(docs::CompletionsArgs),
+    /// Man pages generated from this command line.
+    Man(docs::ManArgs),
 }
 
 /// Parses the command line, runs the command and maps its result to the process exit code.
@@ -116,6 +129,9 @@ pub fn main() -> ExitCode {
         Command::Config(args) => config_show::run(args),
         Command::Acls(args) => acls::run(args),
         Command::Test(args) => test_cmd::run(args),
+        Command::Contract(args) => contract::run(args),
+        Command::Completions(args) => docs::completions(args),
+        Command::Man(args) => docs::man(args),
     };
     shutdown_tracing();
     match result {
@@ -124,5 +140,84 @@ pub fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every command, nested ones too, with its full name.
+    fn commands(cmd: &clap::Command, name: String, out: &mut Vec<(String, clap::Command)>) {
+        for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+            let full = format!("{name} {}", sub.get_name());
+            out.push((full.clone(), sub.clone()));
+            commands(sub, full, out);
+        }
+    }
+
+    #[test]
+    fn every_flag_has_help_and_every_command_shows_an_example() {
+        let root = config::with_env_vars(Cli::command());
+        let mut all = vec![("saga-streams".to_string(), root.clone())];
+        commands(&root, "saga-streams".into(), &mut all);
+        let mut problems = Vec::new();
+        for (name, cmd) in &all {
+            let after = cmd
+                .get_after_help()
+                .or(cmd.get_after_long_help())
+                .map(|h| h.to_string())
+                .unwrap_or_default();
+            if !after.contains("Example") {
+                problems.push(format!("{name}: no example in --help"));
+            }
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if matches!(id, "help" | "version") {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    problems.push(format!("{name}: --{id} has no help"));
+                }
+            }
+        }
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
+    }
+
+    #[test]
+    fn every_example_in_the_help_parses() {
+        let root = config::with_env_vars(Cli::command());
+        let mut all = vec![("saga-streams".to_string(), root.clone())];
+        commands(&root, "saga-streams".into(), &mut all);
+        let mut checked = 0;
+        for (name, cmd) in &all {
+            let help = cmd
+                .get_after_help()
+                .map(|h| h.to_string())
+                .unwrap_or_default();
+            for line in help.lines() {
+                // The command itself: no comment, no redirection or pipe, no variables before it.
+                let line = line.split(" #").next().unwrap_or_default();
+                let line = line.split(['>', '|']).next().unwrap_or_default();
+                let words: Vec<&str> = line
+                    .split_whitespace()
+                    .skip_while(|w| w.contains('=') && !w.starts_with('-'))
+                    .collect();
+                if words.first() != Some(&"saga-streams") {
+                    continue;
+                }
+                checked += 1;
+                let parsed = config::with_env_vars(Cli::command()).try_get_matches_from(&words);
+                // A configuration file supplies what an example with --config leaves out.
+                let from_file = words.contains(&"--config");
+                if let Err(e) = parsed.as_ref().map(|_| ()) {
+                    if from_file && e.kind() == clap::error::ErrorKind::MissingRequiredArgument {
+                        continue;
+                    }
+                    panic!("{name}: example '{}' does not parse: {e}", words.join(" "));
+                }
+            }
+        }
+        assert!(checked >= 20, "{checked} examples");
     }
 }

@@ -17,6 +17,9 @@ use crate::telemetry::http;
 use crate::telemetry::metrics::install_recorder;
 
 #[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Examples:\n  saga-streams run --bootstrap 127.0.0.1:19092 --instance-id a --state-dir /var/lib/saga/a\n  saga-streams run --config saga.toml --metrics-addr 0.0.0.0:9464 --step-timeout payment=5s"
+)]
 pub struct RunArgs {
     #[command(flatten)]
     pub kafka: KafkaArgs,
@@ -39,6 +42,8 @@ pub struct RunArgs {
     /// Commit cycle length.
     #[arg(long, default_value = "100ms", value_parser = parse_duration)]
     pub commit_interval: Duration,
+    /// exactly-once: inputs, state and outputs commit in one Kafka transaction; at-least-once:
+    /// no transactions (faster; an input may be processed again after a crash).
     #[arg(long, value_enum, default_value = "exactly-once")]
     pub guarantee: Guarantee,
     /// How keys map to partitions, for the outputs and for finding a saga's task in

@@ -14,6 +14,9 @@ use crate::runtime::secrets::AUDIT_TARGET;
 use crate::saga::SagaDefinition;
 
 #[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Examples:\n  saga-streams schemas list --topology topologies/order_saga.yaml\n  saga-streams schemas check --schema-registry-url http://127.0.0.1:18081/apis/ccompat/v7\n  saga-streams schemas register --schema-registry-url http://127.0.0.1:18081/apis/ccompat/v7"
+)]
 pub struct SchemasArgs {
     #[command(subcommand)]
     pub command: SchemasCommand,
@@ -32,12 +35,18 @@ pub enum SchemasCommand {
 }
 
 #[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Example:\n  saga-streams schemas list --topology topologies/order_saga.yaml --topic-format payments.commands=avro"
+)]
 pub struct ListArgs {
     #[command(flatten)]
     pub topology: TopologyArgs,
 }
 
 #[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Example:\n  saga-streams schemas check --schema-registry-url http://127.0.0.1:18081/apis/ccompat/v7   # exit 1 when incompatible"
+)]
 pub struct CheckArgs {
     #[command(flatten)]
     pub topology: TopologyArgs,
@@ -47,6 +56,9 @@ pub struct CheckArgs {
 }
 
 #[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Example:\n  saga-streams schemas register --schema-registry-url http://127.0.0.1:18081/apis/ccompat/v7 --compatibility BACKWARD"
+)]
 pub struct RegisterArgs {
     #[command(flatten)]
     pub topology: TopologyArgs,

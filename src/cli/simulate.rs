@@ -16,6 +16,9 @@ use crate::saga::SagaDefinition;
 use crate::sim::participant::{Behaviour, Participant, PARTICIPANT_STORE};
 
 #[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Examples:\n  saga-streams simulate payments --bootstrap 127.0.0.1:19092 --failure-share 0.05 --decline-above 400 --latency 20ms\n  saga-streams simulate inventory --bootstrap 127.0.0.1:19092 --stock sku-1=100,sku-2=5"
+)]
 pub struct SimulateArgs {
     /// The step to play: its name in the topology (`payment`, `inventory`); a plural works too.
     pub step: String,
@@ -28,8 +31,10 @@ pub struct SimulateArgs {
     /// Consumer group id. Default: `<topic prefix>sim-<step>`.
     #[arg(long)]
     pub application_id: Option<String>,
+    /// Stable identity of this simulator (transactional id suffix). Default: the host name.
     #[arg(long)]
     pub instance_id: Option<String>,
+    /// Where the simulator's RocksDB state (stock, answered commands) lives.
     #[arg(long, default_value = "state")]
     pub state_dir: PathBuf,
     /// Serve /metrics, /health and /ready here; off when unset.

@@ -3,6 +3,7 @@
 //! - [`topology`]: the YAML topology files and their validation (every problem, with its line),
 //!   with the earlier versions live sagas still run under.
 //! - [`contract`]: the message contract: envelope, checks, dead-letter reasons, headers, bodies.
+//! - [`contract_export`]: the contract as JSON Schema per message and as an AsyncAPI document.
 //! - [`machine`]: the pure `(SagaRecord, SagaInput) -> (SagaRecord, outputs)` function.
 //! - [`processor`]: the machine on the streams runtime: store, timers, dedupe, dead letters,
 //!   the quarantine of unreadable records.
@@ -13,6 +14,7 @@
 //! is the runtime's business, wire formats the codec's.
 
 pub mod contract;
+pub mod contract_export;
 pub mod describe;
 pub mod machine;
 pub mod processor;

@@ -284,6 +284,8 @@ struct Written {
     key: Option<String>,
     /// The event (unwrapped), when the value is a JSON object.
     body: Option<Map<String, Value>>,
+    /// The value as written.
+    value: Option<Vec<u8>>,
     /// For a dead letter: its reason and source topic.
     dead_letter: Option<(String, String)>,
 }
@@ -489,6 +491,7 @@ impl Driver {
             topic: output.topic,
             key,
             body,
+            value: output.value,
             dead_letter,
         };
         if let (Some(key), Some(body)) = (&written.key, &written.body) {
@@ -920,5 +923,121 @@ mod tests {
         assert!(loose_eq(&json!(10), &json!(10.0)));
         assert!(!loose_eq(&json!("10"), &json!(10)));
         assert!(loose_eq(&json!({"a": [1]}), &json!({"a": [1.0]})));
+    }
+}
+
+/// One message of [`examples`].
+#[derive(Debug, Clone)]
+pub struct Example {
+    pub topic: String,
+    pub event_type: String,
+    /// The record value (JSON) as sent to the saga or as the saga wrote it.
+    pub value: Value,
+}
+
+/// An example of every message of the topology, made by running sagas through the real processor:
+/// one that completes, one failing at each step (its compensations confirmed), and one whose last
+/// step succeeds after its timeout (so the last compensation is written too). The first of each
+/// event type, inputs and outputs, in the order they occurred.
+pub fn examples(def: Arc<SagaDefinition>) -> Result<Vec<Example>, String> {
+    let start_ms = humantime::parse_rfc3339_weak(DEFAULT_START)
+        .map_err(|e| e.to_string())?
+        .duration_since(UNIX_EPOCH)
+        .map_err(|e| e.to_string())?
+        .as_millis() as i64;
+    let mut driver = Driver::new(def.clone(), start_ms)?;
+    let mut found: Vec<Example> = Vec::new();
+    let steps = def.steps.len();
+    // (saga, the step that fails, whether its success comes late instead)
+    let mut plans = vec![("order-1".to_string(), None, false)];
+    for i in 0..steps {
+        plans.push((format!("order-{}", i + 2), Some(i), false));
+    }
+    plans.push((format!("order-{}", steps + 2), Some(steps - 1), true));
+    let mut n = 0;
+    for (saga, failing, late) in plans {
+        let mut send = |driver: &mut Driver, event: &str, found: &mut Vec<Example>| {
+            n += 1;
+            let event_id = uuid::Uuid::new_v5(
+                &uuid::Uuid::NAMESPACE_OID,
+                format!("example/{n}").as_bytes(),
+            )
+            .to_string();
+            let body = event_body(driver, event, &saga, &event_id, &Map::new());
+            let topic = driver.topic_of(event).unwrap_or_default();
+            note(found, &topic, event, &body);
+            let bytes = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
+            let record =
+                driver.record(&topic, Some(saga.clone().into_bytes()), Some(bytes), vec![]);
+            driver.input(record)?;
+            confirm_compensations(driver, found)
+        };
+        send(&mut driver, &def.start_event, &mut found)?;
+        for (i, step) in def.steps.iter().enumerate() {
+            match failing {
+                Some(f) if f == i && late => {
+                    driver.advance(step.timeout)?;
+                    confirm_compensations(&mut driver, &mut found)?;
+                    send(&mut driver, &step.success, &mut found)?;
+                    break;
+                }
+                Some(f) if f == i => {
+                    send(&mut driver, &step.failure, &mut found)?;
+                    break;
+                }
+                _ => send(&mut driver, &step.success, &mut found)?,
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// Records the first example of `event_type`.
+fn note(found: &mut Vec<Example>, topic: &str, event_type: &str, value: &Value) {
+    if !found.iter().any(|e| e.event_type == event_type) {
+        found.push(Example {
+            topic: topic.to_string(),
+            event_type: event_type.to_string(),
+            value: value.clone(),
+        });
+    }
+}
+
+/// Notes what the saga wrote since the last call and confirms each compensation it sent, as the
+/// participants would, until none is left.
+fn confirm_compensations(driver: &mut Driver, found: &mut Vec<Example>) -> Result<(), String> {
+    loop {
+        let written = std::mem::take(&mut driver.unchecked);
+        let mut confirmations = Vec::new();
+        for w in &written {
+            let value = w
+                .value
+                .as_deref()
+                .and_then(|v| serde_json::from_slice::<Value>(v).ok())
+                .unwrap_or(Value::Null);
+            note(found, &w.topic, w.event_type(), &value);
+            let step = driver.def.steps.iter().find(|s| {
+                s.compensation.event_type == w.event_type() && s.compensation.topic == w.topic
+            });
+            if let (Some(step), Some(key)) = (step, &w.key) {
+                confirmations.push((step.confirmed_by.clone(), key.clone()));
+            }
+        }
+        if confirmations.is_empty() {
+            return Ok(());
+        }
+        for (event, saga) in confirmations {
+            let event_id = uuid::Uuid::new_v5(
+                &uuid::Uuid::NAMESPACE_OID,
+                format!("example/{saga}/{event}").as_bytes(),
+            )
+            .to_string();
+            let body = event_body(driver, &event, &saga, &event_id, &Map::new());
+            let topic = driver.topic_of(&event).unwrap_or_default();
+            note(found, &topic, &event, &body);
+            let bytes = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
+            let record = driver.record(&topic, Some(saga.into_bytes()), Some(bytes), vec![]);
+            driver.input(record)?;
+        }
     }
 }

@@ -61,14 +61,15 @@ pub fn env_name(long: &str) -> String {
 }
 
 /// Gives every flag of `command` and its subcommands its `SAGA_STREAMS_...` variable (the
-/// OpenTelemetry endpoint keeps its standard name). Repeatable flags split a variable's value at
+/// OpenTelemetry flags keep their standard names). Repeatable flags split a variable's value at
 /// commas.
 pub fn with_env_vars(command: clap::Command) -> clap::Command {
     let command = command.mut_args(|arg| {
         let Some(long) = arg.get_long().map(str::to_string) else {
             return arg;
         };
-        if NO_ENV.contains(&long.as_str()) || long == "otlp-endpoint" {
+        // The OpenTelemetry flags keep their standard OTEL_EXPORTER_OTLP_... names.
+        if NO_ENV.contains(&long.as_str()) || long.starts_with("otlp-") {
             return arg;
         }
         let repeatable = matches!(arg.get_action(), clap::ArgAction::Append);
@@ -349,7 +350,7 @@ mod tests {
         for sub in command.get_subcommands().filter(|c| c.get_name() != "demo") {
             for arg in sub.get_arguments() {
                 let Some(long) = arg.get_long() else { continue };
-                if NO_ENV.contains(&long) || long == "otlp-endpoint" || long == "config" {
+                if NO_ENV.contains(&long) || long.starts_with("otlp-") || long == "config" {
                     continue;
                 }
                 let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());

@@ -44,6 +44,16 @@ pub struct Cli {
     /// unset.
     #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    /// CA bundle (PEM) the OTLP collector's certificate is checked against (an https endpoint),
+    /// besides the system's.
+    #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_CERTIFICATE")]
+    pub otlp_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for a collector that wants mutual TLS; with --otlp-key.
+    #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE")]
+    pub otlp_cert: Option<std::path::PathBuf>,
+    /// The client certificate's key (PKCS#8 PEM).
+    #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_CLIENT_KEY")]
+    pub otlp_key: Option<std::path::PathBuf>,
     /// A configuration file (TOML, or YAML): every flag's setting by its name (`application_id`),
     /// librdkafka properties under `kafka`. Flags and `SAGA_STREAMS_...` variables take precedence.
     #[arg(long, global = true, env = "SAGA_STREAMS_CONFIG")]
@@ -104,7 +114,16 @@ pub fn main() -> ExitCode {
         Command::Test(_) => "error",
         _ => "info",
     };
-    if let Err(e) = init_tracing(cli.log_format, default_filter, cli.otlp_endpoint.as_deref()) {
+    let otlp = cli
+        .otlp_endpoint
+        .as_ref()
+        .map(|endpoint| crate::telemetry::OtlpSettings {
+            endpoint: endpoint.clone(),
+            ca: cli.otlp_ca.clone(),
+            cert: cli.otlp_cert.clone(),
+            key: cli.otlp_key.clone(),
+        });
+    if let Err(e) = init_tracing(cli.log_format, default_filter, otlp.as_ref()) {
         eprintln!("error: {e}");
         return ExitCode::FAILURE;
     }

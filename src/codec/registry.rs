@@ -184,46 +184,14 @@ impl RegistryAccess {
     }
 
     fn http_client(&self, timeout: Duration) -> Result<reqwest::blocking::ClientBuilder, String> {
-        let mut builder = reqwest::blocking::Client::builder().timeout(timeout);
-        if let Some(ca) = &self.ca {
-            let pem = std::fs::read(ca)
-                .map_err(|e| format!("the registry CA bundle {}: {e}", ca.display()))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| format!("the registry CA bundle {}: {e}", ca.display()))?;
-            if certs.is_empty() {
-                return Err(format!(
-                    "the registry CA bundle {} holds no certificate",
-                    ca.display()
-                ));
-            }
-            for cert in certs {
-                builder = builder.add_root_certificate(cert);
-            }
-        }
-        match (&self.cert, &self.key) {
-            (Some(cert), Some(key)) => {
-                let cert_pem = std::fs::read(cert)
-                    .map_err(|e| format!("the registry client certificate {}: {e}", cert.display()))?;
-                let key_pem = std::fs::read(key)
-                    .map_err(|e| format!("the registry client key {}: cannot read: {}", key.display(), e.kind()))?;
-                let identity = reqwest::Identity::from_pkcs8_pem(&cert_pem, &key_pem).map_err(|_| {
-                    format!(
-                        "the registry client certificate {} with the key {}: not a PEM certificate and PKCS#8 PEM key",
-                        cert.display(),
-                        key.display()
-                    )
-                })?;
-                builder = builder.identity(identity);
-            }
-            (None, None) => {}
-            _ => {
-                return Err(
-                    "a registry client certificate needs both --schema-registry-cert and --schema-registry-key"
-                        .into(),
-                )
-            }
-        }
-        Ok(builder)
+        crate::runtime::secrets::https_client(
+            "the registry",
+            "--schema-registry",
+            self.ca.as_deref(),
+            self.cert.as_deref(),
+            self.key.as_deref(),
+        )
+        .map(|builder| builder.timeout(timeout))
     }
 }
 

@@ -25,6 +25,7 @@ use crate::saga::machine::{
 };
 use crate::saga::topology::{dlq_topic, EventRole, SagaDefinition};
 use crate::telemetry::metrics as m;
+use crate::telemetry::SAGA_SPAN_TARGET;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// The store of saga records and timers.
@@ -84,6 +85,37 @@ fn timer_key(at_ms: i64, saga_id: &str) -> Vec<u8> {
         saga_id.as_bytes(),
     ]
     .concat()
+}
+
+/// Makes `span` a child of the trace context in the headers `header` reads (`traceparent`,
+/// `tracestate`, through OpenTelemetry's W3C propagator); without one, it starts a trace.
+fn continue_trace(span: &tracing::Span, header: &mut dyn FnMut(&str) -> Option<String>) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let carrier: std::collections::HashMap<String, String> = [TRACEPARENT_HEADER, "tracestate"]
+        .into_iter()
+        .filter_map(|name| header(name).map(|v| (name.to_string(), v)))
+        .collect();
+    if carrier.is_empty() {
+        return;
+    }
+    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&carrier));
+    let _ = span.set_parent(parent);
+}
+
+/// The headers (`traceparent`, `tracestate`) that carry the current span's context to what it
+/// writes; none when no span is recorded (the subscriber is not installed).
+fn trace_headers() -> Vec<(String, String)> {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let cx = tracing::Span::current().context();
+    if !cx.span().span_context().is_valid() {
+        return Vec::new();
+    }
+    let mut carrier = std::collections::HashMap::new();
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut carrier));
+    let mut headers: Vec<(String, String)> = carrier.into_iter().collect();
+    headers.sort();
+    headers
 }
 
 /// The deadline (ms) of a timer index key.
@@ -698,12 +730,6 @@ impl SagaProcessor {
         let traceparent = record
             .header(TRACEPARENT_HEADER)
             .map(|v| String::from_utf8_lossy(v).into_owned());
-        let span = tracing::info_span!(
-            "saga", saga_id = %event.saga_id, correlation_id = tracing::field::Empty,
-            event_type = %event.event_type, topic = %record.topic, partition = record.partition,
-            offset = record.offset
-        );
-        let _entered = span.enter();
         let mut store = ctx.store(SAGA_STORE)?;
         let existing = match self.load_saga(&mut store, &event.saga_id, now)? {
             Loaded::Found(record) => Some(*record),
@@ -721,6 +747,24 @@ impl SagaProcessor {
                 return Ok(());
             }
         };
+        let span = tracing::info_span!(
+            target: SAGA_SPAN_TARGET, "saga", saga_id = %event.saga_id,
+            correlation_id = tracing::field::Empty, event_type = %event.event_type,
+            topic = %record.topic, partition = record.partition, offset = record.offset
+        );
+        // A child of the producer's span (W3C trace context in the headers); for a record
+        // without one (a service that does not trace), of the saga's last traced input, so a saga
+        // stays one trace; else the start of a new trace.
+        let own = record.header(TRACEPARENT_HEADER).is_some();
+        continue_trace(&span, &mut |name| match own {
+            true => record
+                .header(name)
+                .map(|v| String::from_utf8_lossy(v).into_owned()),
+            false => (name == TRACEPARENT_HEADER)
+                .then(|| existing.as_ref().and_then(|s| s.traceparent.clone()))
+                .flatten(),
+        });
+        let _entered = span.enter();
         // A saga runs under the topology version it started under.
         let root = self.def.clone();
         let def = match &existing {
@@ -906,8 +950,8 @@ impl SagaProcessor {
                 OutputRecord::new(output.topic.clone(), saga.saga_id.as_bytes(), value)
                     .with_header(CORRELATION_HEADER, saga.correlation_id.as_bytes())
                     .with_timestamp(now);
-            if let Some(tp) = &saga.traceparent {
-                record = record.with_header(TRACEPARENT_HEADER, tp.as_bytes());
+            for (name, value) in trace_headers() {
+                record = record.with_header(name, value.into_bytes());
             }
             let signature = self
                 .signing
@@ -1302,6 +1346,17 @@ impl Processor for SagaProcessor {
             };
             match applied {
                 Applied::Changed { record, outputs } => {
+                    // Outputs of a timer continue the trace of the saga's last traced input.
+                    let span = tracing::info_span!(
+                        target: SAGA_SPAN_TARGET, "saga_timer", saga_id = %record.saga_id,
+                        status = %record.status
+                    );
+                    continue_trace(&span, &mut |name| {
+                        (name == TRACEPARENT_HEADER)
+                            .then(|| record.traceparent.clone())
+                            .flatten()
+                    });
+                    let _entered = span.enter();
                     let written = self
                         .encode(def, &record, &outputs, now)
                         .and_then(|records| {

@@ -805,3 +805,76 @@ fn an_instance_without_tasks_is_ready_once_it_joined() {
     a.assert_alive();
     b.assert_alive();
 }
+
+/// The value of `saga_streams_consumer_lag_seconds` for `topic` (partition 0) in a scrape.
+fn lag_seconds(metrics: &str, topic: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("saga_streams_consumer_lag_seconds{"))
+        .filter(|l| l.contains(&format!("topic=\"{topic}\"")) && l.contains("partition=\"0\""))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[test]
+fn lag_in_time_is_the_age_of_the_oldest_input_not_yet_committed() {
+    let mut env = SagaEnv::new("order_saga.yaml", 1);
+    let orders = env.def.start_topic.clone();
+    // Every commit fails: what the orchestrator reads stays uncommitted, and is tried again.
+    let mut stuck = env.orchestrator_with_env(
+        "a",
+        &[],
+        &[(
+            "SAGA_STREAMS_FAILPOINTS",
+            "commit-transaction=return(abortable)",
+        )],
+    );
+    let addr = stuck.http_addr(Duration::from_secs(30));
+    // An order created ten minutes ago (its record timestamp), as a producer that was down
+    // writes its backlog.
+    let created_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        - 600_000;
+    let mut body = saga_streams::sim::load::order_created(&env.def, "o-old");
+    body["occurred_at"] = Value::Null;
+    let value = serde_json::json!({ "event": body }).to_string();
+    env.producer
+        .send(
+            BaseRecord::to(&orders)
+                .key("o-old")
+                .payload(&value)
+                .timestamp(created_ms),
+        )
+        .map_err(|(e, _)| e)
+        .unwrap();
+    env.producer.flush(Duration::from_secs(10)).unwrap();
+    let mut seen = None;
+    let behind = poll_until(Duration::from_secs(60), || {
+        let (_, metrics) = http_get(&format!("http://{addr}/metrics"));
+        seen = lag_seconds(&metrics, &orders);
+        seen.is_some_and(|s| (595.0..900.0).contains(&s))
+    });
+    assert!(
+        behind,
+        "lag in time never showed the ten-minute-old order: {seen:?}"
+    );
+    // It stays behind while the commits fail: the gauge does not fall back between retries.
+    let (_, metrics) = http_get(&format!("http://{addr}/metrics"));
+    assert!(
+        lag_seconds(&metrics, &orders).is_some_and(|s| s >= 595.0),
+        "{metrics}"
+    );
+    assert!(stuck.sigterm(Duration::from_secs(30)).is_some());
+
+    // An instance that processes and commits it is caught up: 0.
+    let mut working = env.orchestrator("b", &[]);
+    env.expect("o-old", "ProcessPayment");
+    let addr = working.http_addr(Duration::from_secs(30));
+    let caught_up = poll_until(Duration::from_secs(60), || {
+        let (_, metrics) = http_get(&format!("http://{addr}/metrics"));
+        seen = lag_seconds(&metrics, &orders);
+        seen == Some(0.0)
+    });
+    assert!(caught_up, "lag in time not 0 once caught up: {seen:?}");
+}

@@ -134,6 +134,9 @@ impl StreamsContext {
     /// last stable offset and nothing waits in its queue, every committed record was delivered, so
     /// transaction markers before that offset count for nothing.
     fn report_lag(&self, statistics: &Statistics) {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
         let mut engine = lock(&self.engine);
         for (topic, stats) in &statistics.topics {
             if !engine.config.input_topics.contains(topic) {
@@ -154,9 +157,24 @@ impl StreamsContext {
                 } else {
                     p.ls_offset - p.next_offset + p.fetchq_cnt
                 };
-                let buffered = engine.tasks.get(partition).map_or(0, |t| t.queued(topic)) as i64;
+                let task = engine.tasks.get(partition);
+                let buffered = task.map_or(0, |t| t.queued(topic)) as i64;
+                let lag = undelivered.max(0) + buffered;
                 metrics::gauge!(m::CONSUMER_LAG, "topic" => topic.clone(), "partition" => partition.to_string())
-                    .set((undelivered.max(0) + buffered) as f64);
+                    .set(lag as f64);
+                // In time: the age of the oldest record not committed yet (buffered, or in the
+                // open cycle); while the next one is not even fetched, the time since the task
+                // had consumed the partition (the next record is at most that old).
+                let pending = task.and_then(|t| t.oldest_pending_ms(topic));
+                let behind_since = match (lag, pending) {
+                    (_, Some(oldest)) => Some(oldest),
+                    (0, None) => Some(now_ms),
+                    _ => task.and_then(|t| t.input_time_ms(topic)),
+                };
+                if let Some(since) = behind_since {
+                    metrics::gauge!(m::CONSUMER_LAG_SECONDS, "topic" => topic.clone(), "partition" => partition.to_string())
+                        .set((now_ms - since).max(0) as f64 / 1000.0);
+                }
             }
         }
         self.watch_leaders(&mut engine, statistics);
@@ -200,6 +218,8 @@ impl ConsumerContext for StreamsContext {
             metrics::counter!(m::REBALANCES, "kind" => "revoke").increment(1);
             for e in revoked.elements() {
                 metrics::gauge!(m::CONSUMER_LAG, "topic" => e.topic().to_string(), "partition" => e.partition().to_string())
+                    .set(0.0);
+                metrics::gauge!(m::CONSUMER_LAG_SECONDS, "topic" => e.topic().to_string(), "partition" => e.partition().to_string())
                     .set(0.0);
             }
             tracing::info!(

@@ -38,6 +38,9 @@ pub struct Task {
     input_times: BTreeMap<String, i64>,
     /// The same as of the last commit: an abort takes back what its cycle consumed.
     committed_input_times: BTreeMap<String, i64>,
+    /// Per input topic, the oldest timestamp among the records processed since the last commit
+    /// (an aborted cycle's too: they are read again, still not committed), for the lag in time.
+    uncommitted_oldest: BTreeMap<String, i64>,
 }
 
 impl Task {
@@ -88,6 +91,7 @@ impl Task {
             idle_since: None,
             input_times: BTreeMap::new(),
             committed_input_times: BTreeMap::new(),
+            uncommitted_oldest: BTreeMap::new(),
         })
     }
 
@@ -178,6 +182,24 @@ impl Task {
         self.queues.values().map(VecDeque::len).sum()
     }
 
+    /// The timestamp (ms) of the oldest record of `topic` not committed yet: buffered, or
+    /// processed since the last commit. `None` when there is none.
+    pub fn oldest_pending_ms(&self, topic: &str) -> Option<i64> {
+        let queued = self
+            .queues
+            .get(topic)
+            .and_then(|q| q.iter().map(|r| r.timestamp_ms).min());
+        match (queued, self.uncommitted_oldest.get(topic).copied()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The time (ms) up to which the task has consumed `topic` (see `input_times`).
+    pub fn input_time_ms(&self, topic: &str) -> Option<i64> {
+        self.input_times.get(topic).copied()
+    }
+
     /// Records of `topic` buffered and not yet processed.
     pub fn queued(&self, topic: &str) -> usize {
         self.queues.get(topic).map_or(0, VecDeque::len)
@@ -254,6 +276,11 @@ impl Task {
                 self.input_times.insert(record.topic.clone(), consumed);
             }
         }
+        let oldest = self
+            .uncommitted_oldest
+            .entry(record.topic.clone())
+            .or_insert(record.timestamp_ms);
+        *oldest = (*oldest).min(record.timestamp_ms);
         self.processed_in_cycle += 1;
         Ok(())
     }
@@ -311,6 +338,7 @@ impl Task {
     ) -> Result<(), StateError> {
         self.committed.clone_from(&self.positions);
         self.committed_input_times.clone_from(&self.input_times);
+        self.uncommitted_oldest.clear();
         self.processed_in_cycle = 0;
         let mut batch = CommitBatch {
             checkpoints,

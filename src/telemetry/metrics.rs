@@ -8,6 +8,7 @@ use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const CONSUMER_LAG: &str = "saga_streams_consumer_lag";
+pub const CONSUMER_LAG_SECONDS: &str = "saga_streams_consumer_lag_seconds";
 pub const RECORDS_CONSUMED: &str = "saga_streams_records_consumed_total";
 pub const RECORDS_PRODUCED: &str = "saga_streams_records_produced_total";
 pub const PROCESS_LATENCY: &str = "saga_streams_process_latency_seconds";
@@ -43,6 +44,7 @@ pub const SIGNATURE_FAILURES: &str = "saga_streams_signature_failures_total";
 /// Every metric name of the catalogue.
 pub const CATALOGUE: &[&str] = &[
     CONSUMER_LAG,
+    CONSUMER_LAG_SECONDS,
     RECORDS_CONSUMED,
     RECORDS_PRODUCED,
     PROCESS_LATENCY,
@@ -87,6 +89,11 @@ fn describe() {
         CONSUMER_LAG,
         Unit::Count,
         "input records not yet processed, counted to the last stable offset"
+    );
+    describe_gauge!(
+        CONSUMER_LAG_SECONDS,
+        Unit::Seconds,
+        "how far behind its input partition the task is in time: the age of its oldest record not yet processed (of the last one processed while the next is not fetched yet); 0 when caught up"
     );
     describe_counter!(RECORDS_CONSUMED, Unit::Count, "input records processed");
     describe_counter!(

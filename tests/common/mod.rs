@@ -366,6 +366,17 @@ impl BinProcess {
 
     /// Like [`BinProcess::spawn`], with `RUST_LOG` set to `filter`.
     pub fn spawn_with_log_filter(args: &[String], log: std::path::PathBuf, filter: &str) -> Self {
+        Self::spawn_with_env(args, log, filter, &[])
+    }
+
+    /// Like [`BinProcess::spawn_with_log_filter`], with `env` added to the child's environment
+    /// (`SAGA_STREAMS_FAILPOINTS` arms fault injection points).
+    pub fn spawn_with_env(
+        args: &[String],
+        log: std::path::PathBuf,
+        filter: &str,
+        env: &[(&str, &str)],
+    ) -> Self {
         if let Some(dir) = log.parent() {
             std::fs::create_dir_all(dir).unwrap();
         }
@@ -379,6 +390,7 @@ impl BinProcess {
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .env("SAGA_STREAMS_LOG_FORMAT", "json")
             .env("RUST_LOG", filter)
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::null())
             .stderr(stderr)
             .spawn()

@@ -87,8 +87,28 @@ impl SagaEnv {
         self.dir.path().join(format!("state-{instance}"))
     }
 
+    /// An orchestrator with `env` added to its environment.
+    pub fn orchestrator_with_env(
+        &self,
+        instance: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> BinProcess {
+        self.orchestrator_spawn(instance, extra, "info,librdkafka=warn,rdkafka=warn", env)
+    }
+
     /// An orchestrator with `RUST_LOG` set to `filter`.
     pub fn orchestrator_logging(&self, instance: &str, extra: &[&str], filter: &str) -> BinProcess {
+        self.orchestrator_spawn(instance, extra, filter, &[])
+    }
+
+    fn orchestrator_spawn(
+        &self,
+        instance: &str,
+        extra: &[&str],
+        filter: &str,
+        env: &[(&str, &str)],
+    ) -> BinProcess {
         let state = self.state_dir(instance);
         let mut args = self.args(
             &["run"],
@@ -97,10 +117,11 @@ impl SagaEnv {
         args.push("--state-dir".into());
         args.push(state.display().to_string());
         args.extend(extra.iter().map(|s| s.to_string()));
-        BinProcess::spawn_with_log_filter(
+        BinProcess::spawn_with_env(
             &args,
             self.dir.path().join(format!("{instance}.log")),
             filter,
+            env,
         )
     }
 

@@ -176,15 +176,50 @@ fn every_message_of_a_real_demo_run_matches_the_exported_schemas() {
     let (topic2, value2) = find("OrderCompleted");
     let mut extra: Value = serde_json::from_str(&value2).unwrap();
     extra["event"]["discount"] = json!(5);
-    let (_, value3) = find("PaymentSucceeded");
+    let (topic3, value3) = find("PaymentSucceeded");
+    let reply: Value = serde_json::from_str(&value3).unwrap();
+    let with_event = |change: &dyn Fn(&mut serde_json::Map<String, Value>)| {
+        let mut v = reply.clone();
+        let event = match v.get_mut("event") {
+            Some(Value::Object(inner)) => inner,
+            _ => v.as_object_mut().unwrap(),
+        };
+        change(event);
+        v.to_string()
+    };
+    let no_payment_id = with_event(&|e| {
+        e.remove("payment_id");
+    });
+    let bad_time = with_event(&|e| {
+        e.insert("occurred_at".into(), json!("yesterday"));
+    });
     let broken = vec![
         (topic, bad.to_string()),
         (topic2, extra.to_string()),
-        ("inventory.events".to_string(), value3),
+        (topic3.clone(), no_payment_id),
+        (topic3.clone(), bad_time),
     ];
     let (ok, report) = validate(schemas.path(), &broken, false);
     assert!(!ok, "{report:#}");
-    assert_eq!(report["invalid"].as_array().unwrap().len(), 3, "{report:#}");
+    assert_eq!(report["invalid"].as_array().unwrap().len(), 4, "{report:#}");
+    // What the saga accepts, the schema accepts: a time in a service's own zone, and Laravel's
+    // toDateTimeString().
+    let accepted = vec![
+        (
+            topic3.clone(),
+            with_event(&|e| {
+                e.insert("occurred_at".into(), json!("2026-11-30T10:00:00+02:00"));
+            }),
+        ),
+        (
+            topic3,
+            with_event(&|e| {
+                e.insert("occurred_at".into(), json!("2026-11-30 10:00:00"));
+            }),
+        ),
+    ];
+    let (ok, report) = validate(schemas.path(), &accepted, false);
+    assert!(ok, "{report:#}");
 }
 
 #[test]

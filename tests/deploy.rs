@@ -197,7 +197,10 @@ fn the_settings_the_chart_renders_are_the_ones_the_binary_reads() {
                 std::fs::write(&path, format!("secret-of-{key}\n")).unwrap();
                 path.display().to_string()
             }
-            None => value.clone(),
+            // Kubernetes expands $(VAR) from the variables before it.
+            None => value
+                .replace("$(SAGA_STREAMS_INSTANCE_ID)", "saga-0")
+                .replace("$(POD_NAMESPACE)", "orders"),
         };
         command.env(name, value);
     }
@@ -218,6 +221,9 @@ fn the_settings_the_chart_renders_are_the_ones_the_binary_reads() {
         "bootstrap: broker-1.kafka:9094".to_string(),
         "SAGA_STREAMS_APPLICATION_ID: orders".to_string(),
         "SAGA_STREAMS_TOPIC_PREFIX: prod.".to_string(),
+        // Each pod advertises its stable name under the headless Service.
+        "SAGA_STREAMS_ADVERTISED_HTTP: saga-0.".to_string(),
+        "-headless.orders.svc:9464".to_string(),
     ] {
         assert!(text.contains(&expected), "no '{expected}' in:\n{text}");
     }
@@ -251,6 +257,9 @@ fn the_dockerfile_ships_the_schemas_runs_as_non_root_and_checks_health() {
     // Every topology's schema directory is in the image, where the topology looks for it.
     for entry in std::fs::read_dir(repo("topologies")).unwrap() {
         let path = entry.unwrap().path();
+        if !path.is_file() {
+            continue;
+        }
         let text = std::fs::read_to_string(&path).unwrap();
         if let Some(dir) = text
             .lines()

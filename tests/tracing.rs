@@ -184,12 +184,22 @@ fn saga_spans_continue_the_callers_trace_and_are_exported_over_mutual_tls() {
     assert_eq!(timer["name"], "saga_timer");
     assert_eq!(timer["parent_span_id"], caller2, "{timer}");
 
-    // Without a traceparent, the saga starts a trace of its own, carried by every output.
+    // Without a traceparent, the saga starts a trace of its own, carried by every output, its
+    // timeout's too.
     env.create("o-3", &[]);
     let (own_trace, own_span) = parse(&traceparent_of(&mut env, "o-3", "ProcessPayment"));
     let root = receiver.span(&own_span);
     assert_eq!(root["trace_id"], own_trace);
     assert_eq!(root["parent_span_id"], "", "{root}");
+    let (timeout_trace, timeout_span) = parse(&traceparent_of(&mut env, "o-3", "OrderCancelled"));
+    assert_eq!(timeout_trace, own_trace);
+    let timer = receiver.span(&timeout_span);
+    assert_eq!(timer["parent_span_id"], own_span, "{timer}");
+
+    // A malformed traceparent is not a parent: the saga starts a trace.
+    env.create("o-4", &[("traceparent", "00-not-a-trace-01")]);
+    let (bad_trace, _) = parse(&traceparent_of(&mut env, "o-4", "ProcessPayment"));
+    assert_ne!(bad_trace, trace);
 }
 
 #[test]
@@ -219,7 +229,10 @@ fn a_collector_that_cannot_be_reached_or_trusted_costs_the_saga_nothing() {
     env.expect("o-2", "ReserveInventory");
     env.reply(1, Reply::Success, "o-2");
     env.expect("o-2", "OrderCompleted");
-    // Stopping flushes the spans: the export was tried, and refused by the certificate check.
+    // Stopping flushes the spans: the export was tried, and the TLS handshake failed.
     assert!(orchestrator.sigterm(Duration::from_secs(30)).is_some());
     assert!(receiver.spans().is_empty(), "{:?}", receiver.spans());
+    let refused =
+        std::fs::read_to_string(receiver.spans.with_extension("refused")).unwrap_or_default();
+    assert!(!refused.is_empty(), "no TLS handshake was tried");
 }

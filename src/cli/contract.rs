@@ -47,7 +47,15 @@ fn schemas(def: &SagaDefinition) -> Map<String, Value> {
 }
 
 fn examples(def: Arc<SagaDefinition>) -> anyhow::Result<Value> {
-    let examples = scenario::examples(def).map_err(anyhow::Error::msg)?;
+    let examples = scenario::examples(def.clone()).map_err(anyhow::Error::msg)?;
+    for message in contract_export::messages(&def) {
+        if !examples.iter().any(|e| e.event_type == message.event_type) {
+            eprintln!(
+                "warning: no example of {} ({}): the sagas run for examples never reach it",
+                message.event_type, message.role
+            );
+        }
+    }
     Ok(Value::Array(
         examples
             .into_iter()

@@ -114,9 +114,19 @@ pub fn main() -> ExitCode {
         Command::Test(_) => "error",
         _ => "info",
     };
+    // Commands that run no saga and talk to no broker export no spans.
+    let offline = matches!(
+        cli.command,
+        Command::Test(_)
+            | Command::Contract(_)
+            | Command::Completions(_)
+            | Command::Man(_)
+            | Command::Describe(_)
+    );
     let otlp = cli
         .otlp_endpoint
         .as_ref()
+        .filter(|_| !offline)
         .map(|endpoint| crate::telemetry::OtlpSettings {
             endpoint: endpoint.clone(),
             ca: cli.otlp_ca.clone(),

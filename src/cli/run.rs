@@ -39,6 +39,11 @@ pub struct RunArgs {
     /// Where Prometheus scrapes the metrics.
     #[arg(long, default_value = "127.0.0.1:9464")]
     pub metrics_addr: SocketAddr,
+    /// The address (`host:port`) where other instances and clients reach this instance's HTTP
+    /// endpoints, like Kafka Streams' `application.server` (in Kubernetes, the pod's stable DNS
+    /// name); shown in /ready.
+    #[arg(long, value_parser = parse_host_port)]
+    pub advertised_http: Option<String>,
     /// Commit cycle length.
     #[arg(long, default_value = "100ms", value_parser = parse_duration)]
     pub commit_interval: Duration,
@@ -102,6 +107,26 @@ pub fn saga_runtime_config(
     config
 }
 
+/// `host:port` with a host name or address and a port number, for an address others dial.
+fn parse_host_port(text: &str) -> Result<String, String> {
+    let (host, port) = text
+        .rsplit_once(':')
+        .ok_or_else(|| format!("'{text}' is not host:port"))?;
+    let host_ok = !host.is_empty()
+        && host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':'));
+    if !host_ok {
+        return Err(format!("'{host}' is not a host name or address"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(text.to_string()),
+        _ => Err(format!("'{port}' is not a port number (1-65535)")),
+    }
+}
+
 /// Runs a saga until `shutdown` is requested.
 pub fn run_saga(
     def: Arc<SagaDefinition>,
@@ -146,6 +171,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         status: config.status.clone(),
         partitioner: args.partitioner,
     };
+    config
+        .status
+        .set_advertised_http(args.advertised_http.clone());
     let tls = args.http_tls_cert.clone().zip(args.http_tls_key.clone());
     http::serve(
         args.metrics_addr,
@@ -160,4 +188,30 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     tracing::info!(saga = %def.name, topology = %args.topology.topology.display(), "running the saga");
     run_saga(def, codec, config, shutdown)?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_host_port;
+
+    #[test]
+    fn an_advertised_address_is_a_host_and_a_port() {
+        for ok in [
+            "saga-0.saga-headless.orders.svc:9464",
+            "127.0.0.1:80",
+            "[::1]:9464",
+        ] {
+            assert_eq!(parse_host_port(ok).as_deref(), Ok(ok));
+        }
+        for bad in [
+            "saga-0",
+            ":9464",
+            "host:0",
+            "host:http",
+            "ho st:1",
+            "host:70000",
+        ] {
+            assert!(parse_host_port(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -79,6 +79,12 @@ pub fn run(args: TestArgs) -> anyhow::Result<ExitCode> {
     if unreadable {
         return Ok(ExitCode::from(2));
     }
+    if def.uses_avro() {
+        println!(
+            "note: {} has Avro topics; scenarios read and write them as JSON (the wire format is not exercised)",
+            args.topology.display()
+        );
+    }
     let mut failed = 0;
     for (file, s) in &scenarios {
         let outcome = scenario::run(def.clone(), s);

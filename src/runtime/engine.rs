@@ -179,6 +179,9 @@ pub struct Engine {
     pub tasks: BTreeMap<i32, Task>,
     /// Input partitions assigned to this instance, by partition number.
     pub assigned: BTreeMap<i32, BTreeSet<String>>,
+    /// When each partition number was assigned (ms since the epoch): while its task is not
+    /// running yet (restoring), its input waits at least since then (the lag in time).
+    pub assigned_at: BTreeMap<i32, i64>,
     /// Assigned input partitions not resumed since their assignment: their fetcher may not
     /// have started, so a seek on them may fail harmlessly (they start at the committed offset).
     fresh: BTreeSet<(String, i32)>,
@@ -315,6 +318,7 @@ impl Engine {
             shutdown,
             tasks: BTreeMap::new(),
             assigned: BTreeMap::new(),
+            assigned_at: BTreeMap::new(),
             fresh: BTreeSet::new(),
             backpressured: BTreeSet::new(),
             restoring: None,
@@ -1290,6 +1294,7 @@ impl Engine {
                 topics.remove(element.topic());
                 if topics.is_empty() {
                     self.assigned.remove(&element.partition());
+                    self.assigned_at.remove(&element.partition());
                 }
             }
         }
@@ -1329,6 +1334,9 @@ impl Engine {
                 .entry(element.partition())
                 .or_default()
                 .insert(element.topic().to_string());
+            self.assigned_at
+                .entry(element.partition())
+                .or_insert_with(super::input_ends::now_ms);
             self.fresh
                 .insert((element.topic().to_string(), element.partition()));
         }

@@ -25,6 +25,8 @@ struct Inner {
     /// The consumer is a member of the group (it found the coordinator and has heartbeated
     /// since), whether or not it was given tasks.
     joined: AtomicBool,
+    /// Where other instances and clients reach this instance's HTTP endpoints (`host:port`).
+    advertised_http: RwLock<Option<String>>,
 }
 
 impl std::fmt::Debug for RuntimeStatus {
@@ -96,6 +98,22 @@ impl RuntimeStatus {
 
     pub(crate) fn set_joined(&self, joined: bool) {
         self.0.joined.store(joined, Ordering::Relaxed);
+    }
+
+    /// Where other instances and clients reach this instance's HTTP endpoints.
+    pub fn advertised_http(&self) -> Option<String> {
+        self.0
+            .advertised_http
+            .read()
+            .map(|a| a.clone())
+            .unwrap_or_else(|poisoned| poisoned.into_inner().clone())
+    }
+
+    pub fn set_advertised_http(&self, address: Option<String>) {
+        match self.0.advertised_http.write() {
+            Ok(mut a) => *a = address,
+            Err(poisoned) => *poisoned.into_inner() = address,
+        }
     }
 
     /// Marks processing as stalled (cycles abort and retry) with the reason, or clears it.

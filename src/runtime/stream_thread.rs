@@ -169,6 +169,8 @@ impl StreamsContext {
                 let behind_since = match (lag, pending) {
                     (_, Some(oldest)) => Some(oldest),
                     (0, None) => Some(now_ms),
+                    // Restoring or starting: waiting at least since the assignment.
+                    _ if task.is_none() => engine.assigned_at.get(partition).copied(),
                     _ => task.and_then(|t| t.input_time_ms(topic)),
                 };
                 if let Some(since) = behind_since {

@@ -227,7 +227,7 @@ pub fn check(
         // The record's timestamp stands in.
         None | Some(Value::Null) => Some(rfc3339(record.timestamp_ms)),
         Some(Value::String(s)) => {
-            humantime::parse_rfc3339_weak(s).map_err(|e| {
+            check_time(s).map_err(|e| {
                 BadInput::new(
                     BadInputKind::InvalidField,
                     format!("'occurred_at' is not an RFC 3339 time: {e}"),
@@ -303,6 +303,37 @@ pub fn check(
         payload: map,
     })
 }
+
+/// Checks an event time: RFC 3339 with `Z` or any offset (`+02:00`, as Carbon's
+/// `toIso8601String()` writes in a service's own time zone), or without one and with a space
+/// (`2026-01-01 10:00:00`, Laravel's `toDateTimeString()`). [`OCCURRED_AT_PATTERN`] says the same.
+pub fn check_time(text: &str) -> Result<(), String> {
+    // humantime reads UTC times only: an offset is checked here and read as UTC.
+    let utc = match text
+        .len()
+        .checked_sub(6)
+        .and_then(|at| text.get(at..).map(|o| (at, o)))
+    {
+        Some((at, offset))
+            if matches!(offset.as_bytes()[0], b'+' | b'-')
+                && offset.as_bytes()[3] == b':'
+                && offset[1..3].bytes().all(|b| b.is_ascii_digit())
+                && offset[4..].bytes().all(|b| b.is_ascii_digit())
+                && offset[1..3] <= *"23"
+                && offset[4..] <= *"59" =>
+        {
+            format!("{}Z", &text[..at])
+        }
+        _ => text.to_string(),
+    };
+    humantime::parse_rfc3339_weak(&utc)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// What [`check_time`] accepts, as a regular expression (for the exported JSON Schemas).
+pub const OCCURRED_AT_PATTERN: &str =
+    "^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})?$";
 
 /// The id of an event that came without one: a UUID (v5) of its topic and content, fields in
 /// name order, so the same content always gets the same id.
@@ -387,6 +418,28 @@ mod tests {
     }
 
     const CREATED: &str = r#"{"event_id":"e1","event_type":"OrderCreated","event_version":1,"order_id":"o1","occurred_at":"2026-11-26T10:00:00Z","user_id":"u1","total":12.5,"currency":"EUR","items":[{"sku":"a","quantity":1}]}"#;
+
+    #[test]
+    fn event_times_with_offsets_and_without_are_accepted() {
+        for ok in [
+            "2026-01-01T10:00:00Z",
+            "2026-01-01T10:00:00.123Z",
+            "2026-01-01T10:00:00+02:00",
+            "2026-01-01T10:00:00.5-05:30",
+            "2026-01-01 10:00:00",
+        ] {
+            assert_eq!(check_time(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "yesterday",
+            "2026-13-01T10:00:00Z",
+            "2026-01-01T10:00:00+25:00",
+            "2026-01-01T10:00:00+0200",
+            "",
+        ] {
+            assert!(check_time(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn wrapped_and_flat_bodies_decode_alike() {

@@ -10,7 +10,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::contract::{CORRELATION_HEADER, TRACEPARENT_HEADER};
+use super::contract::{CORRELATION_HEADER, OCCURRED_AT_PATTERN, TRACEPARENT_HEADER};
 use super::topology::{FieldKind, FieldSpec, MessageSpec, SagaDefinition};
 use crate::codec::signing::SIGNATURE_HEADER;
 use crate::codec::Format;
@@ -161,7 +161,7 @@ fn consumed_schema(def: &SagaDefinition, event: &str, topic: &str) -> Value {
     );
     properties.insert(
         "occurred_at".into(),
-        json!({"type": ["string", "null"], "format": "date-time", "description": "RFC 3339; when missing, the record's timestamp"}),
+        json!({"type": ["string", "null"], "pattern": OCCURRED_AT_PATTERN, "description": "RFC 3339 (Z or an offset), or `YYYY-MM-DD hh:mm:ss` (UTC); when missing, the record's timestamp"}),
     );
     let mut required = vec![json!("event_type"), json!(def.key_field)];
     for field in &fields {
@@ -180,10 +180,16 @@ fn consumed_schema(def: &SagaDefinition, event: &str, topic: &str) -> Value {
     });
     let mut schema = json!({
         "title": event,
-        "description": format!(
-            "{event} on {topic}, read by the saga {}: a flat object, or wrapped as {{\"event\": {{...}}}}. Fields beyond these are accepted and not kept.",
-            def.name
-        ),
+        "description": match def.format_of(topic) {
+            Format::Json => format!(
+                "{event} on {topic}, read by the saga {}: a flat object, or wrapped as {{\"event\": {{...}}}}. Fields beyond these are accepted and not kept.",
+                def.name
+            ),
+            Format::Avro(_) => format!(
+                "{event} on {topic}, read by the saga {} as a record of the topic's Avro schema: the fields it checks.",
+                def.name
+            ),
+        },
         "anyOf": [
             event_schema,
             {
@@ -266,7 +272,9 @@ fn emitted(
         "required": required,
         "additionalProperties": false,
     });
-    let mut schema = if def.wrap_outputs {
+    // Avro values are records of their schema, never wrapped.
+    let wrapped = def.wrap_outputs && def.format_of(&spec.topic) == Format::Json;
+    let mut schema = if wrapped {
         json!({
             "title": spec.event_type,
             "type": "object",
@@ -284,7 +292,7 @@ fn emitted(
         spec.event_type,
         spec.topic,
         def.name,
-        if def.wrap_outputs {
+        if wrapped {
             ", wrapped as {\"event\": {...}}"
         } else {
             ""

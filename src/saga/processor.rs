@@ -102,6 +102,19 @@ fn continue_trace(span: &tracing::Span, header: &mut dyn FnMut(&str) -> Option<S
     let _ = span.set_parent(parent);
 }
 
+/// Whether `text` is a W3C `traceparent` of version 00: `00-<32 hex>-<16 hex>-<2 hex>`.
+fn valid_traceparent(text: &str) -> bool {
+    let parts: Vec<&str> = text.split('-').collect();
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    parts.len() == 4
+        && parts[0] == "00"
+        && hex(parts[1], 32)
+        && hex(parts[2], 16)
+        && hex(parts[3], 2)
+        && parts[1] != "00000000000000000000000000000000"
+        && parts[2] != "0000000000000000"
+}
+
 /// The headers (`traceparent`, `tracestate`) that carry the current span's context to what it
 /// writes; none when no span is recorded (the subscriber is not installed).
 fn trace_headers() -> Vec<(String, String)> {
@@ -727,9 +740,11 @@ impl SagaProcessor {
         event: DecodedEvent,
         now: i64,
     ) -> Result<(), ProcessorError> {
+        // Only a well-formed context is kept with the saga (for its timers' spans).
         let traceparent = record
             .header(TRACEPARENT_HEADER)
-            .map(|v| String::from_utf8_lossy(v).into_owned());
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .filter(|tp| valid_traceparent(tp));
         let mut store = ctx.store(SAGA_STORE)?;
         let existing = match self.load_saga(&mut store, &event.saga_id, now)? {
             Loaded::Found(record) => Some(*record),
@@ -755,7 +770,7 @@ impl SagaProcessor {
         // A child of the producer's span (W3C trace context in the headers); for a record
         // without one (a service that does not trace), of the saga's last traced input, so a saga
         // stays one trace; else the start of a new trace.
-        let own = record.header(TRACEPARENT_HEADER).is_some();
+        let own = traceparent.is_some();
         continue_trace(&span, &mut |name| match own {
             true => record
                 .header(name)
@@ -765,6 +780,18 @@ impl SagaProcessor {
                 .flatten(),
         });
         let _entered = span.enter();
+        // A saga without any traced input keeps its own first span's context, so its timers'
+        // spans join its trace too.
+        let traceparent = traceparent.or_else(|| {
+            let stored = existing.as_ref().and_then(|s| s.traceparent.as_ref());
+            match stored {
+                Some(_) => None,
+                None => trace_headers()
+                    .into_iter()
+                    .find(|(name, _)| name == TRACEPARENT_HEADER)
+                    .map(|(_, value)| value),
+            }
+        });
         // A saga runs under the topology version it started under.
         let root = self.def.clone();
         let def = match &existing {

@@ -518,7 +518,9 @@ impl Driver {
 
     /// Moves the clock by `by`, firing each timer that falls due on the way at its deadline.
     fn advance(&mut self, by: Duration) -> Result<(), String> {
-        let target = self.now().saturating_add(by.as_millis() as i64);
+        let by = i64::try_from(by.as_millis())
+            .map_err(|_| format!("advance by {}: too far", humantime::format_duration(by)))?;
+        let target = self.now().saturating_add(by);
         let mut firings = 0;
         while let Some(at) = self.next_timer()?.filter(|at| *at <= target) {
             firings += 1;
@@ -976,8 +978,15 @@ pub fn examples(def: Arc<SagaDefinition>) -> Result<Vec<Example>, String> {
         for (i, step) in def.steps.iter().enumerate() {
             match failing {
                 Some(f) if f == i && late => {
-                    driver.advance(step.timeout)?;
-                    confirm_compensations(&mut driver, &mut found)?;
+                    // Until the step is given up (its retries, if any, run out first).
+                    let waiting = driver.status(&saga)?;
+                    for _ in 0..100 {
+                        driver.advance(step.timeout)?;
+                        confirm_compensations(&mut driver, &mut found)?;
+                        if driver.status(&saga)? != waiting {
+                            break;
+                        }
+                    }
                     send(&mut driver, &step.success, &mut found)?;
                     break;
                 }

@@ -234,6 +234,7 @@ async fn ready(State(state): State<AppState>) -> Response {
         "running_tasks": s.running_tasks(),
         "stalled": s.stalled(),
         "joined": s.joined(),
+        "advertised_http": s.advertised_http(),
     });
     let code = if s.ready() {
         StatusCode::OK

@@ -576,23 +576,34 @@ fn ready_follows_a_full_restore_and_sagas_show_their_history() {
     let (code, _) = saga(&key_in(0, "nobody"));
     assert_eq!(code, 404);
 
-    // With a second instance, one partition moves there: this one names its owner.
+    // With a second instance, one partition moves there: this one asks it, and says so.
     let mut c = env.orchestrator("c", &[]);
-    let mut misdirected = None;
+    let served_by = |id: &str| {
+        let response = reqwest::blocking::get(format!("http://{addr}/sagas/{id}")).unwrap();
+        let by = response
+            .headers()
+            .get("x-saga-streams-served-by")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        (response.status().as_u16(), by)
+    };
+    let mut moved_to = None;
     let moved = poll_until(LIMIT, || {
-        misdirected = (0..2).find(|p| saga(&key_in(*p, "elsewhere")).0 == 421);
-        misdirected.is_some()
+        moved_to = (0..2).find_map(|p| match served_by(&key_in(p, "elsewhere")) {
+            (404, Some(by)) => Some((p, by)),
+            _ => None,
+        });
+        moved_to.is_some()
     });
     c.assert_alive();
     assert!(moved, "no partition moved to the second instance");
-    let partition = misdirected.unwrap_or_default();
+    let (partition, by) = moved_to.unwrap_or_default();
+    assert_eq!(by, "c");
     let (_, answer) = saga(&key_in(partition, "elsewhere"));
     assert_eq!(answer["partition"], partition, "{answer}");
-    assert!(
-        answer["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("another instance")),
-        "{answer}"
+    assert_eq!(
+        answer["owned_here"], true,
+        "the owner's own answer: {answer}"
     );
     assert_eq!(http_get(&format!("http://{addr}/health")).0, 200);
 }
@@ -786,7 +797,10 @@ fn an_instance_without_tasks_is_ready_once_it_joined() {
         "http://{a_addr}/ready"
     ))
     .0 == 200));
-    let mut b = env.orchestrator("b", &[]);
+    let mut b = env.orchestrator(
+        "b",
+        &["--advertised-http", "saga-b.saga-headless.orders.svc:9464"],
+    );
     let b_addr = b.http_addr(LIMIT);
     let mut last = (0, String::new());
     assert!(
@@ -800,6 +814,10 @@ fn an_instance_without_tasks_is_ready_once_it_joined() {
     let body: Value = serde_json::from_str(&last.1).unwrap();
     assert_eq!(body["joined"], true, "{body}");
     assert_eq!(body["assigned_tasks"], 0, "{body}");
+    assert_eq!(
+        body["advertised_http"], "saga-b.saga-headless.orders.svc:9464",
+        "{body}"
+    );
     // The first still holds the task and is ready too.
     assert_eq!(http_get(&format!("http://{a_addr}/ready")).0, 200);
     a.assert_alive();

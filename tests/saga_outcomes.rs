@@ -803,3 +803,26 @@ fn an_unreadable_saga_record_is_quarantined_and_its_partition_goes_on() {
     );
     orchestrator.assert_alive();
 }
+
+#[test]
+fn an_input_partition_the_consumer_stops_fetching_is_noticed_and_the_clients_rebuilt() {
+    let mut env = SagaEnv::new("order_saga.yaml", 1);
+    // The first start leaves the task's inputs paused, as a consumer whose fetcher stopped.
+    let orchestrator = env.orchestrator_with_env(
+        "a",
+        &[],
+        &[("SAGA_STREAMS_FAILPOINTS", "resume-inputs=1*return")],
+    );
+    env.create("starved", &[]);
+    env.expect("starved", &env.def.steps[0].command.event_type.clone());
+    let log = orchestrator.log_text();
+    assert!(
+        log.contains("an input partition is not fetched: rebuilding the clients")
+            && log.contains("delivered none"),
+        "{log}"
+    );
+    assert_eq!(
+        env.count("starved", &env.def.steps[0].command.event_type.clone()),
+        1
+    );
+}

@@ -8,12 +8,14 @@ use std::time::Duration;
 
 use super::args::{default_instance_id, parse_duration, KafkaArgs, TopologyArgs};
 use crate::codec::Codec;
+use crate::runtime::client::KafkaClients;
+use crate::runtime::members::{self, members_topic, Members};
 use crate::runtime::secrets::{read_secret, Rotating};
 use crate::runtime::{self, Guarantee, RuntimeConfig, Shutdown};
 use crate::saga::query::{Partitioner, SagaQuery};
 use crate::saga::topology::{repartition_topic, KeyPolicy};
 use crate::saga::{SagaDefinition, SagaProcessor, SAGA_STORE};
-use crate::telemetry::http;
+use crate::telemetry::http::{self, Forwarding};
 use crate::telemetry::metrics::install_recorder;
 
 #[derive(Debug, clap::Args)]
@@ -171,22 +173,50 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         status: config.status.clone(),
         partitioner: args.partitioner,
     };
-    config
-        .status
-        .set_advertised_http(args.advertised_http.clone());
     let tls = args.http_tls_cert.clone().zip(args.http_tls_key.clone());
-    http::serve(
+    // Instances find each other's partitions and addresses through the members topic.
+    let members = Members::default();
+    config.members_topic = Some(members_topic(&application_id));
+    let forwarding = Forwarding::new(
+        members.clone(),
+        instance_id.clone(),
+        args.http_tls_cert.as_deref(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let bound = http::serve(
         args.metrics_addr,
         Some(metrics),
         config.status.clone(),
         Some(Arc::new(query)),
         http_security(args.http_token_file.as_ref(), tls)?,
+        Some(forwarding),
     )
     .map_err(anyhow::Error::msg)?;
+    // Without --advertised-http, the bound address when it names one (not 0.0.0.0).
+    let advertised = args
+        .advertised_http
+        .clone()
+        .or_else(|| (!bound.ip().is_unspecified()).then(|| bound.to_string()));
+    config.status.set_advertised_http(advertised);
     let shutdown = Shutdown::new();
     shutdown.on_signals()?;
+    let membership = members::spawn(
+        kafka.client_config(),
+        members_topic(&application_id),
+        instance_id.clone(),
+        config.status.clone(),
+        members,
+        shutdown.clone(),
+    )?;
     tracing::info!(saga = %def.name, topology = %args.topology.topology.display(), "running the saga");
-    run_saga(def, codec, config, shutdown)?;
+    let result = run_saga(def, codec, config, shutdown.clone());
+    // The members thread publishes its tombstone on the way out: give it a moment.
+    shutdown.request();
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while !membership.is_finished() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    result?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -159,6 +159,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
             config.status.clone(),
             None,
             Default::default(),
+            None,
         )
         .map_err(anyhow::Error::msg)?;
     }

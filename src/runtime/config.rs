@@ -72,6 +72,9 @@ pub struct RuntimeConfig {
     /// Input topics the application owns (repartition topics): created at start-up when missing,
     /// with the inputs' partition count, like the changelogs. Each is also in `input_topics`.
     pub internal_topics: Vec<String>,
+    /// The members topic (see [`super::members`]): created at start-up when missing, one
+    /// partition, compacted. `None`: the application publishes no membership.
+    pub members_topic: Option<String>,
 }
 
 /// librdkafka settings the runtime sets itself; overriding them would break its guarantees.
@@ -145,6 +148,7 @@ impl RuntimeConfig {
             partitioner: "consistent_random".to_string(),
             status: super::RuntimeStatus::default(),
             internal_topics: Vec::new(),
+            members_topic: None,
         }
     }
 

@@ -393,6 +393,20 @@ impl Engine {
         Ok(())
     }
 
+    /// The newest high watermark of input `topic` [`partition`] the brokers answered.
+    pub fn input_end(&self, topic: &str, partition: i32) -> Option<i64> {
+        self.input_ends
+            .latest_end(topic, partition)
+            .map(|e| e.offset)
+    }
+
+    /// Whether input `topic` [`partition`] is paused because its task's queue is full.
+    pub fn is_backpressured(&self, topic: &str, partition: i32) -> bool {
+        self.backpressured
+            .iter()
+            .any(|(t, p)| t == topic && *p == partition)
+    }
+
     /// True while an aborted cycle still has to be cleaned up (its transaction aborted, its
     /// inputs rewound): no record is processed and nothing committed until [`Engine::recover`]
     /// succeeds.
@@ -1131,6 +1145,8 @@ impl Engine {
             .map_err(StartError::Task)?;
         let inputs = self.inputs_of(partition);
         let started = self.flush_outputs().and_then(|()| {
+            // `skip`: the inputs stay paused (as a consumer that stopped fetching would).
+            fail::fail_point!("resume-inputs", |_| Ok(()));
             consumer
                 .resume(&inputs)
                 .map_err(RuntimeError::kafka("resume inputs"))
@@ -1243,6 +1259,9 @@ impl Engine {
         self.config
             .status
             .set(self.assigned.len(), self.tasks.len());
+        self.config
+            .status
+            .set_assigned_partitions(self.assigned.keys().copied().collect());
     }
 
     /// Closes everything without committing (the open transaction is left to abort or time out;
@@ -1254,6 +1273,9 @@ impl Engine {
             self.restorer.cancel(restoration);
         }
         let all: BTreeSet<i32> = self.tasks.keys().copied().collect();
+        // Nothing is assigned any more: the next generation's assignment says what is.
+        self.assigned.clear();
+        self.assigned_at.clear();
         self.close_tasks(&all);
     }
 

@@ -88,6 +88,16 @@ impl InputEnds {
             .copied()
     }
 
+    /// The newest answered end of a partition.
+    pub fn latest(&self, topic: &str, partition: i32) -> Option<End> {
+        let inner = self.inner.lock().ok()?;
+        inner
+            .ends
+            .get(&(topic.to_string(), partition))?
+            .back()
+            .copied()
+    }
+
     pub fn generation(&self) -> u64 {
         self.inner.lock().map_or(0, |inner| inner.generation)
     }
@@ -206,6 +216,11 @@ impl InputEndsTracker {
             seen: 0,
             observed_at: None,
         })
+    }
+
+    /// The newest answered end of input `topic` [`partition`] (its high watermark).
+    pub fn latest_end(&self, topic: &str, partition: i32) -> Option<End> {
+        self.ends.latest(topic, partition)
     }
 
     /// Stops the thread (also done on drop; an engine whose consumer is left behind is never

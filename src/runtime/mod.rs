@@ -19,6 +19,7 @@ pub mod engine;
 pub mod error;
 pub mod failpoints;
 pub mod input_ends;
+pub mod members;
 pub mod partitioner;
 pub mod processor;
 pub mod restore;

@@ -3,7 +3,7 @@
 //! [`crate::runtime::run`] and read it from any thread (the HTTP endpoints, the demo waiting for its
 //! components).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -27,6 +27,8 @@ struct Inner {
     joined: AtomicBool,
     /// Where other instances and clients reach this instance's HTTP endpoints (`host:port`).
     advertised_http: RwLock<Option<String>>,
+    /// The partition numbers assigned to this instance.
+    assigned_partitions: RwLock<BTreeSet<i32>>,
 }
 
 impl std::fmt::Debug for RuntimeStatus {
@@ -98,6 +100,22 @@ impl RuntimeStatus {
 
     pub(crate) fn set_joined(&self, joined: bool) {
         self.0.joined.store(joined, Ordering::Relaxed);
+    }
+
+    /// The partition numbers assigned to this instance (their tasks running or not).
+    pub fn assigned_partitions(&self) -> BTreeSet<i32> {
+        self.0
+            .assigned_partitions
+            .read()
+            .map(|a| a.clone())
+            .unwrap_or_else(|poisoned| poisoned.into_inner().clone())
+    }
+
+    pub(crate) fn set_assigned_partitions(&self, partitions: BTreeSet<i32>) {
+        match self.0.assigned_partitions.write() {
+            Ok(mut a) => *a = partitions,
+            Err(poisoned) => *poisoned.into_inner() = partitions,
+        }
     }
 
     /// Where other instances and clients reach this instance's HTTP endpoints.

@@ -90,7 +90,16 @@ struct StreamsContext {
     refused: Mutex<Option<(RDKafkaErrorCode, String)>>,
     /// Assigned input partitions the consumer knows no leader for, and since when.
     leaderless: Mutex<BTreeMap<(String, i32), Instant>>,
+    /// Input partitions of running tasks that have records to read and deliver none, and since
+    /// when (with the task's position then).
+    starving: Mutex<BTreeMap<(String, i32), (i64, Instant)>>,
 }
+
+/// How long an input partition of a running task may have records to read (the last stable
+/// offset is past the task's position) while the consumer delivers none of them, nothing of it is
+/// queued or in process, and it is not paused for back-pressure, before the consumer is taken for
+/// stuck and rebuilt. A healthy fetcher delivers within a fetch wait (500 ms).
+const STARVING_REBUILD_AFTER: Duration = Duration::from_secs(20);
 
 /// How long an assigned input partition may stay without a known leader before the consumer is
 /// taken for stuck (librdkafka can keep a partition in that state forever after its broker was
@@ -180,6 +189,81 @@ impl StreamsContext {
             }
         }
         self.watch_leaders(&mut engine, statistics);
+        self.watch_fetching(&mut engine, statistics);
+    }
+
+    /// Notes input partitions of running tasks that have records to read and get none; one
+    /// that stays so for [`STARVING_REBUILD_AFTER`] fails the generation (new clients), with
+    /// what librdkafka says of its fetcher.
+    fn watch_fetching(&self, engine: &mut Engine, statistics: &Statistics) {
+        let Ok(mut starving) = self.starving.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        let mut seen = BTreeSet::new();
+        let recovering = engine.recovery_pending();
+        for (topic, stats) in &statistics.topics {
+            if !engine.config.input_topics.contains(topic) {
+                continue;
+            }
+            for (partition, p) in &stats.partitions {
+                let Some(task) = engine.tasks.get(partition) else {
+                    continue;
+                };
+                let Some(position) = task.position(topic) else {
+                    continue;
+                };
+                // The fetcher has records it has not delivered (transaction markers at the end of
+                // a partition are not records: reaching the last stable offset delivers them
+                // all), from a leader that is up: a broker away is not a stuck consumer.
+                let leader_up = statistics
+                    .brokers
+                    .values()
+                    .any(|b| b.nodeid == p.leader && b.state == "UP");
+                // (Not librdkafka's `fetchq_cnt`: it counts the consumer's shared queue.)
+                let undelivered = if p.ls_offset >= 0 {
+                    p.ls_offset > position && p.next_offset < p.ls_offset
+                } else {
+                    // Never fetched (no last stable offset known): the brokers' answered end
+                    // says whether there is anything to read.
+                    engine
+                        .input_end(topic, *partition)
+                        .is_some_and(|end| end > position)
+                };
+                let idle = undelivered
+                    && leader_up
+                    && task.queued(topic) == 0
+                    && task.oldest_pending_ms(topic).is_none()
+                    && !engine.is_backpressured(topic, *partition)
+                    && !recovering;
+                if !idle {
+                    continue;
+                }
+                let key = (topic.clone(), *partition);
+                seen.insert(key.clone());
+                let (at, since) = *starving.entry(key).or_insert((position, now));
+                // Any progress, or any delivery (records read again after an aborted cycle:
+                // a dependency down, not a stuck consumer), starts the wait again.
+                let delivered = task.delivered_at(topic).is_some_and(|d| d > since);
+                if at != position || delivered {
+                    starving.insert((topic.clone(), *partition), (position, now));
+                    continue;
+                }
+                if now.duration_since(since) >= STARVING_REBUILD_AFTER && engine.failure.is_none() {
+                    let why = format!(
+                        "{topic} [{partition}] has records from offset {position} to {} and the consumer delivered none for {} s (fetch state {}, next offset {}, queued in librdkafka {})",
+                        p.ls_offset,
+                        now.duration_since(since).as_secs(),
+                        p.fetch_state,
+                        p.next_offset,
+                        p.fetchq_cnt
+                    );
+                    tracing::warn!(reason = %why, "an input partition is not fetched: rebuilding the clients");
+                    engine.failure = Some(RuntimeError::ClientStuck(why));
+                }
+            }
+        }
+        starving.retain(|key, _| seen.contains(key));
     }
 
     /// Notes assigned input partitions without a known leader; one that stays so for
@@ -550,6 +634,7 @@ fn build_consumer(
             refused: Mutex::new(None),
             engine,
             leaderless: Mutex::new(BTreeMap::new()),
+            starving: Mutex::new(BTreeMap::new()),
         })
         .map_err(RuntimeError::kafka("create consumer"))
 }

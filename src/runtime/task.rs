@@ -38,6 +38,8 @@ pub struct Task {
     input_times: BTreeMap<String, i64>,
     /// The same as of the last commit: an abort takes back what its cycle consumed.
     committed_input_times: BTreeMap<String, i64>,
+    /// Per input topic, when the consumer last delivered one of its records to the task.
+    delivered_at: BTreeMap<String, Instant>,
     /// Per input topic, the oldest timestamp among the records processed since the last commit
     /// (an aborted cycle's too: they are read again, still not committed), for the lag in time.
     uncommitted_oldest: BTreeMap<String, i64>,
@@ -92,6 +94,7 @@ impl Task {
             input_times: BTreeMap::new(),
             committed_input_times: BTreeMap::new(),
             uncommitted_oldest: BTreeMap::new(),
+            delivered_at: BTreeMap::new(),
         })
     }
 
@@ -141,6 +144,13 @@ impl Task {
         ) {
             (Some(queue), Some(bytes)) => {
                 *bytes += size;
+                let now = Instant::now();
+                match self.delivered_at.get_mut(&record.topic) {
+                    Some(at) => *at = now,
+                    None => {
+                        self.delivered_at.insert(record.topic.clone(), now);
+                    }
+                }
                 queue.push_back(record);
                 *bytes
             }
@@ -193,6 +203,11 @@ impl Task {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
+    }
+
+    /// When the consumer last delivered a record of `topic` to the task.
+    pub fn delivered_at(&self, topic: &str) -> Option<Instant> {
+        self.delivered_at.get(topic).copied()
     }
 
     /// The time (ms) up to which the task has consumed `topic` (see `input_times`).

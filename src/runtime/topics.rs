@@ -194,6 +194,21 @@ pub fn prepare_topics(config: &RuntimeConfig) -> Result<i32, RuntimeError> {
         "changelog",
         &mut problems,
     )?;
+    if let Some(members) = config
+        .members_topic
+        .as_ref()
+        .filter(|t| partitions_of(t).is_none())
+    {
+        create_missing(
+            &admin,
+            &options,
+            std::slice::from_ref(members),
+            1,
+            &[("cleanup.policy", "compact")],
+            "members",
+            &mut problems,
+        )?;
+    }
 
     // Topics created just now are compacted by construction (and the broker may not serve their
     // configuration yet): only the ones that already existed are checked.

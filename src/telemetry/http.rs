@@ -25,8 +25,164 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::runtime::members::Members;
 use crate::runtime::secrets::{Rotating, AUDIT_TARGET};
 use crate::runtime::RuntimeStatus;
+
+/// Marks a `/sagas/{id}` request one instance sent on to the owner: it is never sent on again.
+pub const FORWARDED_HEADER: &str = "x-saga-streams-forwarded-by";
+/// The largest answer sent on from another instance.
+const MAX_FORWARDED_BYTES: u64 = 4 << 20;
+/// How long the owner of a saga has to answer a forwarded query.
+const FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Answers queries for sagas of partitions another instance owns by asking that instance (its
+/// address from the members topic), with the caller's credentials.
+#[derive(Clone)]
+pub struct Forwarding {
+    members: Members,
+    instance_id: String,
+    client: reqwest::Client,
+    scheme: &'static str,
+}
+
+impl Forwarding {
+    /// `tls_cert`: this instance's HTTPS certificate (chain): the instances then talk HTTPS, and
+    /// the certificates in that file are trusted besides the system's (include the CA in it).
+    pub fn new(
+        members: Members,
+        instance_id: String,
+        tls_cert: Option<&std::path::Path>,
+    ) -> Result<Forwarding, String> {
+        // Straight to the owner: no proxy from the environment, no redirect elsewhere.
+        let mut builder = reqwest::Client::builder()
+            .timeout(FORWARD_TIMEOUT)
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none());
+        if let Some(cert) = tls_cert {
+            let pem = std::fs::read(cert)
+                .map_err(|e| format!("the HTTP certificate {}: {e}", cert.display()))?;
+            for c in reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| format!("the HTTP certificate {}: {e}", cert.display()))?
+            {
+                builder = builder.add_root_certificate(c);
+            }
+        }
+        Ok(Forwarding {
+            members,
+            instance_id,
+            client: builder
+                .build()
+                .map_err(|e| format!("the forwarding HTTP client: {e}"))?,
+            scheme: if tls_cert.is_some() { "https" } else { "http" },
+        })
+    }
+
+    /// The answer for saga `id` of `partition`, which this instance does not serve.
+    async fn answer(&self, id: &str, partition: i32, headers: &axum::http::HeaderMap) -> Response {
+        let unavailable = |error: String, owner: Option<&str>| {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({
+                    "error": error,
+                    "partition": partition,
+                    "owner": owner,
+                    "owned_here": false,
+                })),
+            )
+                .into_response()
+        };
+        let Some(owner) = self.members.owner(partition) else {
+            return unavailable(
+                format!("no instance is known to own partition {partition} yet (a rebalance is under way, or its owner has not published its address)"),
+                None,
+            );
+        };
+        let who = owner.instance_id.as_str();
+        if owner.instance_id == self.instance_id {
+            return unavailable(
+                format!("this instance owns partition {partition} and is restoring it: ask again shortly"),
+                Some(who),
+            );
+        }
+        let Some(address) = owner.advertised_http.as_deref() else {
+            return unavailable(
+                format!("instance {who} owns partition {partition} and advertises no address (--advertised-http)"),
+                Some(who),
+            );
+        };
+        if headers.contains_key(FORWARDED_HEADER) {
+            return unavailable(
+                format!("sent here by another instance, but partition {partition} is not served here: its ownership is moving"),
+                Some(who),
+            );
+        }
+        let url = reqwest::Url::parse(&format!("{}://{address}/", self.scheme))
+            .map_err(|e| e.to_string())
+            .and_then(|mut url| {
+                url.path_segments_mut()
+                    .map_err(|_| "not a base URL".to_string())?
+                    .push("sagas")
+                    .push(id);
+                Ok(url)
+            });
+        let url = match url {
+            Ok(url) => url,
+            Err(e) => {
+                return unavailable(
+                    format!("instance {who} advertises '{address}', not a usable address: {e}"),
+                    Some(who),
+                )
+            }
+        };
+        let mut request = self
+            .client
+            .get(url)
+            .header(FORWARDED_HEADER, self.instance_id.as_str());
+        if let Some(auth) = headers.get(header::AUTHORIZATION) {
+            request = request.header(header::AUTHORIZATION, auth.as_bytes());
+        }
+        let response = match request.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                return unavailable(
+                    format!("instance {who} at {address}, the owner of partition {partition}, did not answer: {e}"),
+                    Some(who),
+                )
+            }
+        };
+        let status =
+            StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+        // A saga is under a megabyte; anything far larger is not an answer of ours.
+        if response
+            .content_length()
+            .is_some_and(|n| n > MAX_FORWARDED_BYTES)
+        {
+            return unavailable(
+                format!("instance {who} at {address} answered with more than {MAX_FORWARDED_BYTES} bytes"),
+                Some(who),
+            );
+        }
+        match response.bytes().await {
+            Ok(body) => (
+                status,
+                [
+                    (header::CONTENT_TYPE, "application/json"),
+                    (
+                        header::HeaderName::from_static("x-saga-streams-served-by"),
+                        who,
+                    ),
+                ],
+                body,
+            )
+                .into_response(),
+            Err(e) => unavailable(
+                format!("instance {who} at {address} broke off its answer: {e}"),
+                Some(who),
+            ),
+        }
+    }
+}
 
 /// Who may read saga data, and whether the server speaks TLS.
 #[derive(Clone, Default)]
@@ -120,6 +276,7 @@ struct AppState {
     status: RuntimeStatus,
     sagas: Option<Arc<dyn SagaLookup>>,
     token: Option<Rotating<String>>,
+    forwarding: Option<Forwarding>,
 }
 
 /// Binds `addr` and serves the endpoints from a background thread; returns the bound address
@@ -130,6 +287,7 @@ pub fn serve(
     status: RuntimeStatus,
     sagas: Option<Arc<dyn SagaLookup>>,
     security: HttpSecurity,
+    forwarding: Option<Forwarding>,
 ) -> Result<SocketAddr, String> {
     // A certificate that cannot be loaded stops the start, like a port that cannot be bound.
     let tls = match &security.tls {
@@ -166,6 +324,7 @@ pub fn serve(
         status,
         sagas,
         token: security.token,
+        forwarding,
     };
     let guarded = Router::new()
         .route("/sagas/{id}", get(saga))
@@ -270,7 +429,11 @@ async fn quarantine(State(state): State<AppState>) -> Response {
     }
 }
 
-async fn saga(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+async fn saga(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> Response {
     let Some(sagas) = state.sagas.as_ref() else {
         return (
             StatusCode::NOT_FOUND,
@@ -289,6 +452,10 @@ async fn saga(State(state): State<AppState>, Path(id): Path<String>) -> Response
             })),
         )
             .into_response(),
+        Ok(Lookup::Elsewhere { partition }) if state.forwarding.is_some() => match &state.forwarding {
+            Some(forwarding) => forwarding.answer(&id, partition, &headers).await,
+            None => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+        },
         Ok(Lookup::Elsewhere { partition }) => (
             StatusCode::MISDIRECTED_REQUEST,
             Json(json!({

@@ -1,0 +1,227 @@
+//! Which instance owns which partition, and where its HTTP endpoints are.
+//!
+//! KIP-848's group protocol carries no user data, so the instances tell each other through the
+//! application's members topic (`<application id>-members`: one partition, compacted, keyed by
+//! instance id): each publishes its assigned partitions and `--advertised-http` address when they
+//! change (and every [`REPUBLISH`]), a tombstone when it stops, and reads everyone's. A
+//! partition's owner is the last instance, in the topic's order, to have listed it: one
+//! partition gives a total order, so no clock is compared. A crashed instance's record stays until
+//! the instance that takes its partitions publishes; meanwhile queries for them are sent to the
+//! dead address and answer that it does not respond.
+//!
+//! Nothing here is on the processing path: publishing or reading failures are logged, retried,
+//! and only make queries from other instances answer 503.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+
+use super::{RuntimeStatus, Shutdown};
+
+/// A member's record is published again this often even when nothing changed.
+const REPUBLISH: Duration = Duration::from_secs(30);
+/// How often the assignment is compared with what was published.
+const TICK: Duration = Duration::from_millis(200);
+
+/// The members topic of an application.
+pub fn members_topic(application_id: &str) -> String {
+    format!("{application_id}-members")
+}
+
+/// What an instance publishes about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub instance_id: String,
+    pub advertised_http: Option<String>,
+    pub partitions: Vec<i32>,
+    /// The record's offset in the members topic (set when read): later means newer.
+    #[serde(skip)]
+    pub offset: i64,
+}
+
+/// The members as last read from the topic.
+#[derive(Debug, Clone, Default)]
+pub struct Members(Arc<RwLock<BTreeMap<String, Member>>>);
+
+impl Members {
+    /// The instance that most recently listed `partition`.
+    pub fn owner(&self, partition: i32) -> Option<Member> {
+        let members = self.0.read().unwrap_or_else(|p| p.into_inner());
+        members
+            .values()
+            .filter(|m| m.partitions.contains(&partition))
+            .max_by_key(|m| m.offset)
+            .cloned()
+    }
+
+    /// Applies one record of the members topic (`None`: a tombstone).
+    pub fn apply(&self, instance_id: &str, value: Option<&[u8]>, offset: i64) {
+        let mut members = self.0.write().unwrap_or_else(|p| p.into_inner());
+        match value.map(serde_json::from_slice::<Member>) {
+            None => {
+                members.remove(instance_id);
+            }
+            Some(Ok(mut member)) => {
+                // The key says whose record it is.
+                member.instance_id = instance_id.to_string();
+                member.offset = offset;
+                members.insert(instance_id.to_string(), member);
+            }
+            Some(Err(e)) => {
+                tracing::warn!(instance_id, offset, error = %e, "an unreadable record in the members topic is ignored");
+            }
+        }
+    }
+}
+
+/// Publishes this instance's membership and reads everyone's, on a thread of its own, until
+/// `shutdown`; then publishes a tombstone.
+pub fn spawn(
+    client: ClientConfig,
+    topic: String,
+    instance_id: String,
+    status: RuntimeStatus,
+    members: Members,
+    shutdown: Shutdown,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("members".into())
+        .spawn(move || run(client, &topic, &instance_id, &status, &members, &shutdown))
+}
+
+fn run(
+    client: ClientConfig,
+    topic: &str,
+    instance_id: &str,
+    status: &RuntimeStatus,
+    members: &Members,
+    shutdown: &Shutdown,
+) {
+    let mut producer_config = client.clone();
+    // Idempotent: a retried older record never lands after a newer one.
+    producer_config
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "0");
+    let producer: BaseProducer = match producer_config.create() {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = %e, "members: no producer; other instances will not find this one");
+            return;
+        }
+    };
+    let mut consumer_config = client;
+    consumer_config
+        .set("group.id", format!("{topic}-reader"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("isolation.level", "read_committed");
+    let consumer: BaseConsumer = match consumer_config.create() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "members: no consumer; queries for other instances' sagas will answer 503");
+            return;
+        }
+    };
+    let mut assigned = false;
+    let mut published: Option<(BTreeSet<i32>, Option<String>)> = None;
+    let mut published_at = Instant::now();
+    let mut last_error: Option<Instant> = None;
+    let mut warn = |what: &str, error: &dyn std::fmt::Display| {
+        // At most one warning a minute: the topic may not exist yet at start-up.
+        if last_error.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+            tracing::warn!(error = %error, "members: {what} (retried)");
+            last_error = Some(Instant::now());
+        }
+    };
+    while !shutdown.requested() {
+        if !assigned {
+            let mut tpl = TopicPartitionList::new();
+            let ready = tpl
+                .add_partition_offset(topic, 0, Offset::Beginning)
+                .and_then(|_| consumer.assign(&tpl));
+            match ready {
+                Ok(()) => assigned = true,
+                Err(e) => warn("cannot read the members topic", &e),
+            }
+        }
+        // Everyone's records.
+        let until = Instant::now() + TICK;
+        while let Some(polled) = consumer.poll(until.saturating_duration_since(Instant::now())) {
+            match polled {
+                Ok(m) => {
+                    if let Some(key) = m.key().map(String::from_utf8_lossy) {
+                        members.apply(&key, m.payload(), m.offset());
+                    }
+                }
+                Err(e) => warn("reading the members topic", &e),
+            }
+            if Instant::now() >= until {
+                break;
+            }
+        }
+        // This instance's record, when it changed or is due again.
+        let now = (status.assigned_partitions(), status.advertised_http());
+        let due = published.as_ref() != Some(&now) || published_at.elapsed() >= REPUBLISH;
+        if due && status.partitions() > 0 {
+            let member = Member {
+                instance_id: instance_id.to_string(),
+                advertised_http: now.1.clone(),
+                partitions: now.0.iter().copied().collect(),
+                offset: -1,
+            };
+            let value = serde_json::to_vec(&member).unwrap_or_default();
+            match producer.send(BaseRecord::to(topic).key(instance_id).payload(&value)) {
+                Ok(()) => {
+                    published = Some(now);
+                    published_at = Instant::now();
+                }
+                Err((e, _)) => warn("cannot publish this instance's partitions", &e),
+            }
+        }
+        producer.poll(Duration::ZERO);
+    }
+    // Stopping: the partitions are no longer here.
+    let tombstone: BaseRecord<'_, str, [u8]> = BaseRecord::to(topic).key(instance_id);
+    if producer.send(tombstone).is_ok() {
+        let _ = producer.flush(Duration::from_secs(2));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, partitions: &[i32]) -> Vec<u8> {
+        serde_json::to_vec(&Member {
+            instance_id: id.into(),
+            advertised_http: Some(format!("{id}:9464")),
+            partitions: partitions.to_vec(),
+            offset: 0,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn the_owner_is_the_last_to_have_listed_the_partition() {
+        let members = Members::default();
+        members.apply("a", Some(&record("a", &[0, 1])), 0);
+        members.apply("b", Some(&record("b", &[])), 1);
+        assert_eq!(members.owner(1).unwrap().instance_id, "a");
+        // b takes partition 1 before a has published that it gave it up.
+        members.apply("b", Some(&record("b", &[1])), 2);
+        assert_eq!(members.owner(1).unwrap().instance_id, "b");
+        assert_eq!(members.owner(0).unwrap().instance_id, "a");
+        members.apply("a", None, 3);
+        assert!(members.owner(0).is_none());
+        members.apply("c", Some(b"not json"), 4);
+        assert!(members.owner(2).is_none());
+    }
+}

@@ -12,6 +12,7 @@ mod docs;
 mod lag;
 mod load;
 mod run;
+mod sagas;
 mod schemas;
 mod simulate;
 mod test_cmd;
@@ -88,6 +89,8 @@ pub enum Command {
     Test(test_cmd::TestArgs),
     /// The message contract: JSON Schema per message, AsyncAPI, or examples of every message.
     Contract(contract::ContractArgs),
+    /// Sagas of a running deployment: list, get, retry, cancel, resume (through any instance).
+    Sagas(sagas::SagasArgs),
     /// Shell completions (bash, zsh, fish, elvish, powershell) on stdout.
     Completions(docs::CompletionsArgs),
     /// Man pages generated from this command line.
@@ -159,6 +162,7 @@ pub fn main() -> ExitCode {
         Command::Acls(args) => acls::run(args),
         Command::Test(args) => test_cmd::run(args),
         Command::Contract(args) => contract::run(args),
+        Command::Sagas(args) => sagas::run(args),
         Command::Completions(args) => docs::completions(args),
         Command::Man(args) => docs::man(args),
     };

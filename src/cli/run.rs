@@ -9,11 +9,12 @@ use std::time::Duration;
 use super::args::{default_instance_id, parse_duration, KafkaArgs, TopologyArgs};
 use crate::codec::Codec;
 use crate::runtime::client::KafkaClients;
+use crate::runtime::control::KeyedWriter;
 use crate::runtime::members::{self, members_topic, Members};
 use crate::runtime::secrets::{read_secret, Rotating};
 use crate::runtime::{self, Guarantee, RuntimeConfig, Shutdown};
 use crate::saga::query::{Partitioner, SagaQuery};
-use crate::saga::topology::{repartition_topic, KeyPolicy};
+use crate::saga::topology::{control_topic, repartition_topic, KeyPolicy};
 use crate::saga::{SagaDefinition, SagaProcessor, SAGA_STORE};
 use crate::telemetry::http::{self, Forwarding};
 use crate::telemetry::metrics::install_recorder;
@@ -106,7 +107,19 @@ pub fn saga_runtime_config(
         config.input_topics.push(topic.clone());
         config.internal_topics.push(topic);
     }
+    let control = control_topic(application_id);
+    config.input_topics.push(control.clone());
+    config.internal_topics.push(control);
     config
+}
+
+/// Operators' actions from the HTTP endpoints to the control topic, keyed by saga id.
+struct ControlWriter(KeyedWriter);
+
+impl http::ActionSink for ControlWriter {
+    fn submit(&self, saga_id: &str, value: &[u8]) -> Result<(i32, i64), String> {
+        self.0.write(saga_id.as_bytes(), value)
+    }
 }
 
 /// `host:port` with a host name or address and a port number, for an address others dial.
@@ -137,11 +150,14 @@ pub fn run_saga(
     shutdown: Shutdown,
 ) -> Result<(), runtime::RuntimeError> {
     let tick = SagaProcessor::default_tick(&def);
-    let repartition = config.internal_topics.first().cloned();
+    let internal = |name: String| config.internal_topics.contains(&name).then_some(name);
+    let repartition = internal(repartition_topic(&config.application_id));
+    let control = internal(control_topic(&config.application_id));
     let supplier: runtime::ProcessorSupplier = Arc::new(move |_partition| {
         Box::new(
             SagaProcessor::new(def.clone(), codec.clone(), tick)
-                .with_repartition(repartition.clone()),
+                .with_repartition(repartition.clone())
+                .with_control(control.clone()),
         )
     });
     runtime::run(config, supplier, shutdown)
@@ -190,6 +206,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         Some(Arc::new(query)),
         http_security(args.http_token_file.as_ref(), tls)?,
         Some(forwarding),
+        Some(Arc::new(ControlWriter(KeyedWriter::new(
+            kafka.clone(),
+            control_topic(&application_id),
+            config.partitioner.clone(),
+        )))),
     )
     .map_err(anyhow::Error::msg)?;
     // Without --advertised-http, the bound address when it names one (not 0.0.0.0).

@@ -160,6 +160,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
             None,
             Default::default(),
             None,
+            None,
         )
         .map_err(anyhow::Error::msg)?;
     }

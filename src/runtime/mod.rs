@@ -6,6 +6,7 @@
 //! - [`stream_thread`]: the poll loop, rebalance callbacks, shutdown, rebuild after fatal errors.
 //! - [`restore`]: changelog replay from a store's checkpoint.
 //! - [`status`]: assigned and running task counts, readable from any thread.
+//! - [`control`]: single keyed writes on request (operators' actions to the control topic).
 //! - [`topics`]: start-up checks of input and changelog topics.
 //! - [`config`], [`error`]: settings, and the fatal/abortable/retriable decision table.
 //! - [`failpoints`]: named fault-injection points (test builds only).
@@ -15,6 +16,7 @@
 
 pub mod client;
 pub mod config;
+pub mod control;
 pub mod engine;
 pub mod error;
 pub mod failpoints;

@@ -149,7 +149,7 @@ pub fn prepare_topics(config: &RuntimeConfig) -> Result<i32, RuntimeError> {
     for topic in &config.internal_topics {
         match partitions_of(topic) {
             Some(n) if n != partitions => problems.push(format!(
-                "repartition topic '{topic}' has {n} partitions, the inputs have {partitions}"
+                "internal topic '{topic}' has {n} partitions, the inputs have {partitions}"
             )),
             Some(_) => {}
             None => missing_internal.push(topic.clone()),
@@ -171,7 +171,8 @@ pub fn prepare_topics(config: &RuntimeConfig) -> Result<i32, RuntimeError> {
     }
 
     let options = AdminOptions::new().operation_timeout(Some(TIMEOUT));
-    // Records are read once, soon after they are written: a week is plenty.
+    // Records (re-keyed inputs, operators' actions) are read once, soon after they are
+    // written: a week is plenty.
     let repartition = [("cleanup.policy", "delete"), ("retention.ms", "604800000")];
     create_missing(
         &admin,
@@ -179,7 +180,7 @@ pub fn prepare_topics(config: &RuntimeConfig) -> Result<i32, RuntimeError> {
         &missing_internal,
         partitions,
         &repartition,
-        "repartition",
+        "internal",
         &mut problems,
     )?;
     if !problems.is_empty() {

@@ -136,6 +136,10 @@ pub struct SagaRecord {
     /// The message awaited, kept for retries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_flight: Option<InFlight>,
+    /// The compensations given up unconfirmed (`stuck_steps`), as sent: `sagas resume` sends
+    /// exactly these again, same event ids, so a participant that did act on one can tell.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub given_up: Vec<InFlight>,
     /// Version 1 only: the step that timed out (read into `abandoned_steps`).
     #[serde(default, skip_serializing)]
     pub timed_out_step: Option<usize>,
@@ -454,6 +458,7 @@ pub fn start(
         compensated_steps: Vec::new(),
         stuck_steps: Vec::new(),
         in_flight: None,
+        given_up: Vec::new(),
         timed_out_step: None,
         late_compensated: false,
         outcome: None,
@@ -590,6 +595,7 @@ fn apply_event(
         }
         (_, EventRole::Compensated(s)) if record.stuck_steps.contains(&s) => {
             record.stuck_steps.retain(|x| *x != s);
+            record.given_up.retain(|f| f.step != s);
             if record.is_finished() {
                 record.status = final_status(def, record);
             }
@@ -691,8 +697,12 @@ fn apply_timer(
                     note: Some(note),
                 };
             }
-            record.in_flight = None;
+            let given_up = record.in_flight.take();
             if compensating {
+                if let Some(flight) = given_up {
+                    record.given_up.retain(|f| f.step != flight.step);
+                    record.given_up.push(flight);
+                }
                 push_once(&mut record.stuck_steps, step);
                 next_compensation(def, record, now_ms, outputs);
                 TimerResult::Changed {
@@ -827,6 +837,180 @@ fn output_event_id(saga_id: &str, seed: &str, sequence: u32, event_type: &str) -
         format!("{saga_id}/{seed}/{sequence}/{event_type}")
     };
     uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes()).to_string()
+}
+
+/// An operator's action on one saga (`saga-streams sagas retry|cancel|resume`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Action {
+    /// Send the awaited command or compensation again now, same event id.
+    Retry,
+    /// Compensate what was done, in reverse order, and end with the cancellation, reason
+    /// `manual: <reason>`.
+    Cancel { reason: String },
+    /// Send the compensations given up unconfirmed again (a `COMPENSATION_STUCK` saga).
+    Resume,
+}
+
+impl Action {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Action::Retry => "retry",
+            Action::Cancel { .. } => "cancel",
+            Action::Resume => "resume",
+        }
+    }
+}
+
+/// What an action did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Acted {
+    /// Applied: the saga changed, these are its outputs.
+    Applied {
+        record: Box<SagaRecord>,
+        outputs: Vec<SagaOutput>,
+    },
+    /// It does not apply to the saga as it is (`why`); the record only gains the history entry
+    /// that says so.
+    Refused {
+        record: Box<SagaRecord>,
+        why: String,
+    },
+    /// Its id was applied before.
+    Duplicate,
+}
+
+/// Applies an operator's action (id `action_id`, requested by `by`) to a saga. The history entry
+/// (cause `manual_<action>`, the action id as event id) names who asked and why, applied or not.
+pub fn act(
+    def: &SagaDefinition,
+    current: &SagaRecord,
+    action: &Action,
+    action_id: &str,
+    by: &str,
+    now_ms: i64,
+) -> Acted {
+    if current.recent_event_ids.iter().any(|id| id == action_id) {
+        return Acted::Duplicate;
+    }
+    let mut record = current.clone();
+    let from = current.status.clone();
+    let mut outputs = Vec::new();
+    let finished = record.is_finished();
+    let status = record.status.clone();
+    let result: Result<String, String> = match action {
+        Action::Retry => match (record.phase.clone(), record.in_flight.as_mut()) {
+            (Phase::Running { step } | Phase::Compensating { step, .. }, Some(flight)) => {
+                flight.resend_at_ms = None;
+                flight.attempt += 1;
+                let kind = if flight.compensation {
+                    OutputKind::Compensation {
+                        step: flight.step,
+                        late: record.abandoned_steps.contains(&flight.step),
+                        attempt: flight.attempt,
+                    }
+                } else {
+                    OutputKind::Command {
+                        step: flight.step,
+                        attempt: flight.attempt,
+                    }
+                };
+                outputs.push(SagaOutput {
+                    kind,
+                    topic: flight.topic.clone(),
+                    event_type: flight.event_type.clone(),
+                    event_id: flight.event_id.clone(),
+                    payload: flight.payload.clone(),
+                });
+                let note = format!("{} sent again (attempt {})", flight.event_type, flight.attempt);
+                let timeout = def.steps.get(step).map_or(0, |s| s.timeout.as_millis() as i64);
+                record.deadline_ms = Some(now_ms.saturating_add(timeout));
+                Ok(note)
+            }
+            _ if status == COMPENSATION_STUCK => Err(format!(
+                "the saga is {COMPENSATION_STUCK}: its given-up compensations are sent again by resume"
+            )),
+            _ => Err(format!(
+                "the saga waits for no command or compensation (status {status})"
+            )),
+        },
+        Action::Cancel { reason } => match record.phase.clone() {
+            Phase::Running { step } => {
+                record.in_flight = None;
+                // The command was sent: should its success still come, it is compensated.
+                push_once(&mut record.abandoned_steps, step);
+                begin_compensation(def, &mut record, format!("manual: {reason}"), now_ms, &mut outputs);
+                Ok(format!("cancelled: {reason}"))
+            }
+            Phase::Compensating { .. } => Err("the saga is compensating already".to_string()),
+            Phase::Finished => Err(format!("the saga has ended (status {status})")),
+        },
+        Action::Resume if finished && !record.stuck_steps.is_empty() => {
+            let stuck = std::mem::take(&mut record.stuck_steps);
+            record
+                .compensated_steps
+                .retain(|s| !stuck.contains(s));
+            let reason = record
+                .outcome
+                .as_ref()
+                .and_then(|o| o.reason.clone())
+                .unwrap_or_default();
+            record.phase = Phase::Compensating {
+                step: usize::MAX,
+                pending: stuck.clone(),
+                reason,
+                after_outcome: true,
+            };
+            next_compensation(def, &mut record, now_ms, &mut outputs);
+            let names: Vec<&str> = stuck
+                .iter()
+                .filter_map(|s| def.steps.get(*s).map(|spec| spec.name.as_str()))
+                .collect();
+            Ok(format!("resumed the compensations of {}", names.join(", ")))
+        }
+        Action::Resume => Err(format!(
+            "only a {COMPENSATION_STUCK} saga can be resumed (status {status})"
+        )),
+    };
+    let cause = format!("manual_{}", action.name());
+    record.recent_event_ids.push_back(action_id.to_string());
+    while record.recent_event_ids.len() > RECENT_EVENT_IDS {
+        record.recent_event_ids.pop_front();
+    }
+    record.updated_at_ms = now_ms;
+    match result {
+        Ok(note) => {
+            push_history(
+                &mut record,
+                now_ms,
+                &cause,
+                Some(action_id),
+                &from,
+                Some(format!("by {by}: {note}")),
+            );
+            Acted::Applied {
+                record: Box::new(record),
+                outputs,
+            }
+        }
+        Err(why) => {
+            // Nothing but the history entry: the saga is as it was.
+            let mut refused = current.clone();
+            refused.recent_event_ids = record.recent_event_ids;
+            push_history(
+                &mut refused,
+                now_ms,
+                &cause,
+                Some(action_id),
+                &from,
+                Some(format!("by {by}: refused: {why}")),
+            );
+            Acted::Refused {
+                record: Box::new(refused),
+                why,
+            }
+        }
+    }
 }
 
 /// A success was applied but what it leads to (the next command, or the outcome) cannot be
@@ -988,7 +1172,23 @@ fn next_compensation(
                 late: record.abandoned_steps.contains(&step),
                 attempt: 1,
             };
-            send_awaited(record, &spec.compensation, kind, outputs);
+            // A compensation given up before and resumed goes out again as it was first sent.
+            match record.given_up.iter().position(|f| f.step == step) {
+                Some(at) => {
+                    let mut flight = record.given_up.remove(at);
+                    flight.attempt = 1;
+                    flight.resend_at_ms = None;
+                    outputs.push(SagaOutput {
+                        kind,
+                        topic: flight.topic.clone(),
+                        event_type: flight.event_type.clone(),
+                        event_id: flight.event_id.clone(),
+                        payload: flight.payload.clone(),
+                    });
+                    record.in_flight = Some(flight);
+                }
+                None => send_awaited(record, &spec.compensation, kind, outputs),
+            }
         }
         None if after_outcome => {
             record.phase = Phase::Finished;
@@ -1972,5 +2172,131 @@ mod tests {
             let reason = format!("timeout:{}", d.steps[done].name);
             prop_assert_eq!(r.outcome.unwrap().reason, Some(reason));
         }
+    }
+
+    fn acted(a: Acted) -> (SagaRecord, Vec<SagaOutput>) {
+        match a {
+            Acted::Applied { record, outputs } => (*record, outputs),
+            other => panic!("expected the action applied, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_manual_cancel_compensates_in_reverse_and_ends_cancelled_with_the_reason() {
+        let d = def("order_saga.yaml");
+        let (r, _) = started(&d);
+        let (r, _) = on(&d, &r, "e1", EventRole::Success(0), 2_000);
+        let cancel = Action::Cancel {
+            reason: "inventory bug".into(),
+        };
+        let (r, out) = acted(act(&d, &r, &cancel, "a-1", "ops@example", 3_000));
+        assert_eq!(types(&out), ["RefundPayment"]);
+        assert_eq!(r.status, COMPENSATING);
+        // The inventory command was sent: its success, should it come, is compensated.
+        assert_eq!(r.abandoned_steps, vec![1]);
+        let last = r.history.last().unwrap();
+        assert_eq!(
+            (last.cause.as_str(), last.event_id.as_deref()),
+            ("manual_cancel", Some("a-1"))
+        );
+        assert!(last.note.as_deref().unwrap().contains("ops@example"));
+        // The same action again changes nothing.
+        assert_eq!(
+            act(&d, &r, &cancel, "a-1", "ops@example", 3_500),
+            Acted::Duplicate
+        );
+        let (r, out) = confirm(&d, &r, 0, 4_000);
+        assert_eq!(types(&out), ["OrderCancelled"]);
+        assert_eq!(
+            out[0].payload["reason"],
+            serde_json::json!("manual: inventory bug")
+        );
+        assert_eq!(r.status, "REFUNDED");
+        // An ended saga refuses a cancel, and says so in its history.
+        match act(&d, &r, &cancel, "a-2", "ops", 5_000) {
+            Acted::Refused { record, why } => {
+                assert!(why.contains("ended"), "{why}");
+                assert_eq!(record.status, r.status);
+                assert_eq!(record.outcome, r.outcome);
+                assert!(record
+                    .history
+                    .last()
+                    .unwrap()
+                    .note
+                    .as_deref()
+                    .unwrap()
+                    .contains("refused"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_manual_cancel_before_any_step_succeeded_cancels_at_once() {
+        let d = def("order_saga.yaml");
+        let (r, _) = started(&d);
+        let cancel = Action::Cancel { reason: "x".into() };
+        let (r, out) = acted(act(&d, &r, &cancel, "a-1", "ops", 2_000));
+        assert_eq!(types(&out), ["OrderCancelled"]);
+        assert_eq!(r.abandoned_steps, vec![0]);
+        // The payment's success arriving now is refunded.
+        let (_, out) = on(&d, &r, "late", EventRole::Success(0), 3_000);
+        assert_eq!(types(&out), ["RefundPayment"]);
+    }
+
+    #[test]
+    fn a_manual_retry_sends_the_awaited_message_again_with_its_id() {
+        let d = def("order_saga.yaml");
+        let (r, first) = started(&d);
+        let (r, out) = acted(act(&d, &r, &Action::Retry, "a-1", "ops", 5_000));
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            (out[0].event_id.as_str(), &out[0].payload),
+            (first[0].event_id.as_str(), &first[0].payload)
+        );
+        assert_eq!(
+            out[0].kind,
+            OutputKind::Command {
+                step: 0,
+                attempt: 2
+            }
+        );
+        // The step has its whole timeout again from the retry.
+        assert_eq!(
+            r.deadline_ms,
+            Some(5_000 + d.steps[0].timeout.as_millis() as i64)
+        );
+        let (done, _) = on(&d, &r, "e1", EventRole::Success(0), 6_000);
+        assert!(matches!(
+            act(&d, &done, &Action::Resume, "a-2", "ops", 7_000),
+            Acted::Refused { .. }
+        ));
+    }
+
+    #[test]
+    fn a_resumed_stuck_compensation_goes_out_again_with_its_first_id() {
+        let d = def("order_saga.yaml");
+        let (mut r, first) = refunding(&d);
+        while !r.is_finished() {
+            r = fire(&d, &r).0;
+        }
+        assert_eq!(r.status, COMPENSATION_STUCK);
+        assert!(matches!(
+            act(&d, &r, &Action::Retry, "a-0", "ops", i64::MAX / 8),
+            Acted::Refused { .. }
+        ));
+        let (r, out) = acted(act(&d, &r, &Action::Resume, "a-1", "ops", i64::MAX / 8));
+        assert_eq!(types(&out), ["RefundPayment"]);
+        assert_eq!(out[0].event_id, first[0].event_id);
+        assert_eq!(r.status, COMPENSATING);
+        let (r, out) = confirm(&d, &r, 0, i64::MAX / 8 + 1);
+        // The outcome was emitted before: no second one.
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!((r.status.as_str(), r.stuck_steps.len()), ("REFUNDED", 0));
+        // Not stuck any more: nothing to resume.
+        assert!(matches!(
+            act(&d, &r, &Action::Resume, "a-2", "ops", i64::MAX / 8 + 2),
+            Acted::Refused { .. }
+        ));
     }
 }

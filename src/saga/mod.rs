@@ -8,11 +8,13 @@
 //! - [`processor`]: the machine on the streams runtime: store, timers, dedupe, dead letters,
 //!   the quarantine of unreadable records.
 //! - [`query`]: `/sagas/{id}` and `/quarantine` from the committed stores of this instance.
+//! - [`actions`]: operators' actions (retry, cancel, resume) as control topic records.
 //! - [`describe`]: the state machine as text and as a Mermaid diagram.
 //!
 //! Dependencies run one way: `saga -> codec -> runtime`. This module never touches rdkafka: Kafka
 //! is the runtime's business, wire formats the codec's.
 
+pub mod actions;
 pub mod contract;
 pub mod contract_export;
 pub mod describe;

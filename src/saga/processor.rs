@@ -17,6 +17,7 @@ use crate::runtime::secrets::AUDIT_TARGET;
 use crate::runtime::{
     InputRecord, OutputRecord, Processor, ProcessorContext, ProcessorError, Store,
 };
+use crate::saga::actions::ActionRequest;
 use crate::saga::contract::{
     self, BadInput, BadInputKind, DecodedEvent, CORRELATION_HEADER, TRACEPARENT_HEADER,
 };
@@ -144,6 +145,26 @@ fn now_ms(now: SystemTime) -> i64 {
 }
 
 const COUNT_PREFIX: &[u8] = b"c/";
+/// The status index: `i/<status>\0<saga id>` for every saga in `s/`, so listing the sagas of
+/// one status reads only those.
+const INDEX_PREFIX: &[u8] = b"i/";
+/// Present when every saga of the store is in the status index (a store started by a build that
+/// keeps it; an older store is listed by a scan of its sagas instead).
+pub const INDEXED_MARKER: &[u8] = b"x/indexed";
+
+/// The first key of `status` in the status index.
+pub fn status_index_prefix(status: &str) -> Vec<u8> {
+    [INDEX_PREFIX, status.as_bytes(), b"\0"].concat()
+}
+
+fn status_index_key(status: &str, saga_id: &str) -> Vec<u8> {
+    [status_index_prefix(status).as_slice(), saga_id.as_bytes()].concat()
+}
+
+/// The prefix of every saga record key (`s/<saga id>`).
+pub fn saga_prefix() -> &'static [u8] {
+    SAGA_PREFIX
+}
 const VERSION_COUNT_PREFIX: &[u8] = b"v/";
 const QUARANTINE_PREFIX: &[u8] = b"q/";
 /// The status under which quarantined records are counted.
@@ -232,15 +253,18 @@ impl Counts {
     }
 }
 
-/// Sagas per status and unfinished sagas per topology version.
+/// Sagas per status and unfinished sagas per topology version, and the status index.
 struct StatusCounts {
     status: Counts,
     versions: Counts,
+    /// The store holds no saga and no [`INDEXED_MARKER`] yet: the next write sets it.
+    marker_due: bool,
 }
 
 impl Default for StatusCounts {
     fn default() -> Self {
         Self {
+            marker_due: false,
             status: Counts::new(COUNT_PREFIX, m::SAGAS, "status"),
             versions: Counts::new(
                 VERSION_COUNT_PREFIX,
@@ -254,7 +278,14 @@ impl Default for StatusCounts {
 impl StatusCounts {
     fn load(&mut self, store: &Store<'_>) -> Result<(), ProcessorError> {
         self.status.load(store)?;
-        self.versions.load(store)
+        self.versions.load(store)?;
+        let empty = self
+            .status
+            .local
+            .iter()
+            .all(|(status, n)| status == QUARANTINED || *n == 0);
+        self.marker_due = empty && store.get(INDEXED_MARKER)?.is_none();
+        Ok(())
     }
 
     fn stale(&self) -> bool {
@@ -290,8 +321,14 @@ impl StatusCounts {
         if old != Some(after.status.as_str()) {
             if let Some(old) = old {
                 self.status.change(store, old, -1)?;
+                store.delete(&status_index_key(old, &after.saga_id));
             }
             self.status.change(store, &after.status, 1)?;
+            store.put(&status_index_key(&after.status, &after.saga_id), b"");
+        }
+        if self.marker_due {
+            store.put(INDEXED_MARKER, b"1");
+            self.marker_due = false;
         }
         if !after.topology_fingerprint.is_empty() {
             let was_live = before.is_some_and(|b| !b.is_finished());
@@ -308,10 +345,12 @@ impl StatusCounts {
     fn removed(
         &mut self,
         store: &mut Store<'_>,
+        saga_id: &str,
         record: &RecordSummary,
     ) -> Result<(), ProcessorError> {
         if let Some(status) = &record.status {
             self.status.change(store, status, -1)?;
+            store.delete(&status_index_key(status, saga_id));
         }
         if let (Some(version), false) = (record.topology_version, record.finished) {
             self.versions.change(store, &version.to_string(), -1)?;
@@ -448,6 +487,8 @@ pub struct SagaProcessor {
     /// A virtual clock (ms since the epoch) read instead of the wall clock while processing
     /// records: scenarios run in virtual time.
     clock: Option<Arc<std::sync::atomic::AtomicI64>>,
+    /// The control topic operators' actions arrive on.
+    control: Option<String>,
 }
 
 impl SagaProcessor {
@@ -458,6 +499,7 @@ impl SagaProcessor {
             scanned_to: None,
             counts: StatusCounts::default(),
             repartition: None,
+            control: None,
             signing: codec.signing().clone(),
             codec,
             clock: None,
@@ -509,6 +551,139 @@ impl SagaProcessor {
         );
         self.dead_letter(ctx, record, &bad);
         false
+    }
+
+    /// Takes operators' actions from `topic` (the application's control topic, consumed by the
+    /// same tasks).
+    pub fn with_control(mut self, topic: Option<String>) -> Self {
+        self.control = topic;
+        self
+    }
+
+    /// Applies an operator's action from the control topic to its saga, in this cycle. An action
+    /// that cannot apply (no such saga here, or not in a state it applies to) changes nothing but
+    /// is logged as an audit event and, when the saga exists, entered in its history.
+    fn handle_action(
+        &mut self,
+        ctx: &mut ProcessorContext<'_>,
+        record: &InputRecord,
+        now: i64,
+    ) -> Result<(), ProcessorError> {
+        let request = match record
+            .value
+            .as_deref()
+            .map(serde_json::from_slice::<ActionRequest>)
+        {
+            Some(Ok(request)) => request,
+            other => {
+                let why = match other {
+                    Some(Err(e)) => e.to_string(),
+                    _ => "no value".to_string(),
+                };
+                tracing::error!(
+                    target: AUDIT_TARGET, event = "saga_action_unreadable", topic = %record.topic,
+                    partition = record.partition, offset = record.offset, error = %why,
+                    "a record of the control topic is not an action; it is skipped"
+                );
+                metrics::counter!(m::SAGA_ACTIONS, "action" => "unknown", "result" => "unreadable")
+                    .increment(1);
+                return Ok(());
+            }
+        };
+        let name = request.action.name();
+        let refuse = |why: &str| {
+            tracing::warn!(
+                target: AUDIT_TARGET, event = "saga_action", action = name,
+                saga_id = %request.saga_id, action_id = %request.action_id,
+                requested_by = %request.requested_by, result = "refused", why,
+                "an operator's action was refused"
+            );
+            metrics::counter!(m::SAGA_ACTIONS, "action" => name, "result" => "refused")
+                .increment(1);
+        };
+        if let Err(why) = request.validate() {
+            refuse(&why);
+            return Ok(());
+        }
+        if record.key.as_deref() != Some(request.saga_id.as_bytes()) {
+            refuse("the control record is not keyed by its saga id");
+            return Ok(());
+        }
+        let mut store = ctx.store(SAGA_STORE)?;
+        let mut current = match self.load_saga(&mut store, &request.saga_id, now)? {
+            Loaded::Found(found) => *found,
+            Loaded::Missing => {
+                refuse(&format!(
+                    "no saga '{}' on partition {}",
+                    request.saga_id, record.partition
+                ));
+                return Ok(());
+            }
+            Loaded::Quarantined(why) => {
+                refuse(&format!("the saga's record is in the quarantine: {why}"));
+                return Ok(());
+            }
+        };
+        let root = self.def.clone();
+        let def = match Self::def_of(&root, &current) {
+            Ok(def) => def,
+            Err(why) => {
+                refuse(&why);
+                return Ok(());
+            }
+        };
+        current.rebuild_in_flight(def);
+        let (after, outputs, refused) = match machine::act(
+            def,
+            &current,
+            &request.action,
+            &request.action_id,
+            &request.requested_by,
+            now,
+        ) {
+            machine::Acted::Duplicate => {
+                tracing::debug!(action_id = %request.action_id, "an action applied before is ignored");
+                return Ok(());
+            }
+            machine::Acted::Applied { record, outputs } => (*record, outputs, None),
+            machine::Acted::Refused { record, why } => (*record, Vec::new(), Some(why)),
+        };
+        let written = self.encode(def, &after, &outputs, now).and_then(|records| {
+            encode_record(&after)
+                .map(|bytes| bytes.map(|b| (records, b)))
+                .unwrap_or_else(|e| Err(BadInput::new(BadInputKind::UnencodableOutput, e.0)))
+        });
+        let (records, bytes) = match written {
+            Ok(written) => written,
+            Err(bad) => {
+                refuse(&format!("its outputs cannot be written: {}", bad.message));
+                return Ok(());
+            }
+        };
+        self.counts
+            .save(&mut store, Some(&current), &after, &bytes)?;
+        drop(store);
+        self.timer_written(&after);
+        match &refused {
+            Some(why) => refuse(why),
+            None => {
+                let reason = match &request.action {
+                    machine::Action::Cancel { reason } => reason.as_str(),
+                    _ => "",
+                };
+                tracing::info!(
+                    target: AUDIT_TARGET, event = "saga_action", action = name,
+                    saga_id = %request.saga_id, action_id = %request.action_id,
+                    requested_by = %request.requested_by, reason, result = "applied",
+                    from = %current.status, to = %after.status, outputs = outputs.len(),
+                    "an operator's action was applied"
+                );
+                metrics::counter!(m::SAGA_ACTIONS, "action" => name, "result" => "applied")
+                    .increment(1);
+            }
+        }
+        self.send(ctx, def, &after, &outputs, records, now);
+        Ok(())
     }
 
     /// Re-keys inputs whose key is not their saga id through `topic` (the application's
@@ -657,7 +832,7 @@ impl SagaProcessor {
                         },
                     )?;
                     self.counts
-                        .removed(store, &RecordSummary::of_bytes(&bytes))?;
+                        .removed(store, saga_id, &RecordSummary::of_bytes(&bytes))?;
                     self.counts.change(store, QUARANTINED, 1)?;
                     Ok(Loaded::Quarantined(e.0))
                 }
@@ -1186,6 +1361,9 @@ impl Processor for SagaProcessor {
         if self.counts.stale() {
             self.counts.load(&ctx.store(SAGA_STORE)?)?;
         }
+        if self.control.as_deref() == Some(record.topic.as_str()) {
+            return self.handle_action(ctx, record, now);
+        }
         let size = record.value.as_ref().map_or(0, Vec::len);
         if size > self.def.max_input_bytes {
             let bad = BadInput::new(
@@ -1437,7 +1615,7 @@ impl Processor for SagaProcessor {
                     store.delete(&key);
                     store.delete(&saga_key(&saga_id));
                     self.counts
-                        .removed(&mut store, &RecordSummary::of(&current))?;
+                        .removed(&mut store, &saga_id, &RecordSummary::of(&current))?;
                 }
                 Applied::Ignored(_) => {
                     // An index entry that does not match the record (it cannot happen through

@@ -5,15 +5,17 @@
 
 use serde_json::{json, Value};
 
+use super::machine::Outcome;
 use super::machine::SagaRecord;
 use super::processor::{
-    decode_record, quarantine_key, quarantine_note_key, saga_key, QuarantineNote, QUARANTINED,
-    SAGA_STORE,
+    decode_record, quarantine_key, quarantine_note_key, saga_key, saga_prefix, status_index_prefix,
+    QuarantineNote, INDEXED_MARKER, QUARANTINED, SAGA_STORE,
 };
 pub use crate::runtime::partitioner::Partitioner;
 use crate::runtime::RuntimeStatus;
 use crate::saga::contract::rfc3339;
-use crate::telemetry::http::{Lookup, SagaLookup};
+use crate::state::prefix_end;
+use crate::telemetry::http::{ListFilter, ListPage, Lookup, SagaLookup};
 
 /// Looks sagas up in the running tasks of one instance.
 pub struct SagaQuery {
@@ -66,7 +68,137 @@ pub fn saga_json(record: &SagaRecord, partition: i32) -> Value {
     })
 }
 
+/// The fields of a saga record a list shows; the rest (context, history) is skipped unread.
+#[derive(serde::Deserialize)]
+struct Listed {
+    saga_id: String,
+    status: String,
+    step_awaited: Option<String>,
+    deadline_ms: Option<i64>,
+    correlation_id: String,
+    outcome: Option<Outcome>,
+    started_at_ms: i64,
+    updated_at_ms: i64,
+    #[serde(default = "first_version")]
+    topology_version: u32,
+    #[serde(default)]
+    tombstone: bool,
+}
+
+fn first_version() -> u32 {
+    1
+}
+
+impl Listed {
+    fn matches(&self, filter: &ListFilter) -> bool {
+        filter.status.as_ref().is_none_or(|s| *s == self.status)
+            && filter
+                .step
+                .as_ref()
+                .is_none_or(|s| self.step_awaited.as_ref() == Some(s))
+            && filter
+                .correlation_id
+                .as_ref()
+                .is_none_or(|c| *c == self.correlation_id)
+            && filter
+                .updated_before_ms
+                .is_none_or(|t| self.updated_at_ms <= t)
+    }
+
+    fn json(&self, partition: i32) -> Value {
+        json!({
+            "saga_id": self.saga_id,
+            "partition": partition,
+            "status": self.status,
+            "step_awaited": self.step_awaited,
+            "deadline": self.deadline_ms.map(rfc3339),
+            "correlation_id": self.correlation_id,
+            "outcome": self.outcome,
+            "topology_version": self.topology_version,
+            "tombstone": self.tombstone,
+            "started_at": rfc3339(self.started_at_ms),
+            "updated_at": rfc3339(self.updated_at_ms),
+        })
+    }
+}
+
+/// A list request reads at most this many records of a partition; past it, the page ends early
+/// with a cursor, so one request stays short however rare the matches are.
+pub const MAX_EXAMINED: usize = 20_000;
+/// Keys read from the store per step of a list.
+const LIST_CHUNK: usize = 500;
+
 impl SagaLookup for SagaQuery {
+    fn list(
+        &self,
+        partition: i32,
+        filter: &ListFilter,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Option<ListPage>, String> {
+        let Some(reader) = self.status.reader(partition) else {
+            return Ok(None);
+        };
+        let err = |e: crate::state::StateError| e.to_string();
+        let indexed = reader
+            .get(SAGA_STORE, INDEXED_MARKER)
+            .map_err(err)?
+            .is_some();
+        // With a status asked for and the index complete, only that status's entries are read.
+        let (prefix, by_index) = match (&filter.status, indexed) {
+            (Some(status), true) => (status_index_prefix(status), true),
+            _ => (saga_prefix().to_vec(), false),
+        };
+        let end = prefix_end(&prefix);
+        let mut from = match after {
+            // The key right after `after`'s.
+            Some(after) => [prefix.as_slice(), after.as_bytes(), b"\0"].concat(),
+            None => prefix.clone(),
+        };
+        let mut sagas = Vec::new();
+        let mut examined = 0;
+        loop {
+            let chunk = reader
+                .range(SAGA_STORE, &from, end.as_deref(), LIST_CHUNK)
+                .map_err(err)?;
+            let exhausted = chunk.len() < LIST_CHUNK;
+            for (key, value) in chunk {
+                let id = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+                examined += 1;
+                let bytes = if by_index {
+                    reader.get(SAGA_STORE, &saga_key(&id)).map_err(err)?
+                } else {
+                    Some(value)
+                };
+                // An index entry ahead of its record, or a record that does not decode (it is
+                // moved to the quarantine when next touched): not listed.
+                let listed = bytes.and_then(|b| serde_json::from_slice::<Listed>(&b).ok());
+                if let Some(listed) = listed.filter(|l| l.matches(filter)) {
+                    sagas.push(listed.json(partition));
+                }
+                from = [key.as_slice(), b"\0"].concat();
+                if sagas.len() >= limit || examined >= MAX_EXAMINED {
+                    return Ok(Some(ListPage {
+                        sagas,
+                        // Whether more follow is only known by reading on: the next page may
+                        // be empty.
+                        next_after: Some(id),
+                        examined,
+                        indexed: by_index,
+                    }));
+                }
+            }
+            if exhausted {
+                return Ok(Some(ListPage {
+                    sagas,
+                    next_after: None,
+                    examined,
+                    indexed: by_index,
+                }));
+            }
+        }
+    }
+
     fn lookup(&self, saga_id: &str) -> Result<Lookup, String> {
         let partitions = self.status.partitions();
         if partitions <= 0 {

@@ -294,6 +294,13 @@ pub fn repartition_topic(application_id: &str) -> String {
     format!("{application_id}-rekey-repartition")
 }
 
+/// The application's control topic: operators' actions on sagas (`sagas retry|cancel|resume`),
+/// keyed by saga id and co-partitioned with the inputs, so the task that owns a saga applies
+/// them in its transaction, in order with the saga's events.
+pub fn control_topic(application_id: &str) -> String {
+    format!("{application_id}-control")
+}
+
 /// Re-sending a message whose reply did not come within the step's timeout: the same message
 /// with the same event id (participants deduplicate it), `attempts` sends in all, the n-th re-send
 /// after a pause of `backoff` x 2^(n-1), at most `max_backoff`.

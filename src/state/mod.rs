@@ -64,6 +64,15 @@ pub trait ReadStore: Send + Sync {
     fn get(&self, store: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StateError>;
     /// Committed entries whose key starts with `prefix`, in key order, at most `limit`.
     fn prefix(&self, store: &str, prefix: &[u8], limit: usize) -> Result<Entries, StateError>;
+    /// Committed entries with `from <= key` (and `key < to` when given), in key order, at most
+    /// `limit`.
+    fn range(
+        &self,
+        store: &str,
+        from: &[u8],
+        to: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Entries, StateError>;
 }
 
 pub trait StoreBackend: Send {

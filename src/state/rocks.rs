@@ -136,12 +136,22 @@ impl ReadStore for RocksReader {
     }
 
     fn prefix(&self, store: &str, prefix: &[u8], limit: usize) -> Result<Entries, StateError> {
+        let end = super::prefix_end(prefix);
+        self.range(store, prefix, end.as_deref(), limit)
+    }
+
+    fn range(
+        &self,
+        store: &str,
+        from: &[u8],
+        to: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Entries, StateError> {
         let cf = self
             .db
             .cf_handle(&store_cf(store))
             .ok_or_else(|| StateError::UnknownStore(store.to_string()))?;
-        let end = super::prefix_end(prefix);
-        scan_cf(&self.db, cf, prefix, end.as_deref(), limit).map_err(|source| StateError::Rocks {
+        scan_cf(&self.db, cf, from, to, limit).map_err(|source| StateError::Rocks {
             context: format!("query scan of '{store}'"),
             source,
         })

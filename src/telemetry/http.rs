@@ -78,63 +78,68 @@ impl Forwarding {
         })
     }
 
-    /// The answer for saga `id` of `partition`, which this instance does not serve.
-    async fn answer(&self, id: &str, partition: i32, headers: &axum::http::HeaderMap) -> Response {
-        let unavailable = |error: String, owner: Option<&str>| {
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({
-                    "error": error,
-                    "partition": partition,
-                    "owner": owner,
-                    "owned_here": false,
-                })),
-            )
-                .into_response()
-        };
+    /// Where `partition` is served: the owner's instance id and address, or why it cannot be
+    /// asked (and the owner, when known).
+    fn owner_of(
+        &self,
+        partition: i32,
+        headers: &axum::http::HeaderMap,
+    ) -> Result<(String, String), (String, Option<String>)> {
         let Some(owner) = self.members.owner(partition) else {
-            return unavailable(
+            return Err((
                 format!("no instance is known to own partition {partition} yet (a rebalance is under way, or its owner has not published its address)"),
                 None,
-            );
+            ));
         };
-        let who = owner.instance_id.as_str();
+        let who = owner.instance_id.clone();
         if owner.instance_id == self.instance_id {
-            return unavailable(
+            return Err((
                 format!("this instance owns partition {partition} and is restoring it: ask again shortly"),
                 Some(who),
-            );
+            ));
         }
-        let Some(address) = owner.advertised_http.as_deref() else {
-            return unavailable(
+        let Some(address) = owner.advertised_http.clone() else {
+            return Err((
                 format!("instance {who} owns partition {partition} and advertises no address (--advertised-http)"),
                 Some(who),
-            );
+            ));
         };
         if headers.contains_key(FORWARDED_HEADER) {
-            return unavailable(
+            return Err((
                 format!("sent here by another instance, but partition {partition} is not served here: its ownership is moving"),
                 Some(who),
-            );
+            ));
         }
+        Ok((who, address))
+    }
+
+    /// GETs `path` (its segments) with `query` from the owner of `partition`, with the caller's
+    /// credentials: the status and body, or why there is no answer.
+    async fn fetch(
+        &self,
+        partition: i32,
+        path: &[&str],
+        query: &[(&str, String)],
+        headers: &axum::http::HeaderMap,
+    ) -> Result<(StatusCode, bytes::Bytes, String), (String, Option<String>)> {
+        let (who, address) = self.owner_of(partition, headers)?;
         let url = reqwest::Url::parse(&format!("{}://{address}/", self.scheme))
             .map_err(|e| e.to_string())
             .and_then(|mut url| {
                 url.path_segments_mut()
                     .map_err(|_| "not a base URL".to_string())?
-                    .push("sagas")
-                    .push(id);
+                    .extend(path);
+                if !query.is_empty() {
+                    url.query_pairs_mut().extend_pairs(query);
+                }
                 Ok(url)
-            });
-        let url = match url {
-            Ok(url) => url,
-            Err(e) => {
-                return unavailable(
+            })
+            .map_err(|e| {
+                (
                     format!("instance {who} advertises '{address}', not a usable address: {e}"),
-                    Some(who),
+                    Some(who.clone()),
                 )
-            }
-        };
+            })?;
         let mut request = self
             .client
             .get(url)
@@ -142,15 +147,12 @@ impl Forwarding {
         if let Some(auth) = headers.get(header::AUTHORIZATION) {
             request = request.header(header::AUTHORIZATION, auth.as_bytes());
         }
-        let response = match request.send().await {
-            Ok(r) => r,
-            Err(e) => {
-                return unavailable(
-                    format!("instance {who} at {address}, the owner of partition {partition}, did not answer: {e}"),
-                    Some(who),
-                )
-            }
-        };
+        let response = request.send().await.map_err(|e| {
+            (
+                format!("instance {who} at {address}, the owner of partition {partition}, did not answer: {e}"),
+                Some(who.clone()),
+            )
+        })?;
         let status =
             StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
         // A saga is under a megabyte; anything far larger is not an answer of ours.
@@ -158,16 +160,27 @@ impl Forwarding {
             .content_length()
             .is_some_and(|n| n > MAX_FORWARDED_BYTES)
         {
-            return unavailable(
+            return Err((
                 format!("instance {who} at {address} answered with more than {MAX_FORWARDED_BYTES} bytes"),
                 Some(who),
-            );
+            ));
         }
         match response.bytes().await {
-            Ok(body) => (
+            Ok(body) => Ok((status, body, who)),
+            Err(e) => Err((
+                format!("instance {who} at {address} broke off its answer: {e}"),
+                Some(who),
+            )),
+        }
+    }
+
+    /// The answer for saga `id` of `partition`, which this instance does not serve.
+    async fn answer(&self, id: &str, partition: i32, headers: &axum::http::HeaderMap) -> Response {
+        match self.fetch(partition, &["sagas", id], &[], headers).await {
+            Ok((status, body, who)) => (
                 status,
                 [
-                    (header::CONTENT_TYPE, "application/json"),
+                    (header::CONTENT_TYPE, "application/json".to_string()),
                     (
                         header::HeaderName::from_static("x-saga-streams-served-by"),
                         who,
@@ -176,11 +189,41 @@ impl Forwarding {
                 body,
             )
                 .into_response(),
-            Err(e) => unavailable(
-                format!("instance {who} at {address} broke off its answer: {e}"),
-                Some(who),
-            ),
+            Err((error, owner)) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({
+                    "error": error,
+                    "partition": partition,
+                    "owner": owner,
+                    "owned_here": false,
+                })),
+            )
+                .into_response(),
         }
+    }
+
+    /// One page of partition `partition`'s sagas from its owner.
+    async fn list_page(
+        &self,
+        partition: i32,
+        query: &[(&str, String)],
+        headers: &axum::http::HeaderMap,
+    ) -> Result<ListPage, String> {
+        let mut query = query.to_vec();
+        query.push(("partition", partition.to_string()));
+        let (status, body, who) = self
+            .fetch(partition, &["sagas"], &query, headers)
+            .await
+            .map_err(|(e, _)| e)?;
+        if status != StatusCode::OK {
+            let error = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(String::from))
+                .unwrap_or_else(|| status.to_string());
+            return Err(format!("instance {who}: {error}"));
+        }
+        serde_json::from_slice(&body)
+            .map_err(|e| format!("instance {who} answered something else than a list: {e}"))
     }
 }
 
@@ -260,12 +303,53 @@ pub enum Lookup {
     NotStarted,
 }
 
+/// Which sagas a list shows: all of these that are given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListFilter {
+    pub status: Option<String>,
+    /// The step awaited.
+    pub step: Option<String>,
+    pub correlation_id: Option<String>,
+    /// Sagas unchanged since this time (ms since the epoch): `older_than` resolved once by the
+    /// instance that took the request, so every partition is judged against the same time.
+    pub updated_before_ms: Option<i64>,
+}
+
+/// One partition's part of a list.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ListPage {
+    pub sagas: Vec<serde_json::Value>,
+    /// The last saga id read, when the partition may hold more (the page is full, or its
+    /// read budget is spent): the next page starts after it.
+    pub next_after: Option<String>,
+    /// Records read for this page.
+    pub examined: usize,
+    /// Whether the status index served it (else a scan of the partition's sagas).
+    pub indexed: bool,
+}
+
 /// Finds sagas by id in the state this instance holds.
 pub trait SagaLookup: Send + Sync {
     fn lookup(&self, saga_id: &str) -> Result<Lookup, String>;
+    /// Up to `limit` sagas of `partition` matching `filter`, in saga id order after `after`;
+    /// `None` when this instance does not serve the partition.
+    fn list(
+        &self,
+        partition: i32,
+        filter: &ListFilter,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Option<ListPage>, String>;
     /// Saga records of this instance's tasks moved to the quarantine (they could not be read),
     /// at most `limit`.
     fn quarantine(&self, limit: usize) -> Result<Vec<serde_json::Value>, String>;
+}
+
+/// Where operators' actions go: the application's control topic.
+pub trait ActionSink: Send + Sync {
+    /// Writes `value` keyed by `saga_id` to the control topic and waits until the brokers have
+    /// it: its partition and offset.
+    fn submit(&self, saga_id: &str, value: &[u8]) -> Result<(i32, i64), String>;
 }
 
 #[derive(Clone)]
@@ -277,6 +361,7 @@ struct AppState {
     sagas: Option<Arc<dyn SagaLookup>>,
     token: Option<Rotating<String>>,
     forwarding: Option<Forwarding>,
+    actions: Option<Arc<dyn ActionSink>>,
 }
 
 /// Binds `addr` and serves the endpoints from a background thread; returns the bound address
@@ -288,6 +373,7 @@ pub fn serve(
     sagas: Option<Arc<dyn SagaLookup>>,
     security: HttpSecurity,
     forwarding: Option<Forwarding>,
+    actions: Option<Arc<dyn ActionSink>>,
 ) -> Result<SocketAddr, String> {
     // A certificate that cannot be loaded stops the start, like a port that cannot be bound.
     let tls = match &security.tls {
@@ -325,9 +411,12 @@ pub fn serve(
         sagas,
         token: security.token,
         forwarding,
+        actions,
     };
     let guarded = Router::new()
+        .route("/sagas", get(list_sagas))
         .route("/sagas/{id}", get(saga))
+        .route("/sagas/{id}/{action}", axum::routing::post(saga_action))
         .route("/quarantine", get(quarantine))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     let app = Router::new()
@@ -362,7 +451,7 @@ pub fn serve(
             })
         })
         .map_err(|e| format!("starting the HTTP thread: {e}"))?;
-    tracing::info!(addr = %bound, scheme, token_required = protected, "http endpoints listening (/metrics, /health, /ready, /sagas/{{id}}, /quarantine)");
+    tracing::info!(addr = %bound, scheme, token_required = protected, "http endpoints listening (/metrics, /health, /ready, /sagas, /sagas/{{id}}, /quarantine)");
     Ok(bound)
 }
 
@@ -474,9 +563,367 @@ async fn saga(
     }
 }
 
+/// Sagas per list page unless asked otherwise, and at most.
+const DEFAULT_LIST_LIMIT: usize = 50;
+const MAX_LIST_LIMIT: usize = 1_000;
+
+#[derive(Debug, Default, serde::Deserialize)]
+struct ListParams {
+    status: Option<String>,
+    step: Option<String>,
+    correlation_id: Option<String>,
+    /// A duration (`10m`, `2h`): sagas unchanged for at least that long.
+    older_than: Option<String>,
+    limit: Option<usize>,
+    /// Where the previous page ended (its `next_cursor`).
+    cursor: Option<String>,
+    /// Between instances: one partition's page, after `after`, judged at `updated_before`.
+    partition: Option<i32>,
+    after: Option<String>,
+    updated_before: Option<i64>,
+}
+
+/// A list cursor: the partition to go on with and the last saga id read there (hex).
+fn encode_cursor(partition: i32, after: Option<&str>) -> String {
+    match after {
+        Some(after) => format!("{partition}.{}", hex::encode(after)),
+        None => partition.to_string(),
+    }
+}
+
+fn decode_cursor(cursor: &str) -> Option<(i32, Option<String>)> {
+    let (partition, after) = match cursor.split_once('.') {
+        Some((p, a)) => (p, Some(a)),
+        None => (cursor, None),
+    };
+    let partition = partition.parse().ok().filter(|p: &i32| *p >= 0)?;
+    let after = match after {
+        Some(a) => Some(String::from_utf8(hex::decode(a).ok()?).ok()?),
+        None => None,
+    };
+    Some((partition, after))
+}
+
+fn bad_request(error: String) -> Response {
+    (StatusCode::BAD_REQUEST, Json(json!({ "error": error }))).into_response()
+}
+
+/// `GET /sagas`: the sagas of every partition matching the filters, in partition then saga id
+/// order, a page at a time; each partition from this instance's store or its owner's.
+async fn list_sagas(
+    State(state): State<AppState>,
+    axum::extract::Query(params): axum::extract::Query<ListParams>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let Some(sagas) = state.sagas.as_ref() else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({ "error": "this process runs no saga" })),
+        )
+            .into_response();
+    };
+    let limit = params.limit.unwrap_or(DEFAULT_LIST_LIMIT);
+    if limit == 0 || limit > MAX_LIST_LIMIT {
+        return bad_request(format!("limit must be 1 to {MAX_LIST_LIMIT}"));
+    }
+    let updated_before = match (&params.older_than, params.updated_before) {
+        (_, Some(at)) => Some(at),
+        (Some(text), None) => match humantime::parse_duration(text) {
+            Ok(age) => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as i64)
+                    .unwrap_or(0);
+                Some(now.saturating_sub(age.as_millis() as i64))
+            }
+            Err(e) => return bad_request(format!("older_than '{text}': {e}")),
+        },
+        (None, None) => None,
+    };
+    let filter = ListFilter {
+        status: params.status.clone().filter(|s| !s.is_empty()),
+        step: params.step.clone().filter(|s| !s.is_empty()),
+        correlation_id: params.correlation_id.clone().filter(|s| !s.is_empty()),
+        updated_before_ms: updated_before,
+    };
+    // Another instance asks for one partition of this one's.
+    if let Some(partition) = params.partition {
+        return match sagas.list(partition, &filter, params.after.as_deref(), limit) {
+            Ok(Some(page)) => Json(page).into_response(),
+            Ok(None) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({ "error": format!("partition {partition} is not served by this instance (now)") })),
+            )
+                .into_response(),
+            Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({ "error": e }))).into_response(),
+        };
+    }
+    let partitions = state.status.partitions();
+    if partitions <= 0 {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "error": "not started yet" })),
+        )
+            .into_response();
+    }
+    let (mut partition, mut after) = match params.cursor.as_deref().map(decode_cursor) {
+        None => (0, None),
+        Some(Some(at)) => at,
+        Some(None) => return bad_request("the cursor is not one this API gave".into()),
+    };
+    // What a forwarded page request carries besides its partition.
+    let mut forwarded: Vec<(&str, String)> = Vec::new();
+    for (name, value) in [
+        ("status", &filter.status),
+        ("step", &filter.step),
+        ("correlation_id", &filter.correlation_id),
+    ] {
+        if let Some(value) = value {
+            forwarded.push((name, value.clone()));
+        }
+    }
+    if let Some(at) = updated_before {
+        forwarded.push(("updated_before", at.to_string()));
+    }
+    let mut listed = Vec::new();
+    let mut unavailable = Vec::new();
+    let mut examined = 0;
+    while partition < partitions && listed.len() < limit {
+        let want = limit - listed.len();
+        let local = sagas.list(partition, &filter, after.as_deref(), want);
+        let page = match local {
+            Ok(Some(page)) => Ok(page),
+            Ok(None) => match &state.forwarding {
+                Some(forwarding) => {
+                    let mut query = forwarded.clone();
+                    query.push(("limit", want.to_string()));
+                    if let Some(after) = &after {
+                        query.push(("after", after.clone()));
+                    }
+                    forwarding.list_page(partition, &query, &headers).await
+                }
+                None => Err(format!(
+                    "partition {partition} is served by another instance"
+                )),
+            },
+            Err(e) => Err(e),
+        };
+        match page {
+            Ok(page) => {
+                examined += page.examined;
+                listed.extend(page.sagas);
+                match page.next_after {
+                    // Full, or the partition's read budget is spent: the next page goes on here.
+                    Some(next) => {
+                        after = Some(next);
+                        break;
+                    }
+                    None => {
+                        partition += 1;
+                        after = None;
+                    }
+                }
+            }
+            Err(reason) => {
+                unavailable.push(json!({ "partition": partition, "reason": reason }));
+                partition += 1;
+                after = None;
+            }
+        }
+    }
+    let next = (partition < partitions).then(|| encode_cursor(partition, after.as_deref()));
+    Json(json!({
+        "sagas": listed,
+        "next_cursor": next,
+        "partitions": partitions,
+        "examined": examined,
+        "unavailable": unavailable,
+    }))
+    .into_response()
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActionBody {
+    reason: Option<String>,
+    /// Who asks (a name, for the history and the audit log).
+    by: Option<String>,
+    /// Chosen by the caller to make a repeated request apply once; a new UUID otherwise.
+    action_id: Option<String>,
+}
+
+/// `POST /sagas/{id}/{retry|cancel|resume}`: writes the action to the control topic; the task
+/// that owns the saga applies it (`202 Accepted`: the saga's history shows the outcome, under
+/// the action id).
+async fn saga_action(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path((id, action)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
+    body: bytes::Bytes,
+) -> Response {
+    if state.token.is_none() {
+        return (
+            StatusCode::FORBIDDEN,
+            Json(json!({ "error": "actions on sagas need the HTTP endpoints protected by a token: start the instances with --http-token-file" })),
+        )
+            .into_response();
+    }
+    let (Some(sagas), Some(sink)) = (state.sagas.as_ref(), state.actions.clone()) else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({ "error": "this process runs no saga" })),
+        )
+            .into_response();
+    };
+    let body: ActionBody = if body.iter().all(u8::is_ascii_whitespace) {
+        ActionBody::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(body) => body,
+            Err(e) => {
+                return bad_request(format!(
+                    "the body is not an action's JSON (reason, by, action_id): {e}"
+                ))
+            }
+        }
+    };
+    let action = match crate::saga::actions::parse_action(&action, body.reason.clone()) {
+        Ok(action) => action,
+        Err(e) => return (StatusCode::NOT_FOUND, Json(json!({ "error": e }))).into_response(),
+    };
+    let action_id = body
+        .action_id
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    if action_id.len() > 100 {
+        return bad_request("action_id is longer than 100 bytes".into());
+    }
+    let by = body.by.clone().unwrap_or_else(|| "unnamed".to_string());
+    let request = crate::saga::actions::ActionRequest {
+        action_id: action_id.clone(),
+        saga_id: id.clone(),
+        action,
+        requested_by: format!("{by} (from {})", peer.ip()),
+        requested_at_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0),
+    };
+    if let Err(e) = request.validate() {
+        return bad_request(e);
+    }
+    // The saga must exist: where it is served, ask.
+    let status = match sagas.lookup(&id) {
+        Ok(Lookup::Found(saga)) => saga.get("status").cloned(),
+        Ok(Lookup::Missing { .. }) => {
+            return (
+                StatusCode::NOT_FOUND,
+                Json(json!({ "error": format!("no saga '{id}'") })),
+            )
+                .into_response()
+        }
+        Ok(Lookup::Elsewhere { partition }) => {
+            let Some(forwarding) = &state.forwarding else {
+                return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+            };
+            match forwarding.fetch(partition, &["sagas", &id], &[], &headers).await {
+                Ok((StatusCode::OK, body, _)) => serde_json::from_slice::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v.get("status").cloned()),
+                Ok((StatusCode::NOT_FOUND, _, _)) => {
+                    return (StatusCode::NOT_FOUND, Json(json!({ "error": format!("no saga '{id}'") })))
+                        .into_response()
+                }
+                Ok((code, _, who)) => {
+                    return (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        Json(json!({ "error": format!("instance {who}, the saga's owner, answered {code}"), "partition": partition })),
+                    )
+                        .into_response()
+                }
+                Err((error, owner)) => {
+                    return (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        Json(json!({ "error": error, "partition": partition, "owner": owner })),
+                    )
+                        .into_response()
+                }
+            }
+        }
+        Ok(Lookup::NotStarted) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({ "error": "not started yet" })),
+            )
+                .into_response()
+        }
+        Err(e) => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(json!({ "error": e })),
+            )
+                .into_response()
+        }
+    };
+    let value = match serde_json::to_vec(&request) {
+        Ok(value) => value,
+        Err(e) => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(json!({ "error": e.to_string() })),
+            )
+                .into_response()
+        }
+    };
+    let name = request.action.name();
+    let saga_id = id.clone();
+    let written = tokio::task::spawn_blocking(move || sink.submit(&saga_id, &value)).await;
+    match written {
+        Ok(Ok((partition, offset))) => {
+            tracing::info!(
+                target: AUDIT_TARGET, event = "saga_action_requested", action = name,
+                saga_id = %id, action_id = %action_id, requested_by = %by, %peer,
+                partition, offset, "an operator's action was written to the control topic"
+            );
+            (
+                StatusCode::ACCEPTED,
+                Json(json!({
+                    "action_id": action_id,
+                    "action": name,
+                    "saga_id": id,
+                    "status": status,
+                    "control_partition": partition,
+                    "control_offset": offset,
+                })),
+            )
+                .into_response()
+        }
+        Ok(Err(e)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "error": format!("the action could not be written to the control topic: {e}") })),
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({ "error": e.to_string() }))).into_response(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::token_matches;
+
+    #[test]
+    fn a_cursor_reads_back_and_a_forged_one_is_refused() {
+        use super::{decode_cursor, encode_cursor};
+        assert_eq!(decode_cursor(&encode_cursor(3, None)), Some((3, None)));
+        assert_eq!(
+            decode_cursor(&encode_cursor(0, Some("o-1.x"))),
+            Some((0, Some("o-1.x".to_string())))
+        );
+        for bad in ["", "-1", "x", "2.zz", "2.ff"] {
+            assert_eq!(decode_cursor(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn only_the_exact_token_matches() {

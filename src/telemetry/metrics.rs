@@ -40,6 +40,7 @@ pub const READY: &str = "saga_streams_ready";
 pub const TASKS_CLOSED_AFTER_FAILURE: &str = "saga_streams_tasks_closed_after_failure_total";
 pub const REBUILDS: &str = "saga_streams_rebuilds_total";
 pub const SIGNATURE_FAILURES: &str = "saga_streams_signature_failures_total";
+pub const SAGA_ACTIONS: &str = "saga_streams_saga_actions_total";
 
 /// Every metric name of the catalogue.
 pub const CATALOGUE: &[&str] = &[
@@ -60,6 +61,7 @@ pub const CATALOGUE: &[&str] = &[
     COMPENSATIONS_STUCK,
     DLQ_RECORDS,
     SIGNATURE_FAILURES,
+    SAGA_ACTIONS,
     READY,
     OUTPUT_ERRORS,
     SAGAS_INCOMPATIBLE,
@@ -153,6 +155,11 @@ fn describe() {
         SIGNATURE_FAILURES,
         Unit::Count,
         "input records whose signature was missing or did not verify, per topic and reason"
+    );
+    describe_counter!(
+        SAGA_ACTIONS,
+        Unit::Count,
+        "operators' actions on sagas (retry, cancel, resume) taken from the control topic, per action and result (applied, refused, unreadable)"
     );
     describe_counter!(
         REGISTRY_LOOKUPS,

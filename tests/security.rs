@@ -797,6 +797,17 @@ fn the_saga_goes_on_when_the_scram_password_rotates_under_load() {
         "the clients were not rebuilt with the new password:\n{}",
         orchestrator.log_text()
     );
+    // The members topic's clients too (they reconnect with the new password when they must),
+    // and they go on publishing and reading without a complaint.
+    assert!(
+        common::poll_until(Duration::from_secs(30), || {
+            orchestrator
+                .log_text()
+                .contains("members: the Kafka secrets changed; the clients are built again")
+        }),
+        "the members clients were not rebuilt:\n{}",
+        orchestrator.log_text()
+    );
 
     let deadline = Instant::now() + Duration::from_secs(150);
     loop {
@@ -816,6 +827,11 @@ fn the_saga_goes_on_when_the_scram_password_rotates_under_load() {
     assert!(
         !log.contains(old) && !log.contains(new),
         "a password is in the debug log"
+    );
+    let rebuilt = log.find("members: the Kafka secrets changed").unwrap_or(0);
+    assert!(
+        !log[rebuilt..].contains("members: cannot") && !log[rebuilt..].contains("members: reading"),
+        "the members clients failed after the rotation:\n{log}"
     );
 }
 

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use super::args::{default_instance_id, parse_duration, KafkaArgs, TopologyArgs};
 use crate::codec::Codec;
-use crate::runtime::client::KafkaClients;
 use crate::runtime::control::KeyedWriter;
 use crate::runtime::members::{self, members_topic, Members};
 use crate::runtime::secrets::{read_secret, Rotating};
@@ -222,7 +221,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let shutdown = Shutdown::new();
     shutdown.on_signals()?;
     let membership = members::spawn(
-        kafka.client_config(),
+        kafka.clone(),
         members_topic(&application_id),
         instance_id.clone(),
         config.status.clone(),

@@ -10,19 +10,21 @@
 //! dead address and answer that it does not respond.
 //!
 //! Nothing here is on the processing path: publishing or reading failures are logged, retried,
-//! and only make queries from other instances answer 503.
+//! and only make queries from other instances answer 503. Clients that cannot be built are tried
+//! again every 5 s; after a SIGHUP that changed a secret file they read, they are built again.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
+use super::client::{KafkaClients, KafkaSettings};
+use super::secrets;
 use super::{RuntimeStatus, Shutdown};
 
 /// A member's record is published again this often even when nothing changed.
@@ -84,7 +86,7 @@ impl Members {
 /// Publishes this instance's membership and reads everyone's, on a thread of its own, until
 /// `shutdown`; then publishes a tombstone.
 pub fn spawn(
-    client: ClientConfig,
+    settings: KafkaSettings,
     topic: String,
     instance_id: String,
     status: RuntimeStatus,
@@ -93,46 +95,52 @@ pub fn spawn(
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("members".into())
-        .spawn(move || run(client, &topic, &instance_id, &status, &members, &shutdown))
+        .spawn(move || run(settings, &topic, &instance_id, &status, &members, &shutdown))
 }
 
-fn run(
-    client: ClientConfig,
-    topic: &str,
-    instance_id: &str,
-    status: &RuntimeStatus,
-    members: &Members,
-    shutdown: &Shutdown,
-) {
+/// How long to wait before building clients again after they could not be built.
+const REBUILD_PAUSE: Duration = Duration::from_secs(5);
+
+/// The members topic's producer and reader, built from the settings of one secrets generation.
+struct Clients {
+    producer: BaseProducer,
+    consumer: BaseConsumer,
+}
+
+fn clients(settings: &KafkaSettings, topic: &str) -> Result<Clients, String> {
+    let client = settings.client_config();
     let mut producer_config = client.clone();
     // Idempotent: a retried older record never lands after a newer one.
     producer_config
         .set("acks", "all")
         .set("enable.idempotence", "true")
         .set("linger.ms", "0");
-    let producer: BaseProducer = match producer_config.create() {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::error!(error = %e, "members: no producer; other instances will not find this one");
-            return;
-        }
-    };
+    let producer = producer_config
+        .create()
+        .map_err(|e| format!("no producer: {e}"))?;
     let mut consumer_config = client;
     consumer_config
         .set("group.id", format!("{topic}-reader"))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
         .set("isolation.level", "read_committed");
-    let consumer: BaseConsumer = match consumer_config.create() {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "members: no consumer; queries for other instances' sagas will answer 503");
-            return;
-        }
-    };
-    let mut assigned = false;
-    let mut published: Option<(BTreeSet<i32>, Option<String>)> = None;
-    let mut published_at = Instant::now();
+    let consumer = consumer_config
+        .create()
+        .map_err(|e| format!("no consumer: {e}"))?;
+    Ok(Clients { producer, consumer })
+}
+
+/// Publishes and reads until shutdown. The clients are built again after a secrets rotation
+/// (SIGHUP) that changed what they read, and after they could not be built, every
+/// [`REBUILD_PAUSE`].
+fn run(
+    mut settings: KafkaSettings,
+    topic: &str,
+    instance_id: &str,
+    status: &RuntimeStatus,
+    members: &Members,
+    shutdown: &Shutdown,
+) {
     let mut last_error: Option<Instant> = None;
     let mut warn = |what: &str, error: &dyn std::fmt::Display| {
         // At most one warning a minute: the topic may not exist yet at start-up.
@@ -141,7 +149,81 @@ fn run(
             last_error = Some(Instant::now());
         }
     };
+    let mut current: Option<Clients> = None;
     while !shutdown.requested() {
+        let generation = secrets::generation();
+        let built = match current.take() {
+            Some(built) => built,
+            None => match clients(&settings, topic) {
+                Ok(built) => built,
+                Err(e) => {
+                    warn("the members topic's clients cannot be built; other instances cannot find this one's sagas", &e);
+                    let until = Instant::now() + REBUILD_PAUSE;
+                    while Instant::now() < until && !shutdown.requested() {
+                        std::thread::sleep(TICK);
+                    }
+                    continue;
+                }
+            },
+        };
+        let rotated = serve(
+            &built,
+            topic,
+            instance_id,
+            status,
+            members,
+            shutdown,
+            generation,
+            &mut warn,
+        );
+        current = Some(built);
+        if rotated {
+            let before = settings.clone();
+            match settings.reread_files() {
+                Ok(()) if settings != before => {
+                    tracing::info!(
+                        "members: the Kafka secrets changed; the clients are built again"
+                    );
+                    current = None;
+                }
+                Ok(()) => {}
+                Err(e) => warn(
+                    "the rotated Kafka secrets cannot be read; the previous ones stay",
+                    &e,
+                ),
+            }
+        }
+    }
+    // Stopping: the partitions are no longer here.
+    if let Some(Clients { producer, .. }) = current {
+        let tombstone: BaseRecord<'_, str, [u8]> = BaseRecord::to(topic).key(instance_id);
+        if producer.send(tombstone).is_ok() {
+            let _ = producer.flush(Duration::from_secs(2));
+        }
+    }
+}
+
+/// Reads everyone's records and publishes this instance's until shutdown (`false`) or a secrets
+/// rotation after `generation` (`true`).
+#[allow(clippy::too_many_arguments)]
+fn serve(
+    clients: &Clients,
+    topic: &str,
+    instance_id: &str,
+    status: &RuntimeStatus,
+    members: &Members,
+    shutdown: &Shutdown,
+    generation: u64,
+    warn: &mut dyn FnMut(&str, &dyn std::fmt::Display),
+) -> bool {
+    let Clients { producer, consumer } = clients;
+    let mut assigned = false;
+    let mut published: Option<(BTreeSet<i32>, Option<String>)> = None;
+    let mut published_at = Instant::now();
+    while !shutdown.requested() {
+        if secrets::generation() != generation {
+            return true;
+        }
         if !assigned {
             let mut tpl = TopicPartitionList::new();
             let ready = tpl
@@ -188,11 +270,7 @@ fn run(
         }
         producer.poll(Duration::ZERO);
     }
-    // Stopping: the partitions are no longer here.
-    let tombstone: BaseRecord<'_, str, [u8]> = BaseRecord::to(topic).key(instance_id);
-    if producer.send(tombstone).is_ok() {
-        let _ = producer.flush(Duration::from_secs(2));
-    }
+    false
 }
 
 #[cfg(test)]

@@ -393,3 +393,104 @@ fn a_stuck_compensation_is_resumed_with_its_first_event_id() {
     assert_eq!(resumes.len(), 1, "{saga}");
     assert!(resumes[0]["note"].as_str().unwrap().contains("bob"));
 }
+
+/// Partition counts of the topics whose names start with `prefix`.
+fn topics_with_prefix(bootstrap: &str, prefix: &str) -> std::collections::BTreeMap<String, usize> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .unwrap();
+    let metadata = consumer
+        .fetch_metadata(None, Duration::from_secs(10))
+        .unwrap();
+    metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name().starts_with(prefix) && t.error().is_none())
+        .map(|t| (t.name().to_string(), t.partitions().len()))
+        .collect()
+}
+
+/// `saga-streams <args> --bootstrap .. --topic-prefix prefix`: exit code and all output.
+fn tool(args: &[&str], bootstrap: &str, prefix: &str) -> (i32, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .args(["--bootstrap", bootstrap, "--topic-prefix", prefix])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn topics_create_makes_what_a_topology_needs_and_run_names_it_when_topics_are_missing() {
+    let bootstrap = common::kafka_bootstrap();
+    let def = saga_streams::saga::SagaDefinition::load(std::path::Path::new(
+        "topologies/order_saga.yaml",
+    ))
+    .unwrap();
+    let mut wanted: BTreeSet<String> = def.input_topics().into_iter().collect();
+    wanted.extend(def.output_topics());
+
+    // Nothing there: `run` refuses and names the command that fixes it.
+    let prefix = format!("{}.", common::unique("topics"));
+    let (code, out) = tool(
+        &["run", "--metrics-addr", "127.0.0.1:0"],
+        &bootstrap,
+        &prefix,
+    );
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("does not exist") && out.contains("saga-streams topics create"),
+        "{out}"
+    );
+    // A dry run creates nothing.
+    let (code, out) = tool(&["topics", "create", "--dry-run"], &bootstrap, &prefix);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out.matches("would be created").count(),
+        wanted.len(),
+        "{out}"
+    );
+    assert!(topics_with_prefix(&bootstrap, &prefix).is_empty());
+
+    // One input exists with 2 partitions: another count for the new inputs is refused...
+    let start = format!("{prefix}{}", def.start_topic);
+    futures::executor::block_on(common::create_topic(&bootstrap, &start, 2));
+    let (code, out) = tool(
+        &["topics", "create", "--partitions", "3"],
+        &bootstrap,
+        &prefix,
+    );
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("--partitions 3") && out.contains(": 2"),
+        "{out}"
+    );
+    assert_eq!(topics_with_prefix(&bootstrap, &prefix).len(), 1);
+    // ...and without a count the existing one is followed.
+    let (code, out) = tool(&["topics", "create"], &bootstrap, &prefix);
+    assert_eq!(code, 0, "{out}");
+    let made = topics_with_prefix(&bootstrap, &prefix);
+    let expected: BTreeSet<String> = wanted.iter().map(|t| format!("{prefix}{t}")).collect();
+    assert_eq!(made.keys().cloned().collect::<BTreeSet<_>>(), expected);
+    assert!(made.values().all(|n| *n == 2), "{made:?}");
+    assert_eq!(out.matches("| created").count(), wanted.len() - 1, "{out}");
+    // Again: everything exists, nothing changes.
+    let (code, out) = tool(
+        &["topics", "create", "--partitions", "2"],
+        &bootstrap,
+        &prefix,
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(out.matches("exists").count(), wanted.len(), "{out}");
+    assert_eq!(topics_with_prefix(&bootstrap, &prefix), made);
+}

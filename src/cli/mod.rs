@@ -16,6 +16,7 @@ mod sagas;
 mod schemas;
 mod simulate;
 mod test_cmd;
+mod topics;
 
 use std::process::ExitCode;
 
@@ -89,6 +90,8 @@ pub enum Command {
     Test(test_cmd::TestArgs),
     /// The message contract: JSON Schema per message, AsyncAPI, or examples of every message.
     Contract(contract::ContractArgs),
+    /// Create the topics a topology needs (inputs, outputs, dead letters).
+    Topics(topics::TopicsArgs),
     /// Sagas of a running deployment: list, get, retry, cancel, resume (through any instance).
     Sagas(sagas::SagasArgs),
     /// Shell completions (bash, zsh, fish, elvish, powershell) on stdout.
@@ -163,6 +166,7 @@ pub fn main() -> ExitCode {
         Command::Test(args) => test_cmd::run(args),
         Command::Contract(args) => contract::run(args),
         Command::Sagas(args) => sagas::run(args),
+        Command::Topics(args) => topics::run(args),
         Command::Completions(args) => docs::completions(args),
         Command::Man(args) => docs::man(args),
     };

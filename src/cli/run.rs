@@ -229,7 +229,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         shutdown.clone(),
     )?;
     tracing::info!(saga = %def.name, topology = %args.topology.topology.display(), "running the saga");
-    let result = run_saga(def, codec, config, shutdown.clone());
+    let result =
+        run_saga(def, codec, config, shutdown.clone()).map_err(super::topics::name_the_fix);
     // The members thread publishes its tombstone on the way out: give it a moment.
     shutdown.request();
     let deadline = std::time::Instant::now() + Duration::from_secs(3);

@@ -166,6 +166,6 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
     }
     let shutdown = Shutdown::new();
     shutdown.on_signals()?;
-    runtime::run(config, supplier, shutdown)?;
+    runtime::run(config, supplier, shutdown).map_err(super::topics::name_the_fix)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -19,7 +19,7 @@ use crate::saga::topology::dlq_topic;
 
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  saga-streams topics create --bootstrap 127.0.0.1:19092 --partitions 6\n  saga-streams topics create --topology topologies/order_with_shipping.yaml --partitions 12 --replication-factor 3 --dry-run"
+    after_help = "Examples:\n  saga-streams topics create --bootstrap 127.0.0.1:19092 --partitions 6\n  saga-streams topics create --bootstrap 127.0.0.1:19092 --topology topologies/order_with_shipping.yaml --partitions 12 --replication-factor 3 --dry-run"
 )]
 pub struct TopicsArgs {
     #[command(subcommand)]

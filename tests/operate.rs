@@ -494,3 +494,136 @@ fn topics_create_makes_what_a_topology_needs_and_run_names_it_when_topics_are_mi
     assert_eq!(out.matches("exists").count(), wanted.len(), "{out}");
     assert_eq!(topics_with_prefix(&bootstrap, &prefix), made);
 }
+
+/// `saga-streams dlq ...` for `env`'s topology and prefix: exit code and all output.
+fn dlq(env: &SagaEnv, args: &[&str]) -> (i32, String) {
+    let mut all = vec!["dlq"];
+    all.extend_from_slice(args);
+    let out = Command::new(BIN)
+        .args(env.args(&all, &[]))
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The dead letters `dlq list --json` prints for `filters`.
+fn dead_letters(env: &SagaEnv, filters: &[&str]) -> Vec<Value> {
+    let mut args = vec!["list", "--json"];
+    args.extend_from_slice(filters);
+    let (code, out) = dlq(env, &args);
+    assert_eq!(code, 0, "{out}");
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+#[test]
+fn dead_letters_are_listed_shown_and_replayed_with_a_loop_guard() {
+    let mut env = SagaEnv::new("order_saga.yaml", 1);
+    let _o = env.orchestrator("o", &[]);
+    // A payment reply before its order exists, and an order that is not JSON.
+    env.reply(0, Reply::Success, "late-1");
+    env.send_raw(
+        &env.def.start_topic.clone(),
+        Some("bad-1"),
+        b"{not json",
+        &[],
+    );
+    let mut letters = Vec::new();
+    assert!(
+        poll_until(LIMIT, || {
+            letters = dead_letters(&env, &[]);
+            letters.len() == 2
+        }),
+        "{letters:?}"
+    );
+    let late = dead_letters(&env, &["--reason", "unknown_saga"]);
+    assert_eq!(late.len(), 1, "{late:?}");
+    assert_eq!(late[0]["saga_id"], "late-1");
+    let payments = &env.def.steps[0].reply_topic.clone();
+    assert_eq!(late[0]["source"]["topic"], payments.as_str());
+    assert_eq!(dead_letters(&env, &["--saga-id", "bad-1"]).len(), 1);
+    assert!(dead_letters(
+        &env,
+        &[
+            "--since",
+            "2000-01-01T00:00:00Z",
+            "--until",
+            "2000-01-02T00:00:00Z"
+        ]
+    )
+    .is_empty());
+    let (code, out) = dlq(
+        &env,
+        &[
+            "show",
+            "--topic",
+            payments,
+            "--partition",
+            &late[0]["partition"].to_string(),
+            "--offset",
+            &late[0]["offset"].to_string(),
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("reason: unknown_saga") && out.contains("late-1"),
+        "{out}"
+    );
+
+    // The order arrives; a dry run writes nothing, a replay lets the payment through.
+    env.create("late-1", &[]);
+    env.expect("late-1", "ProcessPayment");
+    let keyed = |env: &SagaEnv, topic: &str, key: &str| {
+        saga_streams::sim::read_to_end(&env.bootstrap, &[topic.to_string()], LIMIT)
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.key.as_deref() == Some(key.as_bytes()))
+            .count()
+    };
+    let (code, out) = dlq(&env, &["replay", "--reason", "unknown_saga", "--dry-run"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("1 would be replayed"), "{out}");
+    assert_eq!(keyed(&env, payments, "late-1"), 1);
+    let (code, out) = dlq(&env, &["replay", "--reason", "unknown_saga"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("1 replayed"), "{out}");
+    env.expect("late-1", "ReserveInventory");
+    // A second replay of a record that went through is a duplicate to the saga.
+    let (code, out) = dlq(&env, &["replay", "--reason", "unknown_saga"]);
+    assert_eq!(code, 0, "{out}");
+    env.complete("barrier-1");
+    assert_eq!(env.count("late-1", "ReserveInventory"), 1);
+
+    // The order that is not JSON fails again when replayed: the guard stops there.
+    let (code, out) = dlq(&env, &["replay", "--reason", "invalid_json"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("1 replayed"), "{out}");
+    let mut bad = Vec::new();
+    assert!(
+        poll_until(LIMIT, || {
+            bad = dead_letters(&env, &["--reason", "invalid_json"]);
+            bad.len() == 2
+        }),
+        "{bad:?}"
+    );
+    assert_eq!(bad[1]["replay_of"]["count"], 1, "{bad:?}");
+    let (code, out) = dlq(&env, &["replay", "--reason", "invalid_json"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("0 replayed, 2 skipped"), "{out}");
+    assert!(out.contains("dead-lettered again"), "{out}");
+    let (code, out) = dlq(
+        &env,
+        &["replay", "--reason", "invalid_json", "--again", "--dry-run"],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("1 would be replayed, 1 skipped"), "{out}");
+}

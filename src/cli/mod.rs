@@ -8,6 +8,7 @@ mod config_show;
 mod contract;
 mod demo;
 mod describe;
+mod dlq;
 mod docs;
 mod lag;
 mod load;
@@ -90,6 +91,8 @@ pub enum Command {
     Test(test_cmd::TestArgs),
     /// The message contract: JSON Schema per message, AsyncAPI, or examples of every message.
     Contract(contract::ContractArgs),
+    /// Dead letters: list, show, replay to where they were read from.
+    Dlq(dlq::DlqArgs),
     /// Create the topics a topology needs (inputs, outputs, dead letters).
     Topics(topics::TopicsArgs),
     /// Sagas of a running deployment: list, get, retry, cancel, resume (through any instance).
@@ -167,6 +170,7 @@ pub fn main() -> ExitCode {
         Command::Contract(args) => contract::run(args),
         Command::Sagas(args) => sagas::run(args),
         Command::Topics(args) => topics::run(args),
+        Command::Dlq(args) => dlq::run(args),
         Command::Completions(args) => docs::completions(args),
         Command::Man(args) => docs::man(args),
     };

@@ -627,3 +627,93 @@ fn dead_letters_are_listed_shown_and_replayed_with_a_loop_guard() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("1 would be replayed, 1 skipped"), "{out}");
 }
+
+#[test]
+fn reset_refuses_while_instances_run_then_starts_the_application_over() {
+    let mut env = SagaEnv::new("order_saga.yaml", 2);
+    let mut a = env.orchestrator("a", &[]);
+    for id in ["r-0", "r-1"] {
+        env.complete(id);
+    }
+    let app = format!("{}{}", env.prefix, env.def.name);
+    let changelog = format!("{app}-sagas-changelog");
+    let state_dir = env.state_dir("a");
+    let state_arg = state_dir.display().to_string();
+    let base = env.args(
+        &["reset", "--application-id", &app, "--state-dir", &state_arg],
+        &[],
+    );
+    let reset = |extra: &[&str]| {
+        let out = Command::new(BIN)
+            .args(&base)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let bootstrap = env.bootstrap.clone();
+    let exists = |topic: &str| common::topic_names(&bootstrap).unwrap().contains(topic);
+    // While a runs: refused, nothing changed.
+    let (code, out) = reset(&[]);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("active member"), "{out}");
+    assert!(exists(&changelog));
+    // The plan names what a reset would do.
+    let (code, out) = reset(&["--dry-run", "--to-offset", "100000"]);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("outside"), "{out}");
+
+    assert!(a.sigterm(Duration::from_secs(30)).is_some());
+    let (code, out) = reset(&["--dry-run"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&changelog) && out.contains("nothing changed"),
+        "{out}"
+    );
+    assert!(exists(&changelog));
+    let (code, out) = reset(&[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(!exists(&changelog), "{out}");
+    assert!(
+        out.contains(&state_dir.join(&app).display().to_string()),
+        "{out}"
+    );
+
+    // Started over with its state removed: every input is processed again, from the first.
+    std::fs::remove_dir_all(state_dir.join(&app)).unwrap();
+    let mut a = env.orchestrator("a", &[]);
+    for id in ["r-0", "r-1"] {
+        let id = id.to_string();
+        env.wait(&format!("{id} completed again"), |env| {
+            env.count(&id, "OrderCompleted") == 2
+        });
+    }
+    assert!(exists(&changelog));
+
+    // To a time after every record: started again, it processes only what comes next.
+    assert!(a.sigterm(Duration::from_secs(30)).is_some());
+    let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    let (code, out) = reset(&["--to-datetime", &now]);
+    assert_eq!(code, 0, "{out}");
+    std::fs::remove_dir_all(state_dir.join(&app)).unwrap();
+    let _a = env.orchestrator("a", &[]);
+    // One saga run to its end on each partition: what was before it there is processed.
+    for partition in 0..2 {
+        let barrier = (0..)
+            .map(|n| format!("after-{n}"))
+            .find(|id| Partitioner::ConsistentRandom.partition(id.as_bytes(), 2) == partition)
+            .unwrap();
+        env.complete(&barrier);
+    }
+    for id in ["r-0", "r-1"] {
+        assert_eq!(env.count(id, "OrderCompleted"), 2, "{id} processed again");
+    }
+}

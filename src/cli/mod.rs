@@ -12,6 +12,7 @@ mod dlq;
 mod docs;
 mod lag;
 mod load;
+mod reset;
 mod run;
 mod sagas;
 mod schemas;
@@ -93,6 +94,9 @@ pub enum Command {
     Contract(contract::ContractArgs),
     /// Dead letters: list, show, replay to where they were read from.
     Dlq(dlq::DlqArgs),
+    /// Start an application over: input offsets, internal topics, local state (refused while
+    /// instances run).
+    Reset(reset::ResetArgs),
     /// Create the topics a topology needs (inputs, outputs, dead letters).
     Topics(topics::TopicsArgs),
     /// Sagas of a running deployment: list, get, retry, cancel, resume (through any instance).
@@ -171,6 +175,7 @@ pub fn main() -> ExitCode {
         Command::Sagas(args) => sagas::run(args),
         Command::Topics(args) => topics::run(args),
         Command::Dlq(args) => dlq::run(args),
+        Command::Reset(args) => reset::run(args),
         Command::Completions(args) => docs::completions(args),
         Command::Man(args) => docs::man(args),
     };

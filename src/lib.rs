@@ -12,11 +12,13 @@
 //! - [`saga`]: topology files, the pure saga state machine, and the saga processor.
 //! - [`codec`]: the message contract (JSON envelope, wrapped or flat bodies, headers).
 //! - [`sim`]: demo participants, the load generator and the auditor.
+//! - [`ops`]: operators' tools shared by the command line and the inspector (dead letters).
 //!
 //! `ARCHITECTURE.md` at the repository root keeps the code map and the invariants.
 
 pub mod cli;
 pub mod codec;
+pub mod ops;
 pub mod runtime;
 pub mod saga;
 pub mod sim;

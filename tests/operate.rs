@@ -317,6 +317,32 @@ fn actions_need_the_token_and_a_saga_to_act_on() {
     let mut guarded = env.orchestrator("guarded", &["--http-token-file", token.to_str().unwrap()]);
     assert!(poll_until(LIMIT, || ready_with(&mut guarded, 1)));
     let url_g = url(&mut guarded);
+    // Every endpoint with order data wants the token; the inspector's page holds none.
+    for path in [
+        "/sagas",
+        "/sagas/o-1",
+        "/overview",
+        "/topology",
+        "/dlq",
+        "/quarantine",
+    ] {
+        let (code, body) = common::http_get(&format!("{url_g}{path}"));
+        assert_eq!(code, 401, "{path}: {body}");
+    }
+    let page = reqwest::blocking::get(format!("{url_g}/ui")).unwrap();
+    assert_eq!(page.status().as_u16(), 200);
+    let policy = page
+        .headers()
+        .get("content-security-policy")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        policy.contains("default-src 'none'") && policy.contains("script-src 'self'"),
+        "{policy}"
+    );
+    assert!(page.text().unwrap().contains("/ui/app.js"));
+    assert_eq!(post(&url_g, "/dlq/x/replay", None).0, 401);
     assert_eq!(post(&url_g, "/sagas/o-1/cancel", None).0, 401);
     assert_eq!(post(&url_g, "/sagas/o-1/cancel", Some("wrong")).0, 401);
     assert_eq!(post(&url_g, "/sagas/o-1/terminate", Some(TOKEN)).0, 404);
@@ -597,9 +623,17 @@ fn dead_letters_are_listed_shown_and_replayed_with_a_loop_guard() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("1 replayed"), "{out}");
     env.expect("late-1", "ReserveInventory");
-    // A second replay of a record that went through is a duplicate to the saga.
+    // A record that went through is not replayed again, unless asked; then it is a duplicate
+    // to its saga.
     let (code, out) = dlq(&env, &["replay", "--reason", "unknown_saga"]);
     assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("0 replayed, 1 skipped") && out.contains("replayed before"),
+        "{out}"
+    );
+    let (code, out) = dlq(&env, &["replay", "--reason", "unknown_saga", "--again"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("1 replayed"), "{out}");
     env.complete("barrier-1");
     assert_eq!(env.count("late-1", "ReserveInventory"), 1);
 
@@ -716,4 +750,70 @@ fn reset_refuses_while_instances_run_then_starts_the_application_over() {
     for id in ["r-0", "r-1"] {
         assert_eq!(env.count(id, "OrderCompleted"), 2, "{id} processed again");
     }
+}
+
+#[test]
+fn a_store_written_before_the_status_index_is_brought_up_to_it() {
+    let mut env = SagaEnv::new("order_saga.yaml", 1);
+    let token = env.dir.path().join("token");
+    std::fs::write(&token, TOKEN).unwrap();
+    let token_arg = token.display().to_string();
+    let mut o = env.orchestrator("o", &["--http-token-file", &token_arg]);
+    for id in ["c-0", "c-1", "c-2"] {
+        env.complete(id);
+    }
+    for id in ["p-0", "p-1"] {
+        env.create(id, &[]);
+        env.expect(id, "ProcessPayment");
+    }
+    assert!(o.sigterm(Duration::from_secs(30)).is_some());
+    // The store as an earlier build left it: no index entries, no marker (deleted from the
+    // changelog, which the next start restores from).
+    let app = format!("{}{}", env.prefix, env.def.name);
+    let changelog = format!("{app}-sagas-changelog");
+    let producer = common::producer(&env.bootstrap);
+    let mut keys: Vec<Vec<u8>> = vec![b"x/indexed".to_vec()];
+    for (status, ids) in [
+        ("COMPLETED", &["c-0", "c-1", "c-2"][..]),
+        ("PENDING", &["p-0", "p-1"][..]),
+    ] {
+        for id in ids {
+            keys.push([b"i/", status.as_bytes(), b"\0", id.as_bytes()].concat());
+        }
+    }
+    for key in &keys {
+        use rdkafka::producer::Producer;
+        producer
+            .send(
+                rdkafka::producer::BaseRecord::<[u8], [u8]>::to(&changelog)
+                    .key(key)
+                    .partition(0),
+            )
+            .unwrap();
+        producer.flush(Duration::from_secs(10)).unwrap();
+    }
+    std::fs::remove_dir_all(env.state_dir("o").join(&app)).unwrap();
+    let mut o = env.orchestrator("o", &["--http-token-file", &token_arg]);
+    assert!(
+        poll_until(LIMIT, || o
+            .log_text()
+            .contains("the status index of this task's sagas is complete")),
+        "no backfill:\n{}",
+        o.log_text()
+    );
+    let mut page = Value::Null;
+    assert!(
+        poll_until(LIMIT, || {
+            page = get(&mut o, "/sagas?status=PENDING").2;
+            page["by_index"] == true && page["sagas"].as_array().is_some_and(|s| s.len() == 2)
+        }),
+        "{page}"
+    );
+    let completed = get(&mut o, "/sagas?status=COMPLETED").2;
+    assert_eq!(
+        completed["sagas"].as_array().map(Vec::len),
+        Some(3),
+        "{completed}"
+    );
+    assert_eq!(completed["by_index"], true);
 }

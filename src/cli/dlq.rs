@@ -1,37 +1,19 @@
 //! `saga-streams dlq list|show|replay`: the dead-letter topics of a topology, read
 //! `read_committed` from the beginning to their end, filtered; and replay, which writes a dead
 //! letter's original key, value and headers back to the partition it was read from, marked as a
-//! replay.
-//!
-//! The loop guard: a replayed record carries `saga-streams.replay.from` (the dead letter it came
-//! from) and `saga-streams.replay.count`. Should it be dead-lettered again, its dead letter keeps
-//! those headers, so the next `replay` knows the original was replayed and failed again and skips
-//! both; `--again` replays the latest failure once more, up to [`MAX_REPLAYS`] times in all.
+//! replay, with the loop guard of [`crate::ops::dlq`].
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail};
 use comfy_table::Table;
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
-use serde_json::{json, Value};
 
 use super::args::{parse_duration, KafkaArgs, TopologyArgs};
-use crate::runtime::client::KafkaClients;
+use crate::ops::dlq::{self as ops, Filter, Letter, Outcome};
 use crate::saga::contract::rfc3339;
-use crate::saga::processor::dlq_headers;
-use crate::saga::topology::dlq_topic;
-use crate::sim::{self, ReadRecord};
-
-/// Headers a replay adds.
-pub const REPLAY_FROM: &str = "saga-streams.replay.from";
-pub const REPLAY_COUNT: &str = "saga-streams.replay.count";
-pub const REPLAY_AT: &str = "saga-streams.replay.at";
-/// No record is replayed more often than this, whatever `--again` says.
-pub const MAX_REPLAYS: u32 = 5;
 
 #[derive(Debug, clap::Args)]
 #[command(
@@ -144,190 +126,46 @@ pub struct ReplayArgs {
     pub again: bool,
 }
 
-/// A dead letter as the commands see it.
-struct Letter {
-    record: ReadRecord,
-    reason: String,
-    source: Option<(String, i32, i64)>,
-    /// `<topic>/<partition>/<offset>` of the dead letter.
-    position: String,
-    /// Set when this record was itself a replay: the dead letter it came from, and how often.
-    replay_of: Option<(String, u32)>,
-}
-
-fn header_text(record: &ReadRecord, name: &str) -> Option<String> {
-    record
-        .headers
-        .iter()
-        .rev()
-        .find(|(n, _)| n == name)
-        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-}
-
-impl Letter {
-    fn of(record: ReadRecord) -> Letter {
-        let reason = header_text(&record, dlq_headers::KIND).unwrap_or_else(|| "?".into());
-        let source = header_text(&record, dlq_headers::TOPIC).map(|topic| {
-            let number = |h| header_text(&record, h).and_then(|v| v.parse().ok());
-            (
-                topic,
-                number(dlq_headers::PARTITION).unwrap_or(-1) as i32,
-                number(dlq_headers::OFFSET).unwrap_or(-1),
-            )
-        });
-        let replay_of = header_text(&record, REPLAY_FROM).map(|from| {
-            let count = header_text(&record, REPLAY_COUNT)
-                .and_then(|c| c.parse().ok())
-                .unwrap_or(1);
-            (from, count)
-        });
-        let position = format!("{}/{}/{}", record.topic, record.partition, record.offset);
-        Letter {
-            record,
-            reason,
-            source,
-            position,
-            replay_of,
-        }
-    }
-
-    fn saga_id(&self, key_field: &str) -> Option<String> {
-        if let Some(key) = &self.record.key {
-            return Some(String::from_utf8_lossy(key).into_owned());
-        }
-        let body: Value = serde_json::from_slice(self.record.value.as_deref()?).ok()?;
-        let body = body.get("event").filter(|e| e.is_object()).unwrap_or(&body);
-        body.get(key_field)?.as_str().map(String::from)
-    }
-
-    fn message(&self) -> String {
-        header_text(&self.record, dlq_headers::MESSAGE).unwrap_or_default()
-    }
-}
-
-/// A time flag: RFC 3339, or a duration before now.
-fn parse_time(text: &str) -> anyhow::Result<i64> {
-    if let Ok(at) = humantime::parse_rfc3339_weak(text) {
-        return Ok(at
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64));
-    }
-    let ago = humantime::parse_duration(text)
-        .map_err(|_| anyhow!("'{text}' is neither an RFC 3339 time nor a duration ago (2h)"))?;
-    Ok(now_ms().saturating_sub(ago.as_millis() as i64))
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
-fn parse_offsets(text: &str) -> anyhow::Result<(i64, i64)> {
-    let bad = || anyhow!("--source-offsets '{text}': FROM-TO or one offset");
-    let (from, to) = match text.split_once('-') {
-        Some((a, b)) => (
-            a.trim().parse().map_err(|_| bad())?,
-            b.trim().parse().map_err(|_| bad())?,
-        ),
-        None => {
-            let one = text.trim().parse().map_err(|_| bad())?;
-            (one, one)
-        }
-    };
-    if from > to {
-        return Err(bad());
-    }
-    Ok((from, to))
-}
-
-/// The dead-letter topics named (an input topic stands for its DLQ), with the prefix, checked
-/// against the topology's.
-fn dlq_topics(
-    def: &crate::saga::SagaDefinition,
-    prefix: &str,
-    named: &[String],
-) -> anyhow::Result<Vec<String>> {
-    let all: Vec<String> = def.input_topics().iter().map(|t| dlq_topic(t)).collect();
-    if named.is_empty() {
-        return Ok(all);
-    }
-    let mut chosen = Vec::new();
-    for name in named {
-        let candidates = [
-            name.clone(),
-            dlq_topic(name),
-            format!("{prefix}{name}"),
-            dlq_topic(&format!("{prefix}{name}")),
-        ];
-        match candidates.iter().find(|c| all.contains(c)) {
-            Some(found) if !chosen.contains(found) => chosen.push(found.clone()),
-            Some(_) => {}
-            None => bail!(
-                "'{name}' is not a dead-letter topic of the topology (they are: {})",
-                all.join(", ")
-            ),
-        }
-    }
-    Ok(chosen)
-}
-
-struct Filter {
-    reasons: Vec<String>,
-    since: Option<i64>,
-    until: Option<i64>,
-    offsets: Option<(i64, i64)>,
-    saga_id: Option<String>,
-    key_field: String,
-}
-
-impl Filter {
-    fn of(select: &Select, key_field: &str) -> anyhow::Result<Filter> {
-        Ok(Filter {
-            reasons: select.reason.clone(),
-            since: select.since.as_deref().map(parse_time).transpose()?,
-            until: select.until.as_deref().map(parse_time).transpose()?,
-            offsets: select
-                .source_offsets
-                .as_deref()
-                .map(parse_offsets)
-                .transpose()?,
-            saga_id: select.saga_id.clone(),
-            key_field: key_field.to_string(),
-        })
-    }
-
-    fn matches(&self, letter: &Letter) -> bool {
-        let at = letter.record.timestamp_ms;
-        (self.reasons.is_empty() || self.reasons.contains(&letter.reason))
-            && self.since.is_none_or(|t| at >= t)
-            && self.until.is_none_or(|t| at < t)
-            && self.offsets.is_none_or(|(from, to)| {
-                letter
-                    .source
-                    .as_ref()
-                    .is_some_and(|(_, _, o)| (from..=to).contains(o))
-            })
-            && self
-                .saga_id
-                .as_ref()
-                .is_none_or(|id| letter.saga_id(&self.key_field).as_ref() == Some(id))
-    }
-}
-
-/// Every dead letter of the selection, in topic order then as read, and the settings.
+/// The selection's dead letters and filter.
 fn read_letters(
     select: &Select,
 ) -> anyhow::Result<(Vec<Letter>, Filter, crate::runtime::client::KafkaSettings)> {
     let kafka = select.kafka.settings()?;
     let def = select.topology.load()?;
-    let topics = dlq_topics(&def, &select.topology.topic_prefix, &select.topic)?;
-    let filter = Filter::of(select, &def.key_field)?;
+    let topics = ops::dlq_topics(&def, &select.topology.topic_prefix, &select.topic)
+        .map_err(anyhow::Error::msg)?;
+    let filter = Filter {
+        reasons: select.reason.clone(),
+        since: select
+            .since
+            .as_deref()
+            .map(ops::parse_time)
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
+        until: select
+            .until
+            .as_deref()
+            .map(ops::parse_time)
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
+        offsets: select
+            .source_offsets
+            .as_deref()
+            .map(ops::parse_offsets)
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
+        saga_id: select.saga_id.clone(),
+        positions: Vec::new(),
+        key_field: def.key_field.clone(),
+    };
+    // What the command shows, and what the replay guard reads: nothing else is kept.
     let mut letters = Vec::new();
-    sim::for_each_to_end(&kafka, &topics, select.timeout, &mut |record| {
-        letters.push(Letter::of(record))
+    ops::for_each_letter(&kafka, &topics, select.timeout, &mut |l| {
+        if filter.matches(&l) || l.replay_of.is_some() || l.marker.is_some() {
+            letters.push(l);
+        }
     })
-    .map_err(|e| anyhow!("reading the dead-letter topics: {e}"))?;
+    .map_err(anyhow::Error::msg)?;
     Ok((letters, filter, kafka))
 }
 
@@ -358,20 +196,7 @@ fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
     let shown = &matching[..matching.len().min(args.limit)];
     if args.json {
         for l in shown {
-            println!(
-                "{}",
-                json!({
-                    "dlq_topic": l.record.topic,
-                    "partition": l.record.partition,
-                    "offset": l.record.offset,
-                    "at": rfc3339(l.record.timestamp_ms),
-                    "reason": l.reason,
-                    "message": l.message(),
-                    "source": l.source.as_ref().map(|(t, p, o)| json!({"topic": t, "partition": p, "offset": o})),
-                    "saga_id": l.saga_id(&filter.key_field),
-                    "replay_of": l.replay_of.as_ref().map(|(from, n)| json!({"from": from, "count": n})),
-                })
-            );
+            println!("{}", l.json(&filter.key_field, 1_000));
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -421,32 +246,32 @@ fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
 fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
     let kafka = args.kafka.settings()?;
     let def = args.topology.load()?;
-    let topic = dlq_topics(
+    let topic = ops::dlq_topics(
         &def,
         &args.topology.topic_prefix,
         std::slice::from_ref(&args.topic),
-    )?
+    )
+    .map_err(anyhow::Error::msg)?
     .remove(0);
     let mut found = None;
-    sim::for_each_to_end(
+    ops::for_each_letter(
         &kafka,
         std::slice::from_ref(&topic),
         args.timeout,
-        &mut |r| {
-            if r.partition == args.partition && r.offset == args.offset {
-                found = Some(r);
+        &mut |l| {
+            if l.record.partition == args.partition && l.record.offset == args.offset {
+                found = Some(l);
             }
         },
     )
-    .map_err(|e| anyhow!("reading {topic}: {e}"))?;
-    let Some(record) = found else {
+    .map_err(anyhow::Error::msg)?;
+    let Some(letter) = found else {
         bail!(
             "no dead letter at {topic} partition {} offset {} (deleted by retention, or not written)",
             args.partition,
             args.offset
         );
     };
-    let letter = Letter::of(record);
     println!("dead letter: {}", letter.position);
     println!("at: {}", rfc3339(letter.record.timestamp_ms));
     println!("reason: {}", letter.reason);
@@ -492,128 +317,32 @@ fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
 
 fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     let (letters, filter, kafka) = read_letters(&args.select)?;
-    // Dead letters whose replay was dead-lettered again: the failure's position names them.
-    let failed_again: BTreeMap<&str, &str> = letters
-        .iter()
-        .filter_map(|l| {
-            l.replay_of
-                .as_ref()
-                .map(|(from, _)| (from.as_str(), l.position.as_str()))
-        })
-        .collect();
-    let mut plan: Vec<(&Letter, Result<u32, String>)> = Vec::new();
-    for letter in letters.iter().filter(|l| filter.matches(l)) {
-        let count = letter.replay_of.as_ref().map_or(0, |(_, n)| *n);
-        let verdict = if let Some(again) = failed_again.get(letter.position.as_str()) {
-            Err(format!(
-                "replayed before and dead-lettered again at {again}"
-            ))
-        } else if letter.source.is_none() {
-            Err("no source topic header: not a dead letter of saga-streams".into())
-        } else if count > 0 && !args.again {
-            Err(format!(
-                "a replay (#{count}) that failed again: replayed only with --again"
-            ))
-        } else if count >= MAX_REPLAYS {
-            Err(format!(
-                "replayed {count} times already (at most {MAX_REPLAYS})"
-            ))
-        } else {
-            Ok(count + 1)
-        };
-        plan.push((letter, verdict));
-    }
-    let producer: Option<FutureProducer> = if args.dry_run {
-        None
-    } else {
-        Some(
-            kafka
-                .client_config()
-                .set("acks", "all")
-                .set("enable.idempotence", "true")
-                .create()
-                .map_err(|e| anyhow!("a producer: {e}"))?,
-        )
-    };
-    let at = rfc3339(now_ms());
-    // Everything is sent first, then each delivery is waited for.
-    let mut sent: Vec<Result<Option<DeliveryFuture>, String>> = Vec::new();
-    for (letter, verdict) in &plan {
-        let (Ok(count), Some(producer), Some((topic, partition, _))) =
-            (verdict, &producer, &letter.source)
-        else {
-            sent.push(Ok(None));
-            continue;
-        };
-        let mut headers = OwnedHeaders::new();
-        for (name, value) in &letter.record.headers {
-            let ours = name.starts_with("dlq.")
-                || [REPLAY_FROM, REPLAY_COUNT, REPLAY_AT].contains(&name.as_str());
-            if !ours {
-                headers = headers.insert(Header {
-                    key: name,
-                    value: Some(value),
-                });
-            }
-        }
-        let count = count.to_string();
-        for (name, value) in [
-            (REPLAY_FROM, letter.position.as_str()),
-            (REPLAY_COUNT, count.as_str()),
-            (REPLAY_AT, at.as_str()),
-        ] {
-            headers = headers.insert(Header {
-                key: name,
-                value: Some(value),
-            });
-        }
-        let mut record = FutureRecord::<[u8], [u8]>::to(topic).headers(headers);
-        if *partition >= 0 {
-            record = record.partition(*partition);
-        }
-        if let Some(key) = &letter.record.key {
-            record = record.key(key);
-        }
-        if let Some(value) = &letter.record.value {
-            record = record.payload(value);
-        }
-        sent.push(
-            producer
-                .send_result(record)
-                .map(Some)
-                .map_err(|(e, _)| e.to_string()),
-        );
-    }
+    let plan = ops::plan(&letters, &filter, args.again);
+    let outcomes = ops::replay(&kafka, &plan, args.dry_run).map_err(anyhow::Error::msg)?;
     let mut table = Table::new();
     table.set_header(["dead letter", "reason", "to", "saga", "outcome"]);
     let (mut replayed, mut skipped, mut failed) = (0, 0, 0);
-    for ((letter, verdict), sent) in plan.iter().zip(sent) {
-        let outcome = match (verdict, sent) {
-            (Err(why), _) => {
-                skipped += 1;
-                format!("skipped: {why}")
+    for ((letter, _), outcome) in plan.iter().zip(&outcomes) {
+        let text = match outcome {
+            Outcome::Replayed { offset } => {
+                replayed += 1;
+                format!("replayed (offset {offset})")
             }
-            (Ok(_), Ok(None)) => {
+            Outcome::ReplayedUnmarked { offset, why } => {
+                replayed += 1;
+                format!("replayed (offset {offset}), but not marked as replayed ({why}): a later replay would send it again")
+            }
+            Outcome::WouldBeReplayed => {
                 replayed += 1;
                 "would be replayed".to_string()
             }
-            (Ok(_), Ok(Some(delivery))) => match futures::executor::block_on(delivery) {
-                Ok(Ok(d)) => {
-                    replayed += 1;
-                    format!("replayed (offset {})", d.offset)
-                }
-                Ok(Err((e, _))) => {
-                    failed += 1;
-                    format!("not replayed: {e}")
-                }
-                Err(_) => {
-                    failed += 1;
-                    "not replayed: the producer went away".to_string()
-                }
-            },
-            (Ok(_), Err(e)) => {
+            Outcome::Skipped(why) => {
+                skipped += 1;
+                format!("skipped: {why}")
+            }
+            Outcome::Failed(why) => {
                 failed += 1;
-                format!("not replayed: {e}")
+                format!("not replayed: {why}")
             }
         };
         table.add_row([
@@ -626,7 +355,7 @@ fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
             letter
                 .saga_id(&filter.key_field)
                 .unwrap_or_else(|| "-".into()),
-            outcome,
+            text,
         ]);
     }
     if plan.is_empty() {

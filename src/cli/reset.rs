@@ -92,15 +92,13 @@ pub fn run(args: ResetArgs) -> anyhow::Result<ExitCode> {
 
     // Who is in the group now (the classic protocol's view; KIP-848 groups are refused by the
     // deletion below when they have members).
-    let members = consumer
-        .fetch_group_list(Some(&app), TIMEOUT)
-        .ok()
-        .and_then(|list| {
-            list.groups()
-                .iter()
-                .find(|g| g.name() == app)
-                .map(|g| (g.state().to_string(), g.members().len()))
-        });
+    let listed = consumer.fetch_group_list(Some(&app), TIMEOUT);
+    let members = listed.as_ref().ok().and_then(|list| {
+        list.groups()
+            .iter()
+            .find(|g| g.name() == app)
+            .map(|g| (g.state().to_string(), g.members().len()))
+    });
     if let Some((state, n)) = &members {
         if *n > 0 {
             bail!(
@@ -168,9 +166,12 @@ pub fn run(args: ResetArgs) -> anyhow::Result<ExitCode> {
 
     let state = args.state_dir.join(&app);
     println!("application {app}:");
-    match &members {
-        Some((state, _)) => println!("  group state: {state}, no member"),
-        None => println!("  group: not found (never committed, or deleted)"),
+    match (&members, &listed) {
+        (Some((state, _)), _) => println!("  group state: {state}, no member listed"),
+        (None, Ok(_)) => println!("  group: not found (never committed, or deleted)"),
+        (None, Err(e)) => println!(
+            "  group: could not be described ({e}); the reset itself is refused by the broker while the group has members"
+        ),
     }
     match &target {
         None => println!(
@@ -225,23 +226,25 @@ pub fn run(args: ResetArgs) -> anyhow::Result<ExitCode> {
         }
     }
     if let Some(tpl) = &target {
-        consumer
-            .commit(tpl, CommitMode::Sync)
-            .map_err(|e| anyhow!("setting the input offsets: {e}"))?;
+        consumer.commit(tpl, CommitMode::Sync).map_err(|e| {
+            anyhow!("setting the input offsets: {e} (the group's committed offsets were deleted already: the inputs start from the earliest unless this command is run again)")
+        })?;
     }
+    let partial = "the input offsets were reset already; run the same command again to finish";
     if !internal.is_empty() {
         let names: Vec<&str> = internal.iter().map(String::as_str).collect();
         let results = futures::executor::block_on(admin.delete_topics(&names, &options))
-            .map_err(|e| anyhow!("deleting the internal topics: {e}"))?;
+            .map_err(|e| anyhow!("deleting the internal topics: {e} ({partial})"))?;
         for result in results {
             match result {
                 Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
-                Err((topic, code)) => bail!("deleting {topic}: {code}"),
+                Err((topic, code)) => bail!("deleting {topic}: {code} ({partial})"),
             }
         }
         // Gone from the metadata before `run` may create them again.
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
+            // Unknown while the metadata cannot be read: looked at again.
             let left: Vec<String> = consumer
                 .fetch_metadata(None, TIMEOUT)
                 .map(|m| {
@@ -251,12 +254,15 @@ pub fn run(args: ResetArgs) -> anyhow::Result<ExitCode> {
                         .map(|t| t.name().to_string())
                         .collect()
                 })
-                .unwrap_or_default();
+                .unwrap_or_else(|_| internal.clone());
             if left.is_empty() {
                 break;
             }
             if Instant::now() > deadline {
-                bail!("still being deleted after 60 s: {}", left.join(", "));
+                bail!(
+                    "still being deleted after 60 s, or the cluster cannot be read: {} ({partial})",
+                    left.join(", ")
+                );
             }
             std::thread::sleep(Duration::from_millis(200));
         }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::args::{default_instance_id, parse_duration, KafkaArgs, TopologyArgs};
 use crate::codec::Codec;
+use crate::ops::dlq::DlqService;
 use crate::runtime::control::KeyedWriter;
 use crate::runtime::members::{self, members_topic, Members};
 use crate::runtime::secrets::{read_secret, Rotating};
@@ -187,6 +188,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let query = SagaQuery {
         status: config.status.clone(),
         partitioner: args.partitioner,
+        def: def.clone(),
     };
     let tls = args.http_tls_cert.clone().zip(args.http_tls_key.clone());
     // Instances find each other's partitions and addresses through the members topic.
@@ -202,14 +204,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         args.metrics_addr,
         Some(metrics),
         config.status.clone(),
-        Some(Arc::new(query)),
+        http::Services {
+            sagas: Some(Arc::new(query)),
+            forwarding: Some(forwarding),
+            actions: Some(Arc::new(ControlWriter(KeyedWriter::new(
+                kafka.clone(),
+                control_topic(&application_id),
+                config.partitioner.clone(),
+            )))),
+            dead_letters: Some(Arc::new(DlqService::new(kafka.clone(), def.clone()))),
+        },
         http_security(args.http_token_file.as_ref(), tls)?,
-        Some(forwarding),
-        Some(Arc::new(ControlWriter(KeyedWriter::new(
-            kafka.clone(),
-            control_topic(&application_id),
-            config.partitioner.clone(),
-        )))),
     )
     .map_err(anyhow::Error::msg)?;
     // Without --advertised-http, the bound address when it names one (not 0.0.0.0).

@@ -301,7 +301,8 @@ fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
             ));
         }
         cursor = body["next_cursor"].as_str().map(String::from);
-        if !args.all || cursor.is_none() {
+        // A partition that could not be listed holds the cursor: going on would ask it again.
+        if !args.all || cursor.is_none() || !problems.is_empty() {
             break;
         }
     }
@@ -400,9 +401,14 @@ fn act(args: ActionArgs, action: &str, reason: Option<String>) -> anyhow::Result
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let body = json!({ "reason": reason, "by": by, "action_id": action_id });
     let url = api.url(&["sagas", &args.saga_id, action], &[])?;
-    let (status, answer) = api.send(api.client.post(url).json(&body))?;
+    let (status, answer) = api
+        .send(api.client.post(url).json(&body))
+        .map_err(|e| anyhow!("{e}; the action's id is {action_id}: to try again without applying it twice, add --action-id {action_id}"))?;
     if status != 202 {
-        return Err(error_of(status, &answer));
+        return Err(anyhow!(
+            "{}; the action's id is {action_id}: to try again without applying it twice, add --action-id {action_id}",
+            error_of(status, &answer)
+        ));
     }
     if args.wait.is_zero() {
         if args.api.json {
@@ -431,7 +437,7 @@ fn act(args: ActionArgs, action: &str, reason: Option<String>) -> anyhow::Result
             .flatten();
         if let Some(entry) = entry {
             let note = text(&entry["note"]);
-            let refused = note.contains(": refused: ");
+            let refused = entry["refused"] == Value::Bool(true);
             if args.api.json {
                 println!(
                     "{}",

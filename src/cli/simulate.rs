@@ -157,10 +157,8 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
             addr,
             Some(metrics),
             config.status.clone(),
-            None,
             Default::default(),
-            None,
-            None,
+            Default::default(),
         )
         .map_err(anyhow::Error::msg)?;
     }

@@ -70,7 +70,10 @@ impl KeyedWriter {
                 state.producer = Some(
                     config
                         .create::<FutureProducer>()
-                        .map_err(|e| format!("creating the producer: {e}"))?,
+                        // librdkafka's message may quote a setting's value: a secret's too.
+                        .map_err(|_| {
+                            "the Kafka settings were refused when creating the producer (see `saga-streams config show`)".to_string()
+                        })?,
                 );
             }
             state.producer.clone()

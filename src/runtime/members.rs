@@ -115,9 +115,10 @@ fn clients(settings: &KafkaSettings, topic: &str) -> Result<Clients, String> {
         .set("acks", "all")
         .set("enable.idempotence", "true")
         .set("linger.ms", "0");
+    // librdkafka's message may quote a setting's value: a secret's too.
     let producer = producer_config
         .create()
-        .map_err(|e| format!("no producer: {e}"))?;
+        .map_err(|_| "no producer: the Kafka settings were refused".to_string())?;
     let mut consumer_config = client;
     consumer_config
         .set("group.id", format!("{topic}-reader"))
@@ -126,7 +127,7 @@ fn clients(settings: &KafkaSettings, topic: &str) -> Result<Clients, String> {
         .set("isolation.level", "read_committed");
     let consumer = consumer_config
         .create()
-        .map_err(|e| format!("no consumer: {e}"))?;
+        .map_err(|_| "no consumer: the Kafka settings were refused".to_string())?;
     Ok(Clients { producer, consumer })
 }
 

@@ -20,7 +20,7 @@ fn timeout_label(timeout: std::time::Duration, retry: &RetryPolicy) -> String {
 }
 
 /// One transition of the state machine.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Edge {
     pub from: String,
     pub to: String,

@@ -84,6 +84,16 @@ pub struct Transition {
     pub to: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// Where the input that caused it was read: `<topic>/<partition>/<offset>` (set by the
+    /// processor; none for timers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// The event types of the messages it sent (commands, compensations, the outcome).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sent: Vec<String>,
+    /// An operator's action that did not apply (the note says why).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refused: bool,
 }
 
 /// The command or compensation a saga waits on, as sent: a retry sends exactly this again.
@@ -824,6 +834,9 @@ fn push_history(
         from: from.to_string(),
         to: record.status.clone(),
         note,
+        source: None,
+        sent: Vec::new(),
+        refused: false,
     });
 }
 
@@ -1005,6 +1018,9 @@ pub fn act(
                 &from,
                 Some(format!("by {by}: refused: {why}")),
             );
+            if let Some(entry) = refused.history.last_mut() {
+                entry.refused = true;
+            }
             Acted::Refused {
                 record: Box::new(refused),
                 why,

@@ -34,6 +34,9 @@ pub const SAGA_STORE: &str = "sagas";
 const SAGA_PREFIX: &[u8] = b"s/";
 /// Keys of the timer index: `t/<deadline ms, 8 bytes big-endian><saga id>`.
 pub const TIMER_PREFIX: &[u8] = b"t/";
+/// Sagas put into the status index per punctuation while a store of an earlier build is
+/// brought up to it.
+const BACKFILL_BATCH: usize = 2_000;
 /// Timers fired per punctuation at most, so one cycle stays bounded after a long outage.
 const TIMERS_PER_PUNCTUATION: usize = 5_000;
 /// Saga statuses counted in the store, at most (a topology has a few dozen at most).
@@ -50,6 +53,9 @@ pub mod dlq_headers {
     /// [`super::DLQ_VALUE_PREFIX`] bytes; any other letter what fits its size budget): the size
     /// of the original value.
     pub const ORIGINAL_SIZE: &str = "dlq.original.size";
+    /// On a dead letter whose original headers alone were too large to keep: how many there
+    /// were (none is kept).
+    pub const HEADERS_DROPPED: &str = "dlq.original.headers.dropped";
 }
 
 /// Headers of a record re-keyed through the repartition topic: where it was first read.
@@ -144,7 +150,8 @@ fn now_ms(now: SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
-const COUNT_PREFIX: &[u8] = b"c/";
+/// Sagas per status: `c/<status>` -> a JSON number.
+pub const COUNT_PREFIX: &[u8] = b"c/";
 /// The status index: `i/<status>\0<saga id>` for every saga in `s/`, so listing the sagas of
 /// one status reads only those.
 const INDEX_PREFIX: &[u8] = b"i/";
@@ -259,12 +266,15 @@ struct StatusCounts {
     versions: Counts,
     /// The store holds no saga and no [`INDEXED_MARKER`] yet: the next write sets it.
     marker_due: bool,
+    /// The store has the [`INDEXED_MARKER`].
+    indexed: bool,
 }
 
 impl Default for StatusCounts {
     fn default() -> Self {
         Self {
             marker_due: false,
+            indexed: false,
             status: Counts::new(COUNT_PREFIX, m::SAGAS, "status"),
             versions: Counts::new(
                 VERSION_COUNT_PREFIX,
@@ -284,8 +294,15 @@ impl StatusCounts {
             .local
             .iter()
             .all(|(status, n)| status == QUARANTINED || *n == 0);
-        self.marker_due = empty && store.get(INDEXED_MARKER)?.is_none();
+        self.indexed = store.get(INDEXED_MARKER)?.is_some();
+        self.marker_due = empty && !self.indexed;
         Ok(())
+    }
+
+    /// Sagas written before the status index existed are not in it yet (a store from an earlier
+    /// build): [`SagaProcessor::backfill_index`] adds them.
+    fn unindexed(&self) -> bool {
+        !self.indexed && !self.marker_due
     }
 
     fn stale(&self) -> bool {
@@ -329,6 +346,7 @@ impl StatusCounts {
         if self.marker_due {
             store.put(INDEXED_MARKER, b"1");
             self.marker_due = false;
+            self.indexed = true;
         }
         if !after.topology_fingerprint.is_empty() {
             let was_live = before.is_some_and(|b| !b.is_finished());
@@ -489,6 +507,9 @@ pub struct SagaProcessor {
     clock: Option<Arc<std::sync::atomic::AtomicI64>>,
     /// The control topic operators' actions arrive on.
     control: Option<String>,
+    /// Where the status index backfill of an earlier build's store goes on (the next saga key);
+    /// forgotten when a cycle aborts (started again: entries are written idempotently).
+    backfill_from: Option<Vec<u8>>,
 }
 
 impl SagaProcessor {
@@ -500,6 +521,7 @@ impl SagaProcessor {
             counts: StatusCounts::default(),
             repartition: None,
             control: None,
+            backfill_from: None,
             signing: codec.signing().clone(),
             codec,
             clock: None,
@@ -551,6 +573,43 @@ impl SagaProcessor {
         );
         self.dead_letter(ctx, record, &bad);
         false
+    }
+
+    /// Puts up to [`BACKFILL_BATCH`] sagas of a store written before the status index into it,
+    /// one punctuation at a time; once all are in, sets the [`INDEXED_MARKER`]. Sagas that change
+    /// meanwhile move their own entries ([`StatusCounts::save`]), so the two never disagree.
+    fn backfill_index(&mut self, store: &mut Store<'_>) -> Result<(), ProcessorError> {
+        #[derive(serde::Deserialize)]
+        struct StatusOnly {
+            status: String,
+        }
+        let from = self
+            .backfill_from
+            .clone()
+            .unwrap_or_else(|| SAGA_PREFIX.to_vec());
+        let end = crate::state::prefix_end(SAGA_PREFIX);
+        let batch = store.range(&from, end.as_deref(), BACKFILL_BATCH)?;
+        let done = batch.len() < BACKFILL_BATCH;
+        for (key, value) in &batch {
+            let id = String::from_utf8_lossy(&key[SAGA_PREFIX.len()..]);
+            // A record that does not decode is not indexed: it goes to the quarantine when
+            // next touched.
+            if let Ok(saga) = serde_json::from_slice::<StatusOnly>(value) {
+                store.put(&status_index_key(&saga.status, &id), b"");
+            }
+        }
+        match (done, batch.last()) {
+            (false, Some((last, _))) => {
+                self.backfill_from = Some([last.as_slice(), b"\0"].concat());
+            }
+            _ => {
+                store.put(INDEXED_MARKER, b"1");
+                self.counts.indexed = true;
+                self.backfill_from = None;
+                tracing::info!("the status index of this task's sagas is complete");
+            }
+        }
+        Ok(())
     }
 
     /// Takes operators' actions from `topic` (the application's control topic, consumed by the
@@ -648,6 +707,17 @@ impl SagaProcessor {
             machine::Acted::Applied { record, outputs } => (*record, outputs, None),
             machine::Acted::Refused { record, why } => (*record, Vec::new(), Some(why)),
         };
+        let mut after = after;
+        annotate(
+            Some(&current),
+            &mut after,
+            now,
+            Some(format!(
+                "{}/{}/{}",
+                record.topic, record.partition, record.offset
+            )),
+            &outputs,
+        );
         let written = self.encode(def, &after, &outputs, now).and_then(|records| {
             encode_record(&after)
                 .map(|bytes| bytes.map(|b| (records, b)))
@@ -774,7 +844,10 @@ impl SagaProcessor {
         let mut headers = if key_bytes + header_bytes(&record.headers) <= DLQ_RECORD_BUDGET / 2 {
             record.headers.clone()
         } else {
-            Vec::new()
+            vec![(
+                dlq_headers::HEADERS_DROPPED.to_string(),
+                record.headers.len().to_string().into_bytes(),
+            )]
         };
         headers.extend(ours.into_iter().map(|(n, v)| (n.to_string(), v)));
         // The value is cut to what fits: a prefix for a too-large record, else what the budget
@@ -1020,7 +1093,7 @@ impl SagaProcessor {
             payload: event.payload,
             traceparent,
         };
-        let (before, record_after, outputs) = match (existing, role) {
+        let (before, mut record_after, outputs) = match (existing, role) {
             (None, EventRole::Start) => {
                 let correlation_id = event
                     .correlation_id
@@ -1064,6 +1137,16 @@ impl SagaProcessor {
                 }
             }
         };
+        annotate(
+            before.as_ref(),
+            &mut record_after,
+            now,
+            Some(format!(
+                "{}/{}/{}",
+                record.topic, record.partition, record.offset
+            )),
+            &outputs,
+        );
         // Every output and the saga record are encoded and checked before anything is written:
         // what cannot be written dead-letters the input, and the saga stays as it was before it.
         let written = self
@@ -1286,6 +1369,38 @@ fn count_output(def: &SagaDefinition, saga: &SagaRecord, output: &SagaOutput, no
     }
 }
 
+/// Marks the history entries one input or timer added to `after` with where the input was read
+/// and the messages it sent (on the last of them).
+fn annotate(
+    before: Option<&SagaRecord>,
+    after: &mut SagaRecord,
+    now: i64,
+    source: Option<String>,
+    outputs: &[SagaOutput],
+) {
+    let old = before.map_or(0, |b| b.history.len());
+    let new = after.history.len();
+    let added = if new > old {
+        new - old
+    } else {
+        // The history is full and dropped its oldest: the entries of this moment.
+        after
+            .history
+            .iter()
+            .rev()
+            .take_while(|t| t.at_ms == now && t.source.is_none() && t.sent.is_empty())
+            .count()
+            .min(2)
+    };
+    let len = after.history.len();
+    for entry in &mut after.history[len - added..] {
+        entry.source.clone_from(&source);
+    }
+    if let Some(last) = after.history.last_mut().filter(|_| added > 0) {
+        last.sent = outputs.iter().map(|o| o.event_type.clone()).collect();
+    }
+}
+
 /// Writes a saga record and moves its entry in the timer index.
 fn save(
     store: &mut Store<'_>,
@@ -1342,6 +1457,7 @@ impl Processor for SagaProcessor {
 
     fn cycle_aborted(&mut self) {
         self.scanned_to = None;
+        self.backfill_from = None;
         self.counts.mark_stale();
     }
 
@@ -1550,7 +1666,11 @@ impl Processor for SagaProcessor {
                 }
             };
             match applied {
-                Applied::Changed { record, outputs } => {
+                Applied::Changed {
+                    mut record,
+                    outputs,
+                } => {
+                    annotate(Some(&current), &mut record, now, None, &outputs);
                     // Outputs of a timer continue the trace of the saga's last traced input.
                     let span = tracing::info_span!(
                         target: SAGA_SPAN_TARGET, "saga_timer", saga_id = %record.saga_id,
@@ -1629,6 +1749,9 @@ impl Processor for SagaProcessor {
             }
         }
         self.scanned_to = complete.then(|| cutoff.saturating_add(1));
+        if self.counts.unindexed() {
+            self.backfill_index(&mut store)?;
+        }
         drop(store);
         for (_, record, _, _) in &fired {
             self.timer_written(record);

@@ -3,13 +3,15 @@
 //! The saga lives in the task of the partition its key maps to on the start topic, by the input
 //! producers' partitioner ([`Partitioner`]), so the answer matches the producers.
 
+use std::collections::BTreeMap;
+
 use serde_json::{json, Value};
 
 use super::machine::Outcome;
 use super::machine::SagaRecord;
 use super::processor::{
     decode_record, quarantine_key, quarantine_note_key, saga_key, saga_prefix, status_index_prefix,
-    QuarantineNote, INDEXED_MARKER, QUARANTINED, SAGA_STORE,
+    QuarantineNote, COUNT_PREFIX, INDEXED_MARKER, QUARANTINED, SAGA_STORE,
 };
 pub use crate::runtime::partitioner::Partitioner;
 use crate::runtime::RuntimeStatus;
@@ -21,6 +23,45 @@ use crate::telemetry::http::{ListFilter, ListPage, Lookup, SagaLookup};
 pub struct SagaQuery {
     pub status: RuntimeStatus,
     pub partitioner: Partitioner,
+    /// The topology, for `/topology` (the inspector draws its state machine).
+    pub def: std::sync::Arc<super::SagaDefinition>,
+}
+
+/// The topology as the inspector shows it: steps, statuses and the state machine's transitions.
+pub fn topology_json(def: &super::SagaDefinition) -> Value {
+    let steps: Vec<Value> = def
+        .steps
+        .iter()
+        .map(|s| {
+            json!({
+                "name": s.name,
+                "state": s.state,
+                "command": { "topic": s.command.topic, "event_type": s.command.event_type },
+                "replies": { "topic": s.reply_topic, "success": s.success, "failure": s.failure },
+                "compensation": {
+                    "topic": s.compensation.topic,
+                    "event_type": s.compensation.event_type,
+                    "confirmed_by": s.confirmed_by,
+                },
+                "timeout": humantime::format_duration(s.timeout).to_string(),
+            })
+        })
+        .collect();
+    let dlqs: Vec<String> = def
+        .input_topics()
+        .iter()
+        .map(|t| super::topology::dlq_topic(t))
+        .collect();
+    json!({
+        "name": def.name,
+        "version": def.version,
+        "key_field": def.key_field,
+        "start": { "topic": def.start_topic, "event_type": def.start_event },
+        "steps": steps,
+        "compensated_state": def.compensated_state,
+        "dlq_topics": dlqs,
+        "edges": super::describe::edges(def),
+    })
 }
 
 /// The saga as the query endpoint shows it: times in RFC 3339 besides the raw milliseconds.
@@ -37,6 +78,9 @@ pub fn saga_json(record: &SagaRecord, partition: i32) -> Value {
                 "from": t.from,
                 "to": t.to,
                 "note": t.note,
+                "source": t.source,
+                "sent": t.sent,
+                "refused": t.refused,
             })
         })
         .collect();
@@ -103,6 +147,9 @@ impl Listed {
             && filter
                 .updated_before_ms
                 .is_none_or(|t| self.updated_at_ms <= t)
+            && filter
+                .updated_after_ms
+                .is_none_or(|t| self.updated_at_ms >= t)
     }
 
     fn json(&self, partition: i32) -> Value {
@@ -122,20 +169,45 @@ impl Listed {
     }
 }
 
-/// A list request reads at most this many records of a partition; past it, the page ends early
-/// with a cursor, so one request stays short however rare the matches are.
+/// A list request reads at most this many records in all (over every partition it reads);
+/// past it, the page ends early with a cursor, so one request stays short however rare the
+/// matches are.
 pub const MAX_EXAMINED: usize = 20_000;
 /// Keys read from the store per step of a list.
 const LIST_CHUNK: usize = 500;
 
 impl SagaLookup for SagaQuery {
+    fn topology(&self) -> Value {
+        topology_json(&self.def)
+    }
+
+    fn counts(&self, partition: i32) -> Result<Option<BTreeMap<String, i64>>, String> {
+        let Some(reader) = self.status.reader(partition) else {
+            return Ok(None);
+        };
+        let mut counts = BTreeMap::new();
+        for (key, value) in reader
+            .prefix(SAGA_STORE, COUNT_PREFIX, 1_000)
+            .map_err(|e| e.to_string())?
+        {
+            let status = String::from_utf8_lossy(&key[COUNT_PREFIX.len()..]).into_owned();
+            let n: i64 = serde_json::from_slice(&value).unwrap_or(0);
+            if n != 0 {
+                counts.insert(status, n);
+            }
+        }
+        Ok(Some(counts))
+    }
+
     fn list(
         &self,
         partition: i32,
         filter: &ListFilter,
         after: Option<&str>,
         limit: usize,
+        budget: usize,
     ) -> Result<Option<ListPage>, String> {
+        let budget = budget.clamp(1, MAX_EXAMINED);
         let Some(reader) = self.status.reader(partition) else {
             return Ok(None);
         };
@@ -177,7 +249,7 @@ impl SagaLookup for SagaQuery {
                     sagas.push(listed.json(partition));
                 }
                 from = [key.as_slice(), b"\0"].concat();
-                if sagas.len() >= limit || examined >= MAX_EXAMINED {
+                if sagas.len() >= limit || examined >= budget {
                     return Ok(Some(ListPage {
                         sagas,
                         // Whether more follow is only known by reading on: the next page may

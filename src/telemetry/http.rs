@@ -313,6 +313,8 @@ pub struct ListFilter {
     /// Sagas unchanged since this time (ms since the epoch): `older_than` resolved once by the
     /// instance that took the request, so every partition is judged against the same time.
     pub updated_before_ms: Option<i64>,
+    /// Sagas changed at or after this time: `newer_than`, resolved the same way.
+    pub updated_after_ms: Option<i64>,
 }
 
 /// One partition's part of a list.
@@ -331,18 +333,58 @@ pub struct ListPage {
 /// Finds sagas by id in the state this instance holds.
 pub trait SagaLookup: Send + Sync {
     fn lookup(&self, saga_id: &str) -> Result<Lookup, String>;
-    /// Up to `limit` sagas of `partition` matching `filter`, in saga id order after `after`;
-    /// `None` when this instance does not serve the partition.
+    /// The topology: steps, statuses, transitions.
+    fn topology(&self) -> serde_json::Value;
+    /// Sagas per status in `partition`'s store; `None` when this instance does not serve it.
+    fn counts(
+        &self,
+        partition: i32,
+    ) -> Result<Option<std::collections::BTreeMap<String, i64>>, String>;
+    /// Up to `limit` sagas of `partition` matching `filter`, in saga id order after `after`,
+    /// reading at most `budget` records; `None` when this instance does not serve the
+    /// partition.
     fn list(
         &self,
         partition: i32,
         filter: &ListFilter,
         after: Option<&str>,
         limit: usize,
+        budget: usize,
     ) -> Result<Option<ListPage>, String>;
     /// Saga records of this instance's tasks moved to the quarantine (they could not be read),
     /// at most `limit`.
     fn quarantine(&self, limit: usize) -> Result<Vec<serde_json::Value>, String>;
+}
+
+/// Which dead letters a DLQ request is about.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct DlqQuery {
+    pub reason: Option<String>,
+    pub saga_id: Option<String>,
+    /// `FROM-TO` offsets of the source partition.
+    pub source_offsets: Option<String>,
+    /// RFC 3339, or a duration ago.
+    pub since: Option<String>,
+    pub until: Option<String>,
+    /// Exactly these dead letters (`topic/partition/offset`), comma-separated.
+    pub positions: Option<String>,
+    pub limit: Option<usize>,
+}
+
+/// The dead-letter topics, for the inspector: read, and replayed.
+pub trait DeadLetters: Send + Sync {
+    /// Per dead-letter topic, how many records per reason.
+    fn summary(&self) -> Result<serde_json::Value, String>;
+    /// The dead letters of `topic` matching `query`, newest first.
+    fn list(&self, topic: &str, query: &DlqQuery) -> Result<serde_json::Value, String>;
+    /// Replays the dead letters of `topic` matching `query` (see `ops::dlq`).
+    fn replay(
+        &self,
+        topic: &str,
+        query: &DlqQuery,
+        again: bool,
+        dry_run: bool,
+    ) -> Result<serde_json::Value, String>;
 }
 
 /// Where operators' actions go: the application's control topic.
@@ -362,6 +404,16 @@ struct AppState {
     token: Option<Rotating<String>>,
     forwarding: Option<Forwarding>,
     actions: Option<Arc<dyn ActionSink>>,
+    dead_letters: Option<Arc<dyn DeadLetters>>,
+}
+
+/// What the endpoints serve besides the metrics and readiness: sagas, actions, dead letters.
+#[derive(Clone, Default)]
+pub struct Services {
+    pub sagas: Option<Arc<dyn SagaLookup>>,
+    pub forwarding: Option<Forwarding>,
+    pub actions: Option<Arc<dyn ActionSink>>,
+    pub dead_letters: Option<Arc<dyn DeadLetters>>,
 }
 
 /// Binds `addr` and serves the endpoints from a background thread; returns the bound address
@@ -370,10 +422,8 @@ pub fn serve(
     addr: SocketAddr,
     metrics: Option<PrometheusHandle>,
     status: RuntimeStatus,
-    sagas: Option<Arc<dyn SagaLookup>>,
+    services: Services,
     security: HttpSecurity,
-    forwarding: Option<Forwarding>,
-    actions: Option<Arc<dyn ActionSink>>,
 ) -> Result<SocketAddr, String> {
     // A certificate that cannot be loaded stops the start, like a port that cannot be bound.
     let tls = match &security.tls {
@@ -408,21 +458,33 @@ pub fn serve(
         metrics,
         process,
         status,
-        sagas,
+        sagas: services.sagas,
         token: security.token,
-        forwarding,
-        actions,
+        forwarding: services.forwarding,
+        actions: services.actions,
+        dead_letters: services.dead_letters,
     };
     let guarded = Router::new()
         .route("/sagas", get(list_sagas))
         .route("/sagas/{id}", get(saga))
         .route("/sagas/{id}/{action}", axum::routing::post(saga_action))
+        .route("/overview", get(overview))
+        .route("/topology", get(topology))
+        .route("/dlq", get(dlq_summary))
+        .route("/dlq/{topic}", get(dlq_list))
+        .route("/dlq/{topic}/replay", axum::routing::post(dlq_replay))
         .route("/quarantine", get(quarantine))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     let app = Router::new()
         .route("/metrics", get(metrics_text))
         .route("/health", get(health))
         .route("/ready", get(ready))
+        // The inspector's page and code: no data in them; every request they make for data
+        // carries the token the operator enters.
+        .route("/ui", get(super::ui::page))
+        .route("/ui/", get(super::ui::page))
+        .route("/ui/app.js", get(super::ui::script))
+        .route("/ui/style.css", get(super::ui::style))
         .merge(guarded)
         .with_state(state)
         .into_make_service_with_connect_info::<SocketAddr>();
@@ -451,7 +513,7 @@ pub fn serve(
             })
         })
         .map_err(|e| format!("starting the HTTP thread: {e}"))?;
-    tracing::info!(addr = %bound, scheme, token_required = protected, "http endpoints listening (/metrics, /health, /ready, /sagas, /sagas/{{id}}, /quarantine)");
+    tracing::info!(addr = %bound, scheme, token_required = protected, "http endpoints listening (/metrics, /health, /ready, /sagas, /sagas/{{id}}, /overview, /dlq, /quarantine, /ui)");
     Ok(bound)
 }
 
@@ -574,6 +636,8 @@ struct ListParams {
     correlation_id: Option<String>,
     /// A duration (`10m`, `2h`): sagas unchanged for at least that long.
     older_than: Option<String>,
+    /// A duration: sagas changed within it.
+    newer_than: Option<String>,
     limit: Option<usize>,
     /// Where the previous page ended (its `next_cursor`).
     cursor: Option<String>,
@@ -581,6 +645,22 @@ struct ListParams {
     partition: Option<i32>,
     after: Option<String>,
     updated_before: Option<i64>,
+    updated_after: Option<i64>,
+    /// Between instances: the records the page may still read.
+    budget: Option<usize>,
+}
+
+/// Records one list request may read in all.
+const LIST_BUDGET: usize = 20_000;
+
+/// `now - age` for an age like `10m`, in ms since the epoch.
+fn time_ago(name: &str, text: &str) -> Result<i64, String> {
+    let age = humantime::parse_duration(text).map_err(|e| format!("{name} '{text}': {e}"))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    Ok(now.saturating_sub(age.as_millis() as i64))
 }
 
 /// A list cursor: the partition to go on with and the last saga id read there (hex).
@@ -628,15 +708,17 @@ async fn list_sagas(
     }
     let updated_before = match (&params.older_than, params.updated_before) {
         (_, Some(at)) => Some(at),
-        (Some(text), None) => match humantime::parse_duration(text) {
-            Ok(age) => {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_millis() as i64)
-                    .unwrap_or(0);
-                Some(now.saturating_sub(age.as_millis() as i64))
-            }
-            Err(e) => return bad_request(format!("older_than '{text}': {e}")),
+        (Some(text), None) => match time_ago("older_than", text) {
+            Ok(at) => Some(at),
+            Err(e) => return bad_request(e),
+        },
+        (None, None) => None,
+    };
+    let updated_after = match (&params.newer_than, params.updated_after) {
+        (_, Some(at)) => Some(at),
+        (Some(text), None) => match time_ago("newer_than", text) {
+            Ok(at) => Some(at),
+            Err(e) => return bad_request(e),
         },
         (None, None) => None,
     };
@@ -645,10 +727,18 @@ async fn list_sagas(
         step: params.step.clone().filter(|s| !s.is_empty()),
         correlation_id: params.correlation_id.clone().filter(|s| !s.is_empty()),
         updated_before_ms: updated_before,
+        updated_after_ms: updated_after,
     };
     // Another instance asks for one partition of this one's.
     if let Some(partition) = params.partition {
-        return match sagas.list(partition, &filter, params.after.as_deref(), limit) {
+        let budget = params.budget.unwrap_or(LIST_BUDGET).min(LIST_BUDGET);
+        let (lookup, after, filter) = (sagas.clone(), params.after.clone(), filter.clone());
+        let listed = tokio::task::spawn_blocking(move || {
+            lookup.list(partition, &filter, after.as_deref(), limit, budget)
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        return match listed {
             Ok(Some(page)) => Json(page).into_response(),
             Ok(None) => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -685,18 +775,30 @@ async fn list_sagas(
     if let Some(at) = updated_before {
         forwarded.push(("updated_before", at.to_string()));
     }
+    if let Some(at) = updated_after {
+        forwarded.push(("updated_after", at.to_string()));
+    }
     let mut listed = Vec::new();
     let mut unavailable = Vec::new();
     let mut examined = 0;
-    while partition < partitions && listed.len() < limit {
+    let mut by_index = true;
+    while partition < partitions && listed.len() < limit && examined < LIST_BUDGET {
         let want = limit - listed.len();
-        let local = sagas.list(partition, &filter, after.as_deref(), want);
+        let budget = LIST_BUDGET - examined;
+        // Store reads block: off the event loop, so /health and /ready answer meanwhile.
+        let (lookup, from, f) = (sagas.clone(), after.clone(), filter.clone());
+        let local = tokio::task::spawn_blocking(move || {
+            lookup.list(partition, &f, from.as_deref(), want, budget)
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
         let page = match local {
             Ok(Some(page)) => Ok(page),
             Ok(None) => match &state.forwarding {
                 Some(forwarding) => {
                     let mut query = forwarded.clone();
                     query.push(("limit", want.to_string()));
+                    query.push(("budget", budget.to_string()));
                     if let Some(after) = &after {
                         query.push(("after", after.clone()));
                     }
@@ -711,6 +813,7 @@ async fn list_sagas(
         match page {
             Ok(page) => {
                 examined += page.examined;
+                by_index &= page.indexed;
                 listed.extend(page.sagas);
                 match page.next_after {
                     // Full, or the partition's read budget is spent: the next page goes on here.
@@ -724,10 +827,11 @@ async fn list_sagas(
                     }
                 }
             }
+            // The page ends here and the cursor stays on the partition: going on past it would
+            // leave its sagas out of every later page.
             Err(reason) => {
                 unavailable.push(json!({ "partition": partition, "reason": reason }));
-                partition += 1;
-                after = None;
+                break;
             }
         }
     }
@@ -737,6 +841,7 @@ async fn list_sagas(
         "next_cursor": next,
         "partitions": partitions,
         "examined": examined,
+        "by_index": by_index,
         "unavailable": unavailable,
     }))
     .into_response()
@@ -899,12 +1004,216 @@ async fn saga_action(
             )
                 .into_response()
         }
+        // It may have reached the brokers all the same (a timeout): sent again with the same
+        // action id, it applies at most once.
         Ok(Err(e)) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "error": format!("the action could not be written to the control topic: {e}") })),
+            Json(json!({
+                "error": format!("the action was not confirmed by the control topic ({e}): it may or may not have been written; send it again with the same action_id ({action_id}) to apply it at most once"),
+                "action_id": action_id,
+            })),
         )
             .into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({ "error": e.to_string() }))).into_response(),
+    }
+}
+
+fn no_saga() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(json!({ "error": "this process runs no saga" })),
+    )
+        .into_response()
+}
+
+async fn topology(State(state): State<AppState>) -> Response {
+    match &state.sagas {
+        Some(sagas) => Json(sagas.topology()).into_response(),
+        None => no_saga(),
+    }
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+struct OverviewParams {
+    /// Between instances: one partition's counts.
+    partition: Option<i32>,
+}
+
+/// `GET /overview`: sagas per status over every partition (this instance's counted from its
+/// stores, the others' asked of their owners).
+async fn overview(
+    State(state): State<AppState>,
+    axum::extract::Query(params): axum::extract::Query<OverviewParams>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let Some(sagas) = state.sagas.as_ref() else {
+        return no_saga();
+    };
+    if let Some(partition) = params.partition {
+        return match sagas.counts(partition) {
+            Ok(Some(counts)) => Json(json!({ "counts": counts })).into_response(),
+            Ok(None) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({ "error": format!("partition {partition} is not served by this instance (now)") })),
+            )
+                .into_response(),
+            Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({ "error": e }))).into_response(),
+        };
+    }
+    let partitions = state.status.partitions();
+    if partitions <= 0 {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "error": "not started yet" })),
+        )
+            .into_response();
+    }
+    let mut total: std::collections::BTreeMap<String, i64> = std::collections::BTreeMap::new();
+    let mut unavailable = Vec::new();
+    for partition in 0..partitions {
+        let counts = match sagas.counts(partition) {
+            Ok(Some(counts)) => Ok(counts),
+            Ok(None) => match &state.forwarding {
+                Some(forwarding) => {
+                    let query = [("partition", partition.to_string())];
+                    match forwarding
+                        .fetch(partition, &["overview"], &query, &headers)
+                        .await
+                    {
+                        Ok((StatusCode::OK, body, _)) => {
+                            serde_json::from_slice::<serde_json::Value>(&body)
+                                .ok()
+                                .and_then(|v| serde_json::from_value(v["counts"].clone()).ok())
+                                .ok_or_else(|| "an answer that is not counts".to_string())
+                        }
+                        Ok((code, _, who)) => Err(format!("instance {who} answered {code}")),
+                        Err((e, _)) => Err(e),
+                    }
+                }
+                None => Err(format!(
+                    "partition {partition} is served by another instance"
+                )),
+            },
+            Err(e) => Err(e),
+        };
+        match counts {
+            Ok(counts) => {
+                for (status, n) in counts {
+                    *total.entry(status).or_default() += n;
+                }
+            }
+            Err(reason) => unavailable.push(json!({ "partition": partition, "reason": reason })),
+        }
+    }
+    Json(json!({
+        "counts": total,
+        "partitions": partitions,
+        "unavailable": unavailable,
+    }))
+    .into_response()
+}
+
+fn no_dead_letters() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(json!({ "error": "this process serves no dead-letter topics" })),
+    )
+        .into_response()
+}
+
+/// Runs a blocking dead-letter call off the HTTP thread's event loop.
+async fn blocking_json(
+    call: impl FnOnce() -> Result<serde_json::Value, String> + Send + 'static,
+) -> Response {
+    match tokio::task::spawn_blocking(call).await {
+        Ok(Ok(value)) => Json(value).into_response(),
+        Ok(Err(e)) => {
+            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "error": e }))).into_response()
+        }
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({ "error": e.to_string() })),
+        )
+            .into_response(),
+    }
+}
+
+async fn dlq_summary(State(state): State<AppState>) -> Response {
+    let Some(dlq) = state.dead_letters.clone() else {
+        return no_dead_letters();
+    };
+    blocking_json(move || dlq.summary()).await
+}
+
+async fn dlq_list(
+    State(state): State<AppState>,
+    Path(topic): Path<String>,
+    axum::extract::Query(query): axum::extract::Query<DlqQuery>,
+) -> Response {
+    let Some(dlq) = state.dead_letters.clone() else {
+        return no_dead_letters();
+    };
+    blocking_json(move || dlq.list(&topic, &query)).await
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplayBody {
+    #[serde(flatten)]
+    query: DlqQuery,
+    #[serde(default)]
+    dry_run: bool,
+    #[serde(default)]
+    again: bool,
+    by: Option<String>,
+}
+
+/// `POST /dlq/{topic}/replay`: like `saga-streams dlq replay`; needs the token, as actions do.
+async fn dlq_replay(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(topic): Path<String>,
+    body: bytes::Bytes,
+) -> Response {
+    if state.token.is_none() {
+        return (
+            StatusCode::FORBIDDEN,
+            Json(json!({ "error": "replaying dead letters needs the HTTP endpoints protected by a token: start the instances with --http-token-file" })),
+        )
+            .into_response();
+    }
+    let Some(dlq) = state.dead_letters.clone() else {
+        return no_dead_letters();
+    };
+    let body: ReplayBody = match serde_json::from_slice(&body) {
+        Ok(body) => body,
+        Err(e) => return bad_request(format!("the body is not a replay request: {e}")),
+    };
+    let by = body.by.clone().unwrap_or_else(|| "unnamed".into());
+    let (dry_run, again) = (body.dry_run, body.again);
+    let logged_topic = topic.clone();
+    let result =
+        tokio::task::spawn_blocking(move || dlq.replay(&topic, &body.query, again, dry_run)).await;
+    match result {
+        Ok(Ok(value)) => {
+            tracing::info!(
+                target: AUDIT_TARGET, event = "dlq_replay", topic = %logged_topic,
+                requested_by = %by, %peer, dry_run, again,
+                replayed = value["replayed"].as_u64().unwrap_or(0),
+                skipped = value["skipped"].as_u64().unwrap_or(0),
+                failed = value["failed"].as_u64().unwrap_or(0),
+                "dead letters replayed"
+            );
+            Json(value).into_response()
+        }
+        Ok(Err(e)) => {
+            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "error": e }))).into_response()
+        }
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({ "error": e.to_string() })),
+        )
+            .into_response(),
     }
 }
 

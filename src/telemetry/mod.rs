@@ -9,6 +9,7 @@
 pub mod http;
 pub mod lag;
 pub mod metrics;
+pub mod ui;
 
 use tracing_subscriber::EnvFilter;
 

@@ -506,3 +506,22 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("a free port")
 }
+
+/// A path under the build cache (`$XDG_CACHE_HOME/saga-streams`, by default
+/// `~/.cache/saga-streams`), where `scripts/deps` installs the test tools.
+pub fn cache_path(path: &str) -> std::path::PathBuf {
+    std::env::var("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| {
+            std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache")
+        })
+        .join("saga-streams")
+        .join(path)
+}
+
+/// The Python of the tests' virtualenv (`scripts/deps` creates it).
+pub fn venv_python() -> std::path::PathBuf {
+    std::env::var("SAGA_STREAMS_INTEROP_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| cache_path("venv/bin/python"))
+}

@@ -362,15 +362,15 @@ fn lag_is_exactly_zero_after_transactional_inputs_are_processed() {
         "no partition ends with a marker:\n{table}"
     );
 
-    // The gauge agrees: every input partition at 0, the repartition topic's (an input of the
-    // application too) included.
+    // The gauge agrees: every input partition at 0, the repartition and control topics' (inputs
+    // of the application too) included.
     let gauge_zero = poll_until(Duration::from_secs(30), || {
         let (_, metrics) = http_get(&format!("http://{addr}/metrics"));
         let lines: Vec<&str> = metrics
             .lines()
             .filter(|l| l.starts_with("saga_streams_consumer_lag{"))
             .collect();
-        lines.len() == 12 && lines.iter().all(|l| l.ends_with(" 0"))
+        lines.len() == 15 && lines.iter().all(|l| l.ends_with(" 0"))
     });
     let (_, metrics) = http_get(&format!("http://{addr}/metrics"));
     assert!(

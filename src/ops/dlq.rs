@@ -32,6 +32,9 @@ pub const REPLAYED: &str = "saga-streams.replayed";
 pub const REPLAYED_TO: &str = "saga-streams.replayed.to";
 /// No record is replayed more often than this, whatever `again` says.
 pub const MAX_REPLAYS: u32 = 5;
+/// Letters one replay writes at most (the others are reported, for the next run): a replay's
+/// time and memory stay bounded.
+pub const MAX_PER_REPLAY: usize = 1_000;
 
 /// A dead letter.
 pub struct Letter {
@@ -288,10 +291,19 @@ pub fn plan<'a>(letters: &'a [Letter], filter: &Filter, again: bool) -> Vec<(&'a
         entry.0 = to.as_str();
         entry.1 += 1;
     }
+    let mut planned = 0usize;
     letters
         .iter()
         .filter(|l| filter.matches(l))
         .map(|letter| {
+            if planned >= MAX_PER_REPLAY {
+                return (
+                    letter,
+                    Err(format!(
+                        "more than {MAX_PER_REPLAY} letters in one replay: run it again for the rest"
+                    )),
+                );
+            }
             let earlier = letter.replay_of.as_ref().map_or(0, |(_, n)| *n);
             let done = replayed.get(letter.position.as_str());
             let count = earlier + done.map_or(0, |(_, n)| *n);
@@ -303,6 +315,18 @@ pub fn plan<'a>(letters: &'a [Letter], filter: &Filter, again: bool) -> Vec<(&'a
                 Err(why)
             } else if letter.source.is_none() {
                 Err("no source topic header: not a dead letter of saga-streams".into())
+            } else if letter
+                .source
+                .as_ref()
+                .is_some_and(|(topic, _, _)| dlq_topic(topic) != letter.record.topic)
+            {
+                // Written back only to the topic whose dead letters this topic holds: a header
+                // naming another topic (the control topic...) is not followed.
+                Err(format!(
+                    "its source topic header names '{}', not the input of {}",
+                    letter.source.as_ref().map_or("", |(t, _, _)| t.as_str()),
+                    letter.record.topic
+                ))
             } else if let (Some((to, _)), false) = (done, again) {
                 Err(format!(
                     "replayed before, to {to}: replayed again only with --again"
@@ -316,6 +340,7 @@ pub fn plan<'a>(letters: &'a [Letter], filter: &Filter, again: bool) -> Vec<(&'a
                     "replayed {count} times already (at most {MAX_REPLAYS})"
                 ))
             } else {
+                planned += 1;
                 Ok(count + 1)
             };
             (letter, verdict)
@@ -453,9 +478,14 @@ fn mark(
             key: REPLAYED_TO,
             value: Some(to.as_str()),
         });
+    // With a value: on a compacted dead-letter topic a null value would delete the letters of
+    // the same key.
+    let value =
+        serde_json::to_vec(&json!({ "replayed": letter.position, "to": to })).unwrap_or_default();
     let mut record = FutureRecord::<[u8], [u8]>::to(&letter.record.topic)
         .partition(letter.record.partition)
-        .headers(headers);
+        .headers(headers)
+        .payload(&value);
     if let Some(key) = &letter.record.key {
         record = record.key(key);
     }
@@ -481,7 +511,14 @@ const READ_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct DlqService {
     settings: std::sync::Mutex<(u64, crate::runtime::client::KafkaSettings)>,
     def: std::sync::Arc<SagaDefinition>,
+    /// One replay at a time in this instance: two at once would both miss the other's markers.
+    replaying: std::sync::Mutex<()>,
+    /// The last summary and when it was read: pages that ask often read the topics once.
+    summary: std::sync::Mutex<Option<(std::time::Instant, Value)>>,
 }
+
+/// How long a summary of the dead-letter topics is served again before they are read anew.
+const SUMMARY_FOR: Duration = Duration::from_secs(10);
 
 impl DlqService {
     pub fn new(
@@ -491,6 +528,8 @@ impl DlqService {
         Self {
             settings: std::sync::Mutex::new((crate::runtime::secrets::generation(), settings)),
             def,
+            replaying: std::sync::Mutex::new(()),
+            summary: std::sync::Mutex::new(None),
         }
     }
 
@@ -524,13 +563,7 @@ impl DlqService {
         })
     }
 
-    fn one_topic(&self, topic: &str) -> Result<Vec<String>, String> {
-        dlq_topics(&self.def, "", std::slice::from_ref(&topic.to_string()))
-    }
-}
-
-impl crate::telemetry::http::DeadLetters for DlqService {
-    fn summary(&self) -> Result<Value, String> {
+    fn read_summary(&self) -> Result<Value, String> {
         let kafka = self.kafka();
         let topics = dlq_topics(&self.def, "", &[])?;
         let mut counts: BTreeMap<String, BTreeMap<String, u64>> = topics
@@ -556,22 +589,55 @@ impl crate::telemetry::http::DeadLetters for DlqService {
         Ok(json!({ "topics": topics }))
     }
 
+    fn one_topic(&self, topic: &str) -> Result<Vec<String>, String> {
+        dlq_topics(&self.def, "", std::slice::from_ref(&topic.to_string()))
+    }
+}
+
+impl crate::telemetry::http::DeadLetters for DlqService {
+    fn summary(&self) -> Result<Value, String> {
+        // Held while reading: concurrent requests wait for one read instead of each reading.
+        let mut cached = self.summary.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, value)) = cached.as_ref() {
+            if at.elapsed() < SUMMARY_FOR {
+                return Ok(value.clone());
+            }
+        }
+        let value = self.read_summary()?;
+        *cached = Some((std::time::Instant::now(), value.clone()));
+        Ok(value)
+    }
+
     fn list(&self, topic: &str, query: &crate::telemetry::http::DlqQuery) -> Result<Value, String> {
         let kafka = self.kafka();
         let topics = self.one_topic(topic)?;
         let filter = self.filter(query)?;
         let limit = query.limit.unwrap_or(100).clamp(1, MAX_LISTED);
-        // The newest `limit` matches, in memory as previews only.
-        let mut newest: std::collections::VecDeque<Value> = std::collections::VecDeque::new();
+        // The newest `limit` matches by time (partitions are read interleaved), in memory as
+        // previews only.
+        let mut newest: Vec<(i64, i32, i64, Value)> = Vec::new();
         let mut matching = 0usize;
         for_each_letter(&kafka, &topics, READ_TIMEOUT, &mut |l| {
             if filter.matches(&l) {
                 matching += 1;
-                newest.push_front(l.json(&filter.key_field, PREVIEW_BYTES));
-                newest.truncate(limit);
+                let key = (l.record.timestamp_ms, l.record.partition, l.record.offset);
+                if newest.len() < limit || newest.last().is_some_and(|n| (n.0, n.1, n.2) < key) {
+                    let at = newest.partition_point(|n| (n.0, n.1, n.2) > key);
+                    newest.insert(
+                        at,
+                        (
+                            key.0,
+                            key.1,
+                            key.2,
+                            l.json(&filter.key_field, PREVIEW_BYTES),
+                        ),
+                    );
+                    newest.truncate(limit);
+                }
             }
         })?;
-        Ok(json!({ "topic": topics[0], "matching": matching, "records": newest }))
+        let records: Vec<Value> = newest.into_iter().map(|n| n.3).collect();
+        Ok(json!({ "topic": topics[0], "matching": matching, "records": records }))
     }
 
     fn replay(
@@ -581,6 +647,7 @@ impl crate::telemetry::http::DeadLetters for DlqService {
         again: bool,
         dry_run: bool,
     ) -> Result<Value, String> {
+        let _one_at_a_time = self.replaying.lock().unwrap_or_else(|p| p.into_inner());
         let kafka = self.kafka();
         let topics = self.one_topic(topic)?;
         let filter = self.filter(query)?;
@@ -593,6 +660,9 @@ impl crate::telemetry::http::DeadLetters for DlqService {
         })?;
         let plan = plan(&letters, &filter, again);
         let outcomes = replay(&kafka, &plan, dry_run)?;
+        if !dry_run {
+            *self.summary.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
         let mut counts = BTreeMap::from([("replayed", 0u64), ("skipped", 0), ("failed", 0)]);
         let results: Vec<Value> = plan
             .iter()
@@ -616,5 +686,119 @@ impl crate::telemetry::http::DeadLetters for DlqService {
             "failed": counts["failed"],
             "results": results,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::InputRecord;
+
+    fn letter(offset: i64, source: &str, headers: &[(&str, &str)]) -> Letter {
+        let mut all: Vec<(String, Vec<u8>)> = vec![
+            (dlq_headers::TOPIC.into(), source.as_bytes().to_vec()),
+            (dlq_headers::PARTITION.into(), b"0".to_vec()),
+            (dlq_headers::OFFSET.into(), offset.to_string().into_bytes()),
+            (dlq_headers::KIND.into(), b"unknown_saga".to_vec()),
+        ];
+        all.extend(
+            headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())),
+        );
+        Letter::of(ReadRecord(InputRecord {
+            topic: "payments.events.dlq".into(),
+            partition: 0,
+            offset,
+            timestamp_ms: 1,
+            key: Some(b"o-1".to_vec()),
+            value: Some(b"{}".to_vec()),
+            headers: all,
+        }))
+    }
+
+    fn verdicts(letters: &[Letter], again: bool) -> Vec<Verdict> {
+        plan(letters, &Filter::default(), again)
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect()
+    }
+
+    #[test]
+    fn a_letter_goes_back_only_to_its_own_input_and_whole() {
+        let letters = [
+            letter(0, "payments.events", &[]),
+            letter(1, "app-control", &[]),
+            letter(
+                2,
+                "payments.events",
+                &[(dlq_headers::ORIGINAL_SIZE, "2000000")],
+            ),
+            letter(3, "payments.events", &[(dlq_headers::HEADERS_DROPPED, "3")]),
+        ];
+        let v = verdicts(&letters, false);
+        assert_eq!(v[0], Ok(1));
+        assert!(
+            v[1].as_ref().unwrap_err().contains("not the input"),
+            "{v:?}"
+        );
+        assert!(v[2].is_err() && v[3].is_err(), "{v:?}");
+    }
+
+    #[test]
+    fn a_replayed_letter_is_not_replayed_again_and_a_failed_replay_stops_the_loop() {
+        let marker = letter(
+            5,
+            "payments.events",
+            &[
+                (REPLAYED, "payments.events.dlq/0/0"),
+                (REPLAYED_TO, "payments.events/0/9"),
+            ],
+        );
+        let failed = letter(
+            6,
+            "payments.events",
+            &[
+                (REPLAY_FROM, "payments.events.dlq/0/1"),
+                (REPLAY_COUNT, "1"),
+            ],
+        );
+        let letters = [
+            letter(0, "payments.events", &[]),
+            letter(1, "payments.events", &[]),
+            marker,
+            failed,
+        ];
+        // The marker is not a letter; the original of the failed replay is never replayed.
+        let v = verdicts(&letters, false);
+        assert_eq!(v.len(), 3, "{v:?}");
+        assert!(
+            v[0].as_ref().unwrap_err().contains("replayed before"),
+            "{v:?}"
+        );
+        assert!(
+            v[1].as_ref().unwrap_err().contains("dead-lettered again"),
+            "{v:?}"
+        );
+        assert!(v[2].as_ref().unwrap_err().contains("--again"), "{v:?}");
+        let v = verdicts(&letters, true);
+        assert_eq!(v[0], Ok(2));
+        assert!(v[1].is_err());
+        assert_eq!(v[2], Ok(2));
+    }
+
+    #[test]
+    fn one_replay_writes_a_bounded_number_of_letters() {
+        let letters: Vec<Letter> = (0..MAX_PER_REPLAY as i64 + 3)
+            .map(|o| letter(o, "payments.events", &[]))
+            .collect();
+        let v = verdicts(&letters, false);
+        assert_eq!(v.iter().filter(|v| v.is_ok()).count(), MAX_PER_REPLAY);
+        assert!(v
+            .last()
+            .unwrap()
+            .as_ref()
+            .unwrap_err()
+            .contains("run it again"));
     }
 }

@@ -37,6 +37,8 @@ pub const TIMER_PREFIX: &[u8] = b"t/";
 /// Sagas put into the status index per punctuation while a store of an earlier build is
 /// brought up to it.
 const BACKFILL_BATCH: usize = 2_000;
+/// The next saga key the status index backfill reads.
+const BACKFILL_CURSOR: &[u8] = b"x/backfill";
 /// Timers fired per punctuation at most, so one cycle stays bounded after a long outage.
 const TIMERS_PER_PUNCTUATION: usize = 5_000;
 /// Saga statuses counted in the store, at most (a topology has a few dozen at most).
@@ -289,11 +291,8 @@ impl StatusCounts {
     fn load(&mut self, store: &Store<'_>) -> Result<(), ProcessorError> {
         self.status.load(store)?;
         self.versions.load(store)?;
-        let empty = self
-            .status
-            .local
-            .iter()
-            .all(|(status, n)| status == QUARANTINED || *n == 0);
+        // No saga record at all (counts are not trusted for this: a store may lack them).
+        let empty = store.prefix(SAGA_PREFIX, 1)?.is_empty();
         self.indexed = store.get(INDEXED_MARKER)?.is_some();
         self.marker_due = empty && !self.indexed;
         Ok(())
@@ -583,10 +582,14 @@ impl SagaProcessor {
         struct StatusOnly {
             status: String,
         }
-        let from = self
-            .backfill_from
-            .clone()
-            .unwrap_or_else(|| SAGA_PREFIX.to_vec());
+        // Where the last committed batch stopped (kept in the store, so a restart, a move or an
+        // aborted cycle goes on from there).
+        let from = match self.backfill_from.clone() {
+            Some(from) => from,
+            None => store
+                .get(BACKFILL_CURSOR)?
+                .unwrap_or_else(|| SAGA_PREFIX.to_vec()),
+        };
         let end = crate::state::prefix_end(SAGA_PREFIX);
         let batch = store.range(&from, end.as_deref(), BACKFILL_BATCH)?;
         let done = batch.len() < BACKFILL_BATCH;
@@ -600,9 +603,12 @@ impl SagaProcessor {
         }
         match (done, batch.last()) {
             (false, Some((last, _))) => {
-                self.backfill_from = Some([last.as_slice(), b"\0"].concat());
+                let next = [last.as_slice(), b"\0"].concat();
+                store.put(BACKFILL_CURSOR, &next);
+                self.backfill_from = Some(next);
             }
             _ => {
+                store.delete(BACKFILL_CURSOR);
                 store.put(INDEXED_MARKER, b"1");
                 self.counts.indexed = true;
                 self.backfill_from = None;
@@ -841,7 +847,9 @@ impl SagaProcessor {
         };
         let key_bytes = record.key.as_ref().map_or(0, Vec::len);
         // The original headers go along unless they alone would make the letter too large.
-        let mut headers = if key_bytes + header_bytes(&record.headers) <= DLQ_RECORD_BUDGET / 2 {
+        let mut headers = if key_bytes + header_bytes(&record.headers) <= DLQ_RECORD_BUDGET / 2
+            || record.headers.is_empty()
+        {
             record.headers.clone()
         } else {
             vec![(

@@ -113,6 +113,11 @@ impl Forwarding {
         Ok((who, address))
     }
 
+    /// The instance that owns `partition`, as last published.
+    fn owner_name(&self, partition: i32) -> Option<String> {
+        self.members.owner(partition).map(|m| m.instance_id)
+    }
+
     /// GETs `path` (its segments) with `query` from the owner of `partition`, with the caller's
     /// credentials: the status and body, or why there is no answer.
     async fn fetch(
@@ -1070,10 +1075,25 @@ async fn overview(
     }
     let mut total: std::collections::BTreeMap<String, i64> = std::collections::BTreeMap::new();
     let mut unavailable = Vec::new();
+    // An owner that did not answer is not asked again for its other partitions.
+    let mut failed_owners: std::collections::BTreeMap<String, String> =
+        std::collections::BTreeMap::new();
     for partition in 0..partitions {
-        let counts = match sagas.counts(partition) {
+        let lookup = sagas.clone();
+        let local = tokio::task::spawn_blocking(move || lookup.counts(partition))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        let counts = match local {
             Ok(Some(counts)) => Ok(counts),
             Ok(None) => match &state.forwarding {
+                Some(forwarding)
+                    if forwarding
+                        .owner_name(partition)
+                        .is_some_and(|o| failed_owners.contains_key(&o)) =>
+                {
+                    let owner = forwarding.owner_name(partition).unwrap_or_default();
+                    Err(failed_owners.get(&owner).cloned().unwrap_or_default())
+                }
                 Some(forwarding) => {
                     let query = [("partition", partition.to_string())];
                     match forwarding
@@ -1087,7 +1107,12 @@ async fn overview(
                                 .ok_or_else(|| "an answer that is not counts".to_string())
                         }
                         Ok((code, _, who)) => Err(format!("instance {who} answered {code}")),
-                        Err((e, _)) => Err(e),
+                        Err((e, owner)) => {
+                            if let Some(owner) = owner {
+                                failed_owners.insert(owner, e.clone());
+                            }
+                            Err(e)
+                        }
                     }
                 }
                 None => Err(format!(

@@ -137,8 +137,8 @@ async function overview() {
   show(...parts);
   const rows = [];
   for (const status of ATTENTION) {
-    const r = await api("/sagas?limit=20&status=" + encodeURIComponent(status));
-    if (r.status === 200) for (const s of r.body.sagas) rows.push(s);
+    const r = await listAll("limit=20&status=" + encodeURIComponent(status), 20, 20);
+    for (const s of r.found) rows.push(s);
   }
   attention.replaceChildren(rows.length === 0 ? el("p", {}, "Nothing stuck or compensating.")
     : table(["saga", "status", "step awaited", "deadline", "updated"],
@@ -146,12 +146,28 @@ async function overview() {
   const failed = [];
   const ended = ["FAILED", topology ? topology.compensated_state : "REFUNDED", "COMPENSATION_STUCK"];
   for (const status of ended) {
-    const r = await api("/sagas?limit=20&newer_than=24h&status=" + encodeURIComponent(status));
-    if (r.status === 200) for (const s of r.body.sagas) failed.push(s);
+    const r = await listAll("limit=20&newer_than=24h&status=" + encodeURIComponent(status), 20, 20);
+    for (const s of r.found) failed.push(s);
   }
   recent.replaceChildren(failed.length === 0 ? el("p", {}, "None.")
     : table(["saga", "status", "outcome", "updated"],
       failed.map((s) => [sagaLink(s.saga_id), statusBadge(s.status), outcomeText(s.outcome), text(s.updated_at)]), "failures-table"));
+}
+
+// Sagas of a list query, following the API's cursors (each request reads a bounded number of
+// records) until `want` are found or `pages` requests were made.
+async function listAll(q, want, pages) {
+  const found = [];
+  let cursor = null;
+  for (let i = 0; i < pages && found.length < want; i++) {
+    const r = await api("/sagas?" + q + (cursor ? "&cursor=" + encodeURIComponent(cursor) : ""));
+    if (r.status !== 200) return { found, error: r };
+    for (const s of r.body.sagas) found.push(s);
+    if ((r.body.unavailable || []).length) return { found, error: { body: { error: r.body.unavailable.map((u) => "partition " + u.partition + ": " + u.reason).join("; ") } } };
+    cursor = r.body.next_cursor;
+    if (!cursor) break;
+  }
+  return { found: found.slice(0, want), error: null };
 }
 
 function query(hash) {
@@ -324,6 +340,16 @@ function confirmAction(title, textLine, needsReason) {
   });
 }
 
+// The id of an action whose sending was not confirmed: sent again with the same id, it applies
+// at most once.
+const unconfirmed = {};
+
+function newId() {
+  if (window.crypto && crypto.randomUUID) return crypto.randomUUID();
+  const b = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+}
+
 async function act(saga, action) {
   const texts = {
     retry: "Send " + (saga.awaiting ? saga.awaiting.event_type : "the awaited message") + " again, with the same event id.",
@@ -333,14 +359,24 @@ async function act(saga, action) {
   const answer = await confirmAction(action[0].toUpperCase() + action.slice(1) + " saga " + saga.saga_id + "?", texts[action], action === "cancel");
   if (!answer) return;
   const result = document.getElementById("action-result");
-  const r = await api("/sagas/" + encodeURIComponent(saga.saga_id) + "/" + action, {
-    method: "POST",
-    body: JSON.stringify({ reason: answer.reason || null, by: answer.by }),
-  });
+  const key = saga.saga_id + "/" + action;
+  const actionId = unconfirmed[key] || newId();
+  let r;
+  try {
+    r = await api("/sagas/" + encodeURIComponent(saga.saga_id) + "/" + action, {
+      method: "POST",
+      body: JSON.stringify({ reason: answer.reason || null, by: answer.by, action_id: actionId }),
+    });
+  } catch (e) {
+    r = { status: 0, body: { error: String(e) } };
+  }
   if (r.status !== 202) {
-    result.replaceChildren(failure(action + " refused", r));
+    // Perhaps written all the same: the next try sends the same id.
+    if (r.status === 0 || r.status === 503) unconfirmed[key] = actionId;
+    result.replaceChildren(failure(action + " not accepted", r));
     return;
   }
+  delete unconfirmed[key];
   result.replaceChildren(el("p", { class: "pending" }, action + " sent (action " + r.body.action_id + "); waiting for the saga to take it…"));
   for (let i = 0; i < 150; i++) {
     await new Promise((ok) => setTimeout(ok, 200));
@@ -395,12 +431,22 @@ async function dlqPage(topic, params) {
       d.saga_id ? sagaLink(d.saga_id) : "-", d.replay_of ? d.replay_of.from + " (#" + d.replay_of.count + ")" : "-",
       el("details", {}, el("summary", {}, d.message || "value"),
         el("pre", { class: "headers" }, d.headers.map((h) => h[0] + ": " + h[1]).join("\n")),
-        el("pre", { class: "value" }, d.value + (d.value_bytes > d.value.length ? "\n… (" + d.value_bytes + " bytes in all)" : "")))];
+        el("pre", { class: "value" }, (d.value_is_hex ? "(hex) " : "") + d.value + "\n(" + d.value_bytes + " bytes in all; the first 2 KiB shown)"))];
   });
   parts.push(el("p", {}, r.body.matching + " matching; the newest " + r.body.records.length + " shown."));
   parts.push(table(["", "dead letter", "at", "reason", "source", "saga", "replay of", "message, headers and value"], rows, "dlq-table"));
   const result = el("div", { id: "replay-result" });
   const replay = async (dryRun) => {
+    const buttons = [document.getElementById("dlq-dry-run"), document.getElementById("dlq-replay")];
+    if (buttons.some((b) => b && b.disabled)) return;
+    buttons.forEach((b) => { if (b) b.disabled = true; });
+    try {
+      await replayOnce(dryRun);
+    } finally {
+      buttons.forEach((b) => { if (b) b.disabled = false; });
+    }
+  };
+  const replayOnce = async (dryRun) => {
     const picked = boxes.filter((b) => b.checked).map((b) => b.value);
     const body = { dry_run: dryRun, by: sessionStorage.getItem("saga-streams-by") || "inspector" };
     if (picked.length) body.positions = picked.join(",");
@@ -433,9 +479,10 @@ async function search(value) {
     location.hash = "#/saga/" + encodeURIComponent(id);
     return;
   }
-  const byCorrelation = await api("/sagas?limit=2&correlation_id=" + encodeURIComponent(id));
-  if (byCorrelation.status === 200 && byCorrelation.body.sagas.length === 1) {
-    location.hash = "#/saga/" + encodeURIComponent(byCorrelation.body.sagas[0].saga_id);
+  notice("Looking for correlation id " + id + "…");
+  const byCorrelation = await listAll("limit=2&correlation_id=" + encodeURIComponent(id), 2, 100);
+  if (byCorrelation.found.length === 1) {
+    location.hash = "#/saga/" + encodeURIComponent(byCorrelation.found[0].saga_id);
     return;
   }
   location.hash = "#/sagas?correlation_id=" + encodeURIComponent(id);

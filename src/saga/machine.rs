@@ -760,27 +760,7 @@ fn retry(
 ) -> Option<String> {
     let flight = record.in_flight.as_mut()?;
     if flight.resend_at_ms.is_some() {
-        flight.resend_at_ms = None;
-        flight.attempt += 1;
-        let kind = if flight.compensation {
-            OutputKind::Compensation {
-                step: flight.step,
-                late: record.abandoned_steps.contains(&flight.step),
-                attempt: flight.attempt,
-            }
-        } else {
-            OutputKind::Command {
-                step: flight.step,
-                attempt: flight.attempt,
-            }
-        };
-        outputs.push(SagaOutput {
-            kind,
-            topic: flight.topic.clone(),
-            event_type: flight.event_type.clone(),
-            event_id: flight.event_id.clone(),
-            payload: flight.payload.clone(),
-        });
+        outputs.push(send_again(flight, &record.abandoned_steps));
         let note = format!("{what}: sent again (attempt {})", flight.attempt);
         record.deadline_ms = Some(now_ms.saturating_add(timeout.as_millis() as i64));
         return Some(note);
@@ -797,6 +777,31 @@ fn retry(
         flight.attempt,
         humantime::format_duration(pause)
     ))
+}
+
+/// The awaited message once more, exactly as first sent (same event id), as the next attempt.
+fn send_again(flight: &mut InFlight, abandoned_steps: &[usize]) -> SagaOutput {
+    flight.resend_at_ms = None;
+    flight.attempt += 1;
+    let kind = if flight.compensation {
+        OutputKind::Compensation {
+            step: flight.step,
+            late: abandoned_steps.contains(&flight.step),
+            attempt: flight.attempt,
+        }
+    } else {
+        OutputKind::Command {
+            step: flight.step,
+            attempt: flight.attempt,
+        }
+    };
+    SagaOutput {
+        kind,
+        topic: flight.topic.clone(),
+        event_type: flight.event_type.clone(),
+        event_id: flight.event_id.clone(),
+        payload: flight.payload.clone(),
+    }
 }
 
 fn shrink_to_tombstone(def: &SagaDefinition, record: &mut SagaRecord, until_ms: i64) {
@@ -914,27 +919,7 @@ pub fn act(
     let result: Result<String, String> = match action {
         Action::Retry => match (record.phase.clone(), record.in_flight.as_mut()) {
             (Phase::Running { step } | Phase::Compensating { step, .. }, Some(flight)) => {
-                flight.resend_at_ms = None;
-                flight.attempt += 1;
-                let kind = if flight.compensation {
-                    OutputKind::Compensation {
-                        step: flight.step,
-                        late: record.abandoned_steps.contains(&flight.step),
-                        attempt: flight.attempt,
-                    }
-                } else {
-                    OutputKind::Command {
-                        step: flight.step,
-                        attempt: flight.attempt,
-                    }
-                };
-                outputs.push(SagaOutput {
-                    kind,
-                    topic: flight.topic.clone(),
-                    event_type: flight.event_type.clone(),
-                    event_id: flight.event_id.clone(),
-                    payload: flight.payload.clone(),
-                });
+                outputs.push(send_again(flight, &record.abandoned_steps));
                 let note = format!("{} sent again (attempt {})", flight.event_type, flight.attempt);
                 let timeout = def.steps.get(step).map_or(0, |s| s.timeout.as_millis() as i64);
                 record.deadline_ms = Some(now_ms.saturating_add(timeout));

@@ -68,6 +68,25 @@ pub struct RunArgs {
     /// PEM private key of `--http-tls-cert`.
     #[arg(long, requires = "http_tls_cert")]
     pub http_tls_key: Option<PathBuf>,
+    /// Warm copies each task keeps on other instances, from its changelog: a task that moves to
+    /// an instance with a standby restores only the changelog written since. Each standby holds
+    /// a full copy of its task's state on that instance's disk.
+    #[arg(long, default_value_t = 0)]
+    pub standby_replicas: usize,
+    /// Join the group as a static member (`group.instance.id` = the instance id): an instance
+    /// stopped and started again within the session timeout gets its tasks back, with its local
+    /// state, and nothing else moves; while it is away its tasks wait. Without it, a stopping
+    /// instance leaves the group and the others take its tasks at once.
+    #[arg(long)]
+    pub static_membership: bool,
+    /// How long the group waits for a silent member (crash, freeze) before moving its tasks.
+    /// Default: the broker's (45 s). Shorter moves work sooner after a crash, and also after a
+    /// pause that only looked like one (a long GC-free stall, a slow disk, a network blip).
+    #[arg(long, value_parser = parse_duration)]
+    pub session_timeout: Option<Duration>,
+    /// How often the member heartbeats. Default: the broker's (5 s).
+    #[arg(long, value_parser = parse_duration)]
+    pub heartbeat_interval: Option<Duration>,
 }
 
 /// The HTTP endpoints' token and TLS settings; a token file that cannot be read stops the start.
@@ -181,6 +200,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     config.kafka = kafka.properties().clone();
     config.kafka_files = kafka.files().clone();
     config.commit_interval = args.commit_interval;
+    config.standby_replicas = args.standby_replicas;
+    config.static_membership = args.static_membership;
+    config.session_timeout = args.session_timeout;
+    config.heartbeat_interval = args.heartbeat_interval;
     config.guarantee = args.guarantee;
     config.partitioner = args.partitioner.setting().to_string();
     let metrics = install_recorder(&application_id).map_err(anyhow::Error::msg)?;
@@ -194,6 +217,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     // Instances find each other's partitions and addresses through the members topic.
     let members = Members::default();
     config.members_topic = Some(members_topic(&application_id));
+    config.members = Some(members.clone());
     let forwarding = Forwarding::new(
         members.clone(),
         instance_id.clone(),

@@ -75,6 +75,28 @@ pub struct RuntimeConfig {
     /// The members topic (see [`super::members`]): created at start-up when missing, one
     /// partition, compacted. `None`: the application publishes no membership.
     pub members_topic: Option<String>,
+    /// The members as read from the members topic (by [`super::members::spawn`]): where the
+    /// standbys are placed from.
+    pub members: Option<super::members::Members>,
+    /// Standby replicas per task (default 0): other instances keep warm copies of a task's stores
+    /// from its changelogs, so a task that moves there restores only the changelog's tail. Needs
+    /// `members`.
+    pub standby_replicas: usize,
+    /// Static membership (default off): `group.instance.id = <instance_id>`. A member that leaves
+    /// on shutdown keeps its partitions, unassigned, until the session timeout: an instance
+    /// started again with the same id within that time gets them back with its local state, and
+    /// no other member moves. An instance that stops for good leaves its partitions idle for the
+    /// session timeout. Off: shutdown leaves the group and the others take the partitions at once.
+    pub static_membership: bool,
+    /// How long the group waits for a silent member (a crash, a freeze) before moving its
+    /// partitions. `None`: the broker's default (`group.consumer.session.timeout.ms`, 45 s).
+    /// With the `consumer` protocol it is set on the group (`consumer.session.timeout.ms`),
+    /// within the broker's `group.consumer.min/max.session.timeout.ms`; with `classic`, on the
+    /// consumer (`session.timeout.ms`).
+    pub session_timeout: Option<Duration>,
+    /// How often members heartbeat. `None`: the broker's default (5 s). Set like the session
+    /// timeout (`consumer.heartbeat.interval.ms` / `heartbeat.interval.ms`).
+    pub heartbeat_interval: Option<Duration>,
 }
 
 /// librdkafka settings the runtime sets itself; overriding them would break its guarantees.
@@ -89,6 +111,9 @@ const OWNED_SETTINGS: &[&str] = &[
     "partition.assignment.strategy",
     "transaction.timeout.ms",
     "partitioner",
+    "group.instance.id",
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
 ];
 
 impl std::fmt::Debug for RuntimeConfig {
@@ -149,6 +174,11 @@ impl RuntimeConfig {
             status: super::RuntimeStatus::default(),
             internal_topics: Vec::new(),
             members_topic: None,
+            members: None,
+            standby_replicas: 0,
+            static_membership: false,
+            session_timeout: None,
+            heartbeat_interval: None,
         }
     }
 
@@ -316,6 +346,20 @@ impl RuntimeConfig {
                 "group protocol '{}' must be 'consumer' or 'classic'",
                 self.group_protocol
             ));
+        }
+        if self.standby_replicas > 0 && self.members.is_none() {
+            problems.push(
+                "standby replicas are placed from the members topic, which this application does not publish".to_string(),
+            );
+        }
+        if let (Some(session), Some(heartbeat)) = (self.session_timeout, self.heartbeat_interval) {
+            if heartbeat >= session {
+                problems.push(format!(
+                    "heartbeat interval ({} ms) must be shorter than the session timeout ({} ms)",
+                    heartbeat.as_millis(),
+                    session.as_millis()
+                ));
+            }
         }
         for key in self.kafka.keys() {
             if OWNED_SETTINGS.contains(&key.as_str()) {

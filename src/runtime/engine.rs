@@ -22,6 +22,7 @@ use super::error::{on_commit_error, CommitDecision, ErrorClass, RuntimeError};
 use super::input_ends::InputEndsTracker;
 use super::processor::{InputRecord, OutputRecord, ProcessorSupplier};
 use super::restore::{Restoration, Restorer};
+use super::standby::Standbys;
 use super::stream_thread::Shutdown;
 use super::task::Task;
 use super::watchdog::Watchdog;
@@ -217,6 +218,8 @@ pub struct Engine {
     process_latency: metrics::Histogram,
     /// How far the tasks have consumed their inputs, in time (for timers in input time).
     input_ends: InputEndsTracker,
+    /// Standby stores this instance keeps; a task assigned here takes its standby's store.
+    standbys: Standbys,
 }
 
 fn topic_counter<'a>(
@@ -252,6 +255,7 @@ impl Engine {
         config: Arc<RuntimeConfig>,
         supplier: ProcessorSupplier,
         resources: RocksResources,
+        standbys: Standbys,
         shutdown: Shutdown,
     ) -> Result<Self, RuntimeError> {
         let deliveries = Arc::new(Deliveries::default());
@@ -339,6 +343,7 @@ impl Engine {
             produced: HashMap::new(),
             process_latency: metrics::histogram!(m::PROCESS_LATENCY),
             input_ends,
+            standbys,
         })
     }
 
@@ -1089,12 +1094,16 @@ impl Engine {
             }
             let mut backends = Vec::with_capacity(ready.len());
             for partition in &ready {
-                let path = self.config.task_dir(*partition);
-                backends.push((
-                    *partition,
-                    RocksBackend::open(&path, &self.config.stores, &self.resources)
-                        .map_err(|e| StartError::Task(e.into()))?,
-                ));
+                let backend = match self.standbys.take(*partition) {
+                    Some(warm) => warm,
+                    None => RocksBackend::open(
+                        &self.config.task_dir(*partition),
+                        &self.config.stores,
+                        &self.resources,
+                    )
+                    .map_err(|e| StartError::Task(e.into()))?,
+                };
+                backends.push((*partition, backend));
             }
             // All ready tasks restore together; each store logs what it replayed.
             self.restoring = Some(
@@ -1277,6 +1286,7 @@ impl Engine {
         self.assigned.clear();
         self.assigned_at.clear();
         self.close_tasks(&all);
+        self.standbys.release_all();
     }
 
     /// The pre-rebalance duty on revoke: finish the cycle, close the revoked tasks.
@@ -1321,6 +1331,13 @@ impl Engine {
             }
         }
         self.close_tasks(&partitions);
+        // Closed (and any restoration of them dropped): their stores may serve as standbys now.
+        let gone: Vec<i32> = partitions
+            .iter()
+            .copied()
+            .filter(|p| !self.assigned.contains_key(p))
+            .collect();
+        self.standbys.release(gone);
     }
 
     /// Records processed in the open cycle.
@@ -1351,6 +1368,8 @@ impl Engine {
         consumer: &BaseConsumer<C>,
         assigned: &TopicPartitionList,
     ) {
+        self.standbys
+            .claim(assigned.elements().iter().map(|e| e.partition()));
         for element in assigned.elements() {
             self.assigned
                 .entry(element.partition())

@@ -46,7 +46,15 @@ pub struct Member {
     /// The record's offset in the members topic (set when read): later means newer.
     #[serde(skip)]
     pub offset: i64,
+    /// The record's timestamp (ms since the epoch, set when read): a member that has not
+    /// published for [`LIVE_FOR`] is taken for gone when standbys are placed.
+    #[serde(skip)]
+    pub published_ms: i64,
 }
+
+/// A member whose last record is older than this is not counted among the live ones (it
+/// publishes every [`REPUBLISH`]).
+pub const LIVE_FOR: Duration = Duration::from_secs(75);
 
 /// The members as last read from the topic.
 #[derive(Debug, Clone, Default)]
@@ -63,8 +71,35 @@ impl Members {
             .cloned()
     }
 
-    /// Applies one record of the members topic (`None`: a tombstone).
-    pub fn apply(&self, instance_id: &str, value: Option<&[u8]>, offset: i64) {
+    /// The live members' instance ids, and each listed partition's owner: what standbys are
+    /// placed by.
+    pub fn ring(&self) -> (Vec<String>, BTreeMap<i32, String>) {
+        let members = self.0.read().unwrap_or_else(|p| p.into_inner());
+        let now = super::input_ends::now_ms();
+        let live = members
+            .values()
+            .filter(|m| now - m.published_ms < LIVE_FOR.as_millis() as i64)
+            .map(|m| m.instance_id.clone())
+            .collect();
+        let mut owners: BTreeMap<i32, (i64, String)> = BTreeMap::new();
+        for m in members.values() {
+            for p in &m.partitions {
+                let entry = owners
+                    .entry(*p)
+                    .or_insert((m.offset, m.instance_id.clone()));
+                if m.offset > entry.0 {
+                    *entry = (m.offset, m.instance_id.clone());
+                }
+            }
+        }
+        (
+            live,
+            owners.into_iter().map(|(p, (_, id))| (p, id)).collect(),
+        )
+    }
+
+    /// Applies one record of the members topic (`None`: a tombstone), written at `published_ms`.
+    pub fn apply(&self, instance_id: &str, value: Option<&[u8]>, offset: i64, published_ms: i64) {
         let mut members = self.0.write().unwrap_or_else(|p| p.into_inner());
         match value.map(serde_json::from_slice::<Member>) {
             None => {
@@ -74,6 +109,7 @@ impl Members {
                 // The key says whose record it is.
                 member.instance_id = instance_id.to_string();
                 member.offset = offset;
+                member.published_ms = published_ms;
                 members.insert(instance_id.to_string(), member);
             }
             Some(Err(e)) => {
@@ -241,7 +277,11 @@ fn serve(
             match polled {
                 Ok(m) => {
                     if let Some(key) = m.key().map(String::from_utf8_lossy) {
-                        members.apply(&key, m.payload(), m.offset());
+                        let at = m
+                            .timestamp()
+                            .to_millis()
+                            .unwrap_or_else(super::input_ends::now_ms);
+                        members.apply(&key, m.payload(), m.offset(), at);
                     }
                 }
                 Err(e) => warn("reading the members topic", &e),
@@ -259,6 +299,7 @@ fn serve(
                 advertised_http: now.1.clone(),
                 partitions: now.0.iter().copied().collect(),
                 offset: -1,
+                published_ms: 0,
             };
             let value = serde_json::to_vec(&member).unwrap_or_default();
             match producer.send(BaseRecord::to(topic).key(instance_id).payload(&value)) {
@@ -284,6 +325,7 @@ mod tests {
             advertised_http: Some(format!("{id}:9464")),
             partitions: partitions.to_vec(),
             offset: 0,
+            published_ms: 0,
         })
         .unwrap()
     }
@@ -291,16 +333,16 @@ mod tests {
     #[test]
     fn the_owner_is_the_last_to_have_listed_the_partition() {
         let members = Members::default();
-        members.apply("a", Some(&record("a", &[0, 1])), 0);
-        members.apply("b", Some(&record("b", &[])), 1);
+        members.apply("a", Some(&record("a", &[0, 1])), 0, 0);
+        members.apply("b", Some(&record("b", &[])), 1, 0);
         assert_eq!(members.owner(1).unwrap().instance_id, "a");
         // b takes partition 1 before a has published that it gave it up.
-        members.apply("b", Some(&record("b", &[1])), 2);
+        members.apply("b", Some(&record("b", &[1])), 2, 0);
         assert_eq!(members.owner(1).unwrap().instance_id, "b");
         assert_eq!(members.owner(0).unwrap().instance_id, "a");
-        members.apply("a", None, 3);
+        members.apply("a", None, 3, 0);
         assert!(members.owner(0).is_none());
-        members.apply("c", Some(b"not json"), 4);
+        members.apply("c", Some(b"not json"), 4, 0);
         assert!(members.owner(2).is_none());
     }
 }

@@ -26,6 +26,7 @@ pub mod partitioner;
 pub mod processor;
 pub mod restore;
 pub mod secrets;
+pub mod standby;
 pub mod status;
 pub mod stream_thread;
 pub mod task;

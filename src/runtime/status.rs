@@ -29,6 +29,8 @@ struct Inner {
     advertised_http: RwLock<Option<String>>,
     /// The partition numbers assigned to this instance.
     assigned_partitions: RwLock<BTreeSet<i32>>,
+    /// Standby tasks and how many changelog records each is behind.
+    standby_lag: RwLock<BTreeMap<i32, i64>>,
 }
 
 impl std::fmt::Debug for RuntimeStatus {
@@ -63,6 +65,22 @@ impl RuntimeStatus {
         if let Ok(mut readers) = self.0.readers.write() {
             readers.remove(&partition);
         }
+    }
+
+    pub(crate) fn set_standby_lag(&self, lag: BTreeMap<i32, i64>) {
+        if let Ok(mut current) = self.0.standby_lag.write() {
+            *current = lag;
+        }
+    }
+
+    /// The standby tasks this instance keeps, and how many changelog records each is behind
+    /// (measured about once a second). Standbys never gate readiness.
+    pub fn standby_lag(&self) -> BTreeMap<i32, i64> {
+        self.0
+            .standby_lag
+            .read()
+            .map(|l| l.clone())
+            .unwrap_or_default()
     }
 
     /// Tasks (partition numbers) assigned to this instance.

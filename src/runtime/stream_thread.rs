@@ -27,6 +27,7 @@ use super::engine::{sleep_unless_shutdown, Engine};
 use super::error::{refusal, ErrorClass, RuntimeError};
 use super::processor::{InputRecord, ProcessorSupplier};
 use super::secrets;
+use super::standby::{self, Standbys};
 use super::topics::prepare_topics;
 use crate::state::rocks::RocksResources;
 use crate::telemetry::metrics as m;
@@ -344,7 +345,6 @@ pub fn run(
     let partitions = loop {
         match prepare_topics(&config) {
             Ok(partitions) => {
-                refusals = Refusals::default();
                 break partitions;
             }
             Err(e @ (RuntimeError::Config(_) | RuntimeError::Topics(_))) => return Err(e),
@@ -373,6 +373,41 @@ pub fn run(
     );
     let mut config = Arc::new(config);
     let resources = RocksResources::default();
+    let standbys = Standbys::default();
+    let keeper = match (&config.members, config.standby_replicas) {
+        (Some(members), n) if n > 0 => Some(
+            standby::spawn(
+                config.clone(),
+                members.clone(),
+                standbys.clone(),
+                resources.clone(),
+                shutdown.clone(),
+            )
+            .map_err(|e| RuntimeError::Processor(format!("no thread for the standbys: {e}")))?,
+        ),
+        _ => None,
+    };
+    let result = run_generations(&mut config, &supplier, &resources, &standbys, &shutdown);
+    // The standbys write what they read and close their stores on the way out.
+    shutdown.request();
+    if let Some(keeper) = keeper {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !keeper.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    result
+}
+
+/// Builds the clients and runs them, again after every failure, until shutdown.
+fn run_generations(
+    config: &mut Arc<RuntimeConfig>,
+    supplier: &ProcessorSupplier,
+    resources: &RocksResources,
+    standbys: &Standbys,
+    shutdown: &Shutdown,
+) -> Result<(), RuntimeError> {
+    let mut refusals = Refusals::default();
     let mut backoff = RebuildBackoff::default();
     // The rotation the secrets in `config` were read at, and what the files held then.
     let mut loaded = secrets::generation();
@@ -388,7 +423,7 @@ pub fn run(
                 match config.with_secrets_reread() {
                     Ok(Some(fresh)) => {
                         tracing::info!(target: secrets::AUDIT_TARGET, event = "kafka_secrets_reloaded", identity = %fresh.identity(), "Kafka secret files read again; the clients are built with them");
-                        config = Arc::new(fresh);
+                        *config = Arc::new(fresh);
                         fingerprint = current;
                     }
                     Ok(None) => {}
@@ -399,7 +434,14 @@ pub fn run(
             }
         }
         let started = Instant::now();
-        let result = run_generation(&config, &fingerprint, &supplier, &resources, &shutdown);
+        let result = run_generation(
+            config,
+            &fingerprint,
+            supplier,
+            resources,
+            standbys,
+            shutdown,
+        );
         // Only an unbroken run of refusals counts against the grace.
         if started.elapsed() >= HEALTHY_GENERATION {
             refusals = Refusals::default();
@@ -413,8 +455,8 @@ pub fn run(
             Err(e @ (RuntimeError::Config(_) | RuntimeError::Topics(_))) => return Err(e),
             // Clients were built from these settings at start-up: a later failure to build one
             // is transient (resources), not configuration, and is rebuilt as any other.
-            Err(e) if refusals.stop(&config, &e)? => {
-                if !sleep_unless_shutdown(&shutdown, Duration::from_secs(1)) {
+            Err(e) if refusals.stop(config, &e)? => {
+                if !sleep_unless_shutdown(shutdown, Duration::from_secs(1)) {
                     return Ok(());
                 }
             }
@@ -429,7 +471,7 @@ pub fn run(
                 config
                     .status
                     .set_stalled(Some(format!("rebuilding after: {e}")));
-                if !sleep_unless_shutdown(&shutdown, backoff) {
+                if !sleep_unless_shutdown(shutdown, backoff) {
                     return Ok(());
                 }
             }
@@ -530,12 +572,14 @@ fn run_generation(
     fingerprint: &[u8],
     supplier: &ProcessorSupplier,
     resources: &RocksResources,
+    standbys: &Standbys,
     shutdown: &Shutdown,
 ) -> Result<Ended, RuntimeError> {
     let engine = Arc::new(Mutex::new(Engine::new(
         config.clone(),
         supplier.clone(),
         resources.clone(),
+        standbys.clone(),
         shutdown.clone(),
     )?));
     let consumer = build_consumer(config, engine.clone())?;
@@ -628,6 +672,16 @@ fn build_consumer(
         client.set("group.remote.assignor", "range");
     } else {
         client.set("partition.assignment.strategy", "range");
+        // The classic protocol's failure detection is the client's own.
+        if let Some(session) = config.session_timeout {
+            client.set("session.timeout.ms", session.as_millis().to_string());
+        }
+        if let Some(heartbeat) = config.heartbeat_interval {
+            client.set("heartbeat.interval.ms", heartbeat.as_millis().to_string());
+        }
+    }
+    if config.static_membership {
+        client.set("group.instance.id", &config.instance_id);
     }
     client
         .create_with_context(StreamsContext {
@@ -708,6 +762,19 @@ fn poll_loop(
                 .rdkafka_error_code()
                 .unwrap_or(RDKafkaErrorCode::Authentication);
             return Err(config.refused(code, &error.to_string()));
+        }
+        if let Some((code, reason)) = consumer.client().fatal_error() {
+            // A consumer in a fatal state never recovers: new clients are the way on.
+            if code == RDKafkaErrorCode::UnreleasedInstanceId {
+                // Static membership: this instance id's previous incarnation did not leave (it
+                // was killed) and its session has not expired yet.
+                return Err(RuntimeError::ClientStuck(
+                    "the group still holds this instance id's previous member (static membership, killed without leaving); joining again once its session times out".to_string(),
+                ));
+            }
+            return Err(RuntimeError::ClientStuck(format!(
+                "the consumer failed fatally: {reason}"
+            )));
         }
         let refused = consumer
             .context()

@@ -7,7 +7,9 @@ use std::time::Duration;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::admin::{
+    AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier, TopicReplication,
+};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -248,7 +250,50 @@ pub fn prepare_topics(config: &RuntimeConfig) -> Result<i32, RuntimeError> {
     if !problems.is_empty() {
         return Err(RuntimeError::Topics(problems));
     }
+    configure_group(config, &admin, &options)?;
     Ok(partitions)
+}
+
+/// Under the `consumer` protocol the broker owns failure detection: a session timeout or
+/// heartbeat interval asked for is set on the group (KIP-848's group configurations), within the
+/// broker's `group.consumer.min/max.*` bounds. A value outside them is a configuration error.
+fn configure_group(
+    config: &RuntimeConfig,
+    admin: &AdminClient<RefusalContext>,
+    options: &AdminOptions,
+) -> Result<(), RuntimeError> {
+    if config.group_protocol != "consumer" {
+        return Ok(());
+    }
+    let session = config.session_timeout.map(|d| d.as_millis().to_string());
+    let heartbeat = config.heartbeat_interval.map(|d| d.as_millis().to_string());
+    if session.is_none() && heartbeat.is_none() {
+        return Ok(());
+    }
+    let mut alter = AlterConfig::new(ResourceSpecifier::Group(&config.application_id));
+    if let Some(ms) = &session {
+        alter = alter.set("consumer.session.timeout.ms", ms);
+    }
+    if let Some(ms) = &heartbeat {
+        alter = alter.set("consumer.heartbeat.interval.ms", ms);
+    }
+    let results = futures::executor::block_on(admin.alter_configs([&alter], options))
+        .map_err(RuntimeError::kafka("set the group's session timeout"))?;
+    for result in results {
+        if let Err((_, code)) = result {
+            if refusal(code).is_some() {
+                return Err(config.refused(
+                    code,
+                    "may not set the group's session timeout: it needs AlterConfigs on the group",
+                ));
+            }
+            return Err(RuntimeError::Config(vec![format!(
+                "the broker refused the group's session timeout / heartbeat interval ({code}): they must lie within its group.consumer.min/max.session.timeout.ms and group.consumer.min/max.heartbeat.interval.ms"
+            )]));
+        }
+    }
+    tracing::info!(session_timeout_ms = ?session, heartbeat_interval_ms = ?heartbeat, "group failure detection set");
+    Ok(())
 }
 
 /// Creates the `kind` topics (changelog, repartition) named in `missing` with the inputs'

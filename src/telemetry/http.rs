@@ -550,6 +550,8 @@ async fn ready(State(state): State<AppState>) -> Response {
         "stalled": s.stalled(),
         "joined": s.joined(),
         "advertised_http": s.advertised_http(),
+        // Partition -> changelog records behind; shown, never gating readiness.
+        "standby_lag": s.standby_lag(),
     });
     let code = if s.ready() {
         StatusCode::OK

@@ -37,6 +37,8 @@ pub const ASSIGNED_TASKS: &str = "saga_streams_assigned_tasks";
 pub const RUNNING_TASKS: &str = "saga_streams_running_tasks";
 pub const STALLED: &str = "saga_streams_stalled";
 pub const READY: &str = "saga_streams_ready";
+pub const STANDBY_TASKS: &str = "saga_streams_standby_tasks";
+pub const STANDBY_LAG: &str = "saga_streams_standby_lag_records";
 pub const TASKS_CLOSED_AFTER_FAILURE: &str = "saga_streams_tasks_closed_after_failure_total";
 pub const REBUILDS: &str = "saga_streams_rebuilds_total";
 pub const SIGNATURE_FAILURES: &str = "saga_streams_signature_failures_total";
@@ -76,6 +78,8 @@ pub const CATALOGUE: &[&str] = &[
     ASSIGNED_TASKS,
     RUNNING_TASKS,
     STALLED,
+    STANDBY_TASKS,
+    STANDBY_LAG,
     TASKS_CLOSED_AFTER_FAILURE,
     REBUILDS,
 ];
@@ -196,6 +200,16 @@ fn describe() {
     );
     describe_gauge!(RUNNING_TASKS, Unit::Count, "tasks restored and processing");
     describe_gauge!(STALLED, "1 while commit cycles keep aborting, else 0");
+    describe_gauge!(
+        STANDBY_TASKS,
+        Unit::Count,
+        "standby tasks this instance keeps warm"
+    );
+    describe_gauge!(
+        STANDBY_LAG,
+        Unit::Count,
+        "changelog records a standby task is behind"
+    );
 }
 
 /// Installs the Prometheus recorder as the global one and returns the handle that renders the

@@ -1,0 +1,627 @@
+//! Standby replicas: warm copies of tasks this instance does not run, kept by consuming their
+//! changelogs (`read_committed`) into the same local stores a task would open, with checkpoints
+//! of their own. When such a task is assigned here, the engine takes the open store from the
+//! keeper and its restoration replays only the changelog written since the standby's checkpoint.
+//!
+//! A standby never processes an input and has no producer: it cannot write to a changelog or an
+//! output. It runs on a thread of its own, so following changelogs never delays the stream
+//! thread; its failures (a changelog without a leader, a full disk) are logged and retried and
+//! never touch processing or readiness.
+//!
+//! Placement. KIP-848's assignor runs in the broker and knows nothing of standbys, so where they
+//! live is this runtime's decision ([`standby_partitions`]): the live members (from the members
+//! topic) sorted by instance id form a ring; partition `p`'s standbys are the `N` members that
+//! follow its active owner on the ring (or, when the owner is unknown, the member at `p mod n`).
+//! Every instance computes the same placement from the same members topic, so each partition has
+//! at most `N` standbys and never one on its active's instance.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+use super::config::RuntimeConfig;
+use super::error::RuntimeError;
+use super::members::Members;
+use super::restore::EofContext;
+use super::secrets;
+use super::Shutdown;
+use crate::state::rocks::{RocksBackend, RocksResources};
+use crate::state::{CommitBatch, StoreBackend};
+use crate::telemetry::metrics as m;
+
+/// How often the placement is computed again and the lag measured.
+const PLACEMENT_EVERY: Duration = Duration::from_secs(1);
+/// Buffered changes of one standby are written at least this often (with their checkpoint).
+const FLUSH_EVERY: Duration = Duration::from_millis(200);
+/// ... or once they hold this many bytes.
+const FLUSH_BYTES: usize = 4 << 20;
+/// Bound on each watermark lookup.
+const WATERMARKS_TIMEOUT: Duration = Duration::from_secs(5);
+/// The pause before a standby that failed (its store, its changelog) is tried again.
+const RETRY_PAUSE: Duration = Duration::from_secs(5);
+
+/// The partitions `me` keeps standbys of, given the live members (any order), the owners the
+/// members topic names, the partition count, the standby count and the partitions `me` runs.
+pub fn standby_partitions(
+    me: &str,
+    live: &[String],
+    owners: &BTreeMap<i32, String>,
+    partitions: i32,
+    replicas: usize,
+    active: &BTreeSet<i32>,
+) -> BTreeSet<i32> {
+    let mut ring: Vec<&str> = live.iter().map(String::as_str).collect();
+    ring.sort_unstable();
+    ring.dedup();
+    let n = ring.len();
+    if replicas == 0 || n < 2 || !ring.contains(&me) {
+        return BTreeSet::new();
+    }
+    (0..partitions)
+        .filter(|p| !active.contains(p))
+        .filter(|p| {
+            let anchor = owners
+                .get(p)
+                .and_then(|owner| ring.iter().position(|m| m == owner))
+                .unwrap_or(*p as usize % n);
+            (1..n)
+                .take(replicas)
+                .any(|step| ring[(anchor + step) % n] == me)
+        })
+        .collect()
+}
+
+/// What the stream thread and the keeper share.
+#[derive(Default)]
+struct Shared {
+    /// Partitions the engine has claimed (assigned to this instance): no standby opens them.
+    claimed: BTreeSet<i32>,
+    /// Open standby stores, by partition.
+    held: BTreeMap<i32, RocksBackend>,
+}
+
+/// The handle the engine and the HTTP endpoints use; the keeper thread holds the other end.
+#[derive(Clone, Default)]
+pub struct Standbys(Arc<Mutex<Shared>>);
+
+impl Standbys {
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The engine was assigned `partitions`: no standby opens them from now on.
+    pub fn claim(&self, partitions: impl IntoIterator<Item = i32>) {
+        let mut shared = self.lock();
+        shared.claimed.extend(partitions);
+    }
+
+    /// Takes the open standby store of a claimed partition, if there is one.
+    pub fn take(&self, partition: i32) -> Option<RocksBackend> {
+        let mut shared = self.lock();
+        shared.claimed.insert(partition);
+        let taken = shared.held.remove(&partition);
+        if taken.is_some() {
+            tracing::info!(
+                task = partition,
+                "the standby's store is handed to the task; only the changelog since its checkpoint is restored"
+            );
+        }
+        taken
+    }
+
+    /// The engine closed these tasks (revoked, or the engine ends): they may become standbys.
+    pub fn release(&self, partitions: impl IntoIterator<Item = i32>) {
+        let mut shared = self.lock();
+        for p in partitions {
+            shared.claimed.remove(&p);
+        }
+    }
+
+    /// The engine closed every task.
+    pub fn release_all(&self) {
+        self.lock().claimed.clear();
+    }
+}
+
+/// Starts the keeper thread; it runs until `shutdown`.
+pub fn spawn(
+    config: Arc<RuntimeConfig>,
+    members: Members,
+    standbys: Standbys,
+    resources: RocksResources,
+    shutdown: Shutdown,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("standbys".into())
+        .spawn(move || {
+            let mut keeper = Keeper {
+                config,
+                members,
+                standbys,
+                resources,
+                consumer: None,
+                following: BTreeMap::new(),
+                retry_at: BTreeMap::new(),
+            };
+            keeper.run(&shutdown);
+            keeper.stop_all();
+        })
+}
+
+/// One standby partition being followed: its buffered changes and next offsets per store.
+struct Followed {
+    changes: BTreeMap<String, BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
+    next: BTreeMap<String, i64>,
+    bytes: usize,
+    last_flush: Instant,
+}
+
+struct Keeper {
+    config: Arc<RuntimeConfig>,
+    members: Members,
+    standbys: Standbys,
+    resources: RocksResources,
+    consumer: Option<BaseConsumer<EofContext>>,
+    following: BTreeMap<i32, Followed>,
+    /// Standbys that failed, and when to try them again.
+    retry_at: BTreeMap<i32, Instant>,
+}
+
+impl Keeper {
+    fn run(&mut self, shutdown: &Shutdown) {
+        let mut placed_at: Option<Instant> = None;
+        let mut generation = secrets::generation();
+        while !shutdown.requested() {
+            if secrets::generation() != generation {
+                generation = secrets::generation();
+                // The consumer reads the rotated secrets when it is built again.
+                match self.config.with_secrets_reread() {
+                    Ok(Some(fresh)) => {
+                        self.stop_all();
+                        self.consumer = None;
+                        self.config = Arc::new(fresh);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the standbys keep the previous Kafka secrets")
+                    }
+                }
+            }
+            if placed_at.is_none_or(|at| at.elapsed() >= PLACEMENT_EVERY) {
+                placed_at = Some(Instant::now());
+                if let Err(e) = self.place() {
+                    tracing::warn!(error = %e, "standby placement failed; trying again");
+                    self.consumer = None;
+                }
+                self.measure_lag();
+            }
+            if self.following.is_empty() {
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            if let Err(e) = self.follow(Duration::from_millis(100)) {
+                tracing::warn!(error = %e, "following the standbys' changelogs failed; starting them again");
+                self.stop_all();
+                self.consumer = None;
+            }
+        }
+    }
+
+    fn consumer(&mut self) -> Result<&BaseConsumer<EofContext>, RuntimeError> {
+        if self.consumer.is_none() {
+            let mut client = ClientConfig::new();
+            for (key, value) in &self.config.kafka {
+                client.set(key, value);
+            }
+            client
+                .set("bootstrap.servers", &self.config.bootstrap)
+                .set(
+                    "group.id",
+                    format!("{}-standby", self.config.application_id),
+                )
+                .set("enable.auto.commit", "false")
+                .set("enable.auto.offset.store", "false")
+                .set("isolation.level", "read_committed")
+                .set("enable.partition.eof", "true")
+                // A position outside the changelog (recreated, truncated) must be noticed, not
+                // silently moved to the start over the old state.
+                .set("auto.offset.reset", "error")
+                .set("fetch.wait.max.ms", "100")
+                .set("queued.max.messages.kbytes", "16384");
+            self.consumer = Some(client.create_with_context(EofContext).map_err(|_| {
+                RuntimeError::Config(vec![
+                    "the standby consumer could not be built from the Kafka settings".into(),
+                ])
+            })?);
+        }
+        // Built just above when missing.
+        self.consumer
+            .as_ref()
+            .ok_or_else(|| RuntimeError::ClientStuck("no standby consumer".into()))
+    }
+
+    /// Computes the placement and starts or stops standbys to match it.
+    fn place(&mut self) -> Result<(), RuntimeError> {
+        let claimed = self.standbys.lock().claimed.clone();
+        let (live, owners) = self.members.ring();
+        let wanted = standby_partitions(
+            &self.config.instance_id,
+            &live,
+            &owners,
+            self.config.status.partitions(),
+            self.config.standby_replicas,
+            &claimed,
+        );
+        let held: BTreeSet<i32> = self.standbys.lock().held.keys().copied().collect();
+        // Stop what is no longer wanted, or was taken by the engine.
+        let stop: Vec<i32> = self
+            .following
+            .keys()
+            .copied()
+            .filter(|p| !wanted.contains(p) || !held.contains(p))
+            .collect();
+        for p in stop {
+            self.stop(p);
+        }
+        let now = Instant::now();
+        self.retry_at.retain(|_, at| *at > now);
+        for p in wanted {
+            if self.following.contains_key(&p) || self.retry_at.contains_key(&p) {
+                continue;
+            }
+            if let Err(e) = self.start(p) {
+                tracing::warn!(partition = p, error = %e, "standby could not start; trying again later");
+                self.retry_at.insert(p, Instant::now() + RETRY_PAUSE);
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens a standby's store (unless the engine claimed it meanwhile), checks its checkpoints
+    /// against the changelogs (a checkpoint outside them wipes the store: another history), and
+    /// assigns the changelogs from there.
+    fn start(&mut self, partition: i32) -> Result<(), RuntimeError> {
+        let config = self.config.clone();
+        let mut ends = Vec::with_capacity(config.stores.len());
+        {
+            let consumer = self.consumer()?;
+            for store in &config.stores {
+                let topic = config.changelog_topic(store);
+                let (low, high) = consumer
+                    .fetch_watermarks(&topic, partition, WATERMARKS_TIMEOUT)
+                    .map_err(RuntimeError::kafka("standby changelog watermarks"))?;
+                ends.push((store.clone(), topic, low, high));
+            }
+        }
+        let mut shared = self.standbys.lock();
+        if shared.claimed.contains(&partition) {
+            return Ok(());
+        }
+        // Opened under the lock, so the engine never opens the same store at the same time.
+        let mut backend =
+            RocksBackend::open(&config.task_dir(partition), &config.stores, &self.resources)?;
+        let mut positions = Vec::with_capacity(ends.len());
+        for (store, topic, low, high) in &ends {
+            positions.push((
+                store.clone(),
+                topic.clone(),
+                *low,
+                *high,
+                backend.checkpoint(store)?,
+            ));
+        }
+        if let Some((store, _, low, high, checkpoint)) = positions
+            .iter()
+            .find(|(_, _, low, high, c)| c.is_some_and(|c| c > *high || (c < *low && *low > 0)))
+        {
+            tracing::warn!(
+                partition, store = %store, checkpoint, changelog_start = low, changelog_end = high,
+                "standby checkpoint outside the changelog (topic recreated, or records deleted by retention); wiping the standby's state and rebuilding it from the beginning"
+            );
+            backend.wipe()?;
+            for position in &mut positions {
+                position.4 = None;
+            }
+        }
+        let mut assignment = TopicPartitionList::new();
+        let mut next = BTreeMap::new();
+        for (store, topic, low, _, checkpoint) in &positions {
+            let from = checkpoint.unwrap_or(*low);
+            next.insert(store.clone(), from);
+            assignment
+                .add_partition_offset(topic, partition, Offset::Offset(from))
+                .map_err(RuntimeError::kafka("standby assignment"))?;
+        }
+        shared.held.insert(partition, backend);
+        drop(shared);
+        if let Err(e) = self.consumer()?.incremental_assign(&assignment) {
+            self.standbys.lock().held.remove(&partition);
+            return Err(RuntimeError::kafka("assign standby changelogs")(e));
+        }
+        tracing::info!(partition, from = ?next, "standby started");
+        self.following.insert(
+            partition,
+            Followed {
+                changes: BTreeMap::new(),
+                next,
+                bytes: 0,
+                last_flush: Instant::now(),
+            },
+        );
+        metrics::gauge!(m::STANDBY_TASKS).set(self.following.len() as f64);
+        Ok(())
+    }
+
+    /// Stops following a partition: its buffered changes are written if its store is still
+    /// here, the changelogs unassigned, the store closed (or already with the engine).
+    fn stop(&mut self, partition: i32) {
+        if let Some(mut followed) = self.following.remove(&partition) {
+            {
+                // Written and closed under the lock: the engine may open the store right after.
+                let mut shared = self.standbys.lock();
+                if let Some(mut backend) = shared.held.remove(&partition) {
+                    if let Err(e) = flush(&mut followed, &mut backend) {
+                        tracing::warn!(partition, error = %e, "writing a stopped standby's last changes failed; it restarts from its last checkpoint");
+                    }
+                    drop(backend);
+                }
+            }
+            let mut list = TopicPartitionList::new();
+            for store in &self.config.stores {
+                list.add_partition(&self.config.changelog_topic(store), partition);
+            }
+            if let Some(consumer) = &self.consumer {
+                if let Err(e) = consumer.incremental_unassign(&list) {
+                    tracing::warn!(partition, error = %e, "unassigning a standby's changelogs failed; the consumer is built again");
+                    self.consumer = None;
+                }
+            }
+            metrics::gauge!(m::STANDBY_LAG, "partition" => partition.to_string()).set(0.0);
+            metrics::gauge!(m::STANDBY_TASKS).set(self.following.len() as f64);
+            tracing::info!(partition, "standby stopped");
+        }
+    }
+
+    fn stop_all(&mut self) {
+        let all: Vec<i32> = self.following.keys().copied().collect();
+        for p in all {
+            self.stop(p);
+        }
+    }
+
+    /// Reads the followed changelogs for up to `slice`, writing each standby's changes with
+    /// its checkpoint when due.
+    fn follow(&mut self, slice: Duration) -> Result<(), RuntimeError> {
+        let until = Instant::now() + slice;
+        let mut reset = false;
+        while Instant::now() < until {
+            let Some(consumer) = &self.consumer else {
+                return Ok(());
+            };
+            match consumer.poll(Duration::from_millis(50)) {
+                Some(Ok(message)) => {
+                    let partition = message.partition();
+                    let Some(store) = self
+                        .config
+                        .stores
+                        .iter()
+                        .find(|s| self.config.changelog_topic(s) == message.topic())
+                    else {
+                        continue;
+                    };
+                    let Some(followed) = self.following.get_mut(&partition) else {
+                        continue;
+                    };
+                    if let Some(key) = message.key() {
+                        let value = message.payload().map(<[u8]>::to_vec);
+                        followed.bytes += key.len() + value.as_ref().map_or(0, Vec::len);
+                        followed
+                            .changes
+                            .entry(store.clone())
+                            .or_default()
+                            .insert(key.to_vec(), value);
+                    }
+                    followed.next.insert(store.clone(), message.offset() + 1);
+                }
+                Some(Err(KafkaError::PartitionEOF(partition))) => {
+                    // Past the transaction markers at the end: the checkpoint may move there.
+                    if let Ok(position) = consumer.position() {
+                        if let Some(followed) = self.following.get_mut(&partition) {
+                            for store in &self.config.stores {
+                                let topic = self.config.changelog_topic(store);
+                                if let Some(Offset::Offset(at)) = position
+                                    .find_partition(&topic, partition)
+                                    .map(|e| e.offset())
+                                {
+                                    let next = followed.next.entry(store.clone()).or_insert(at);
+                                    *next = (*next).max(at);
+                                }
+                            }
+                            followed.last_flush = Instant::now() - FLUSH_EVERY;
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    // `auto.offset.reset=error`: a position outside its changelog. Which
+                    // partition is not said; every standby is checked again when it restarts.
+                    tracing::warn!(error = %e, "standby changelog read error");
+                    if matches!(
+                        e.rdkafka_error_code(),
+                        Some(
+                            rdkafka::types::RDKafkaErrorCode::AutoOffsetReset
+                                | rdkafka::types::RDKafkaErrorCode::OffsetOutOfRange
+                        )
+                    ) {
+                        reset = true;
+                        break;
+                    }
+                }
+                None => {}
+            }
+        }
+        self.flush_due()?;
+        if reset {
+            tracing::warn!("a standby's position lies outside its changelog; every standby starts again from its checkpoint, checked against its changelog");
+            self.stop_all();
+        }
+        Ok(())
+    }
+
+    fn flush_due(&mut self) -> Result<(), RuntimeError> {
+        let mut failed = Vec::new();
+        {
+            let mut shared = self.standbys.lock();
+            for (partition, followed) in &mut self.following {
+                let due =
+                    followed.bytes >= FLUSH_BYTES || followed.last_flush.elapsed() >= FLUSH_EVERY;
+                if !due {
+                    continue;
+                }
+                let Some(backend) = shared.held.get_mut(partition) else {
+                    continue;
+                };
+                if let Err(e) = flush(followed, backend) {
+                    tracing::warn!(partition, error = %e, "writing a standby's changes failed; it stops and is tried again later");
+                    failed.push(*partition);
+                }
+            }
+        }
+        for p in failed {
+            self.stop(p);
+            self.retry_at.insert(p, Instant::now() + RETRY_PAUSE);
+        }
+        Ok(())
+    }
+
+    /// Lag per standby: the changelogs' ends (as the consumer last saw them) minus the
+    /// positions written.
+    fn measure_lag(&mut self) {
+        let Some(consumer) = &self.consumer else {
+            return;
+        };
+        let mut lag = BTreeMap::new();
+        for (partition, followed) in &self.following {
+            let mut behind = 0;
+            for store in &self.config.stores {
+                let topic = self.config.changelog_topic(store);
+                let high = consumer
+                    .fetch_watermarks(&topic, *partition, Duration::from_secs(1))
+                    .map(|(_, high)| high);
+                let Ok(high) = high else {
+                    continue;
+                };
+                let at = followed.next.get(store).copied().unwrap_or(0);
+                behind += (high - at).max(0);
+            }
+            metrics::gauge!(m::STANDBY_LAG, "partition" => partition.to_string())
+                .set(behind as f64);
+            lag.insert(*partition, behind);
+        }
+        self.config.status.set_standby_lag(lag);
+    }
+}
+
+/// Writes a standby's buffered changes with the checkpoints after them, in one batch.
+fn flush(followed: &mut Followed, backend: &mut RocksBackend) -> Result<(), RuntimeError> {
+    fail::fail_point!("standby-write", |_| Err(RuntimeError::State(
+        super::failpoints::disk_full("standby write")
+    )));
+    let mut batch = CommitBatch::default();
+    for (store, next) in &followed.next {
+        if backend.checkpoint(store)? != Some(*next) || followed.changes.contains_key(store) {
+            batch.checkpoints.insert(store.clone(), *next);
+            batch.changes.insert(
+                store.clone(),
+                followed.changes.remove(store).unwrap_or_default(),
+            );
+        }
+    }
+    followed.changes.clear();
+    followed.bytes = 0;
+    followed.last_flush = Instant::now();
+    if !batch.checkpoints.is_empty() {
+        backend.apply(batch)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn standbys_follow_the_owner_on_the_ring_and_never_sit_with_it() {
+        let live = ids(&["c", "a", "b"]);
+        let owners: BTreeMap<i32, String> = [
+            (0, "a".to_string()),
+            (1, "b".to_string()),
+            (2, "c".to_string()),
+        ]
+        .into();
+        let none = BTreeSet::new();
+        // One standby: the next member after the owner.
+        assert_eq!(
+            standby_partitions("b", &live, &owners, 3, 1, &none),
+            [0].into()
+        );
+        assert_eq!(
+            standby_partitions("c", &live, &owners, 3, 1, &none),
+            [1].into()
+        );
+        assert_eq!(
+            standby_partitions("a", &live, &owners, 3, 1, &none),
+            [2].into()
+        );
+        // Two standbys: everyone else.
+        assert_eq!(
+            standby_partitions("a", &live, &owners, 3, 2, &none),
+            [1, 2].into()
+        );
+        // Never more than the other members, never one's own tasks.
+        assert_eq!(
+            standby_partitions("a", &live, &owners, 3, 5, &[1].into()),
+            [2].into()
+        );
+        // Each partition has exactly min(N, n-1) standbys, none on its owner.
+        for replicas in 0..4 {
+            for p in 0..3 {
+                let holders: Vec<&String> = live
+                    .iter()
+                    .filter(|m| {
+                        standby_partitions(m, &live, &owners, 3, replicas, &none).contains(&p)
+                    })
+                    .collect();
+                assert_eq!(holders.len(), replicas.min(2), "p{p} N={replicas}");
+                assert!(!holders.contains(&&owners[&p]));
+            }
+        }
+    }
+
+    #[test]
+    fn without_a_known_owner_the_ring_position_comes_from_the_partition() {
+        let live = ids(&["a", "b"]);
+        let owners = BTreeMap::new();
+        let none = BTreeSet::new();
+        assert_eq!(
+            standby_partitions("b", &live, &owners, 4, 1, &none),
+            [0, 2].into()
+        );
+        assert_eq!(
+            standby_partitions("a", &live, &owners, 4, 1, &none),
+            [1, 3].into()
+        );
+        // Alone, or not on the ring: no standby.
+        assert!(standby_partitions("a", &ids(&["a"]), &owners, 4, 1, &none).is_empty());
+        assert!(standby_partitions("z", &live, &owners, 4, 1, &none).is_empty());
+    }
+}

@@ -18,29 +18,29 @@
 //! reported invalid. Results: medians of `--repeat` runs, as Markdown tables with the ratios.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 
-#[path = "common/proc_usage.rs"]
-mod proc_usage;
+#[path = "common/bench_kit.rs"]
+mod bench_kit;
 
-use indicatif::{ProgressBar, ProgressStyle};
+use bench_kit::{
+    bar, bulk_produce, free_port, now_ms, release_dir, saga_streams_template, Process,
+};
+
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use saga_streams::codec::Codec;
-use saga_streams::saga::machine::{self, Applied, SagaEvent, SagaInput};
 use saga_streams::saga::processor::saga_key;
 use saga_streams::saga::query::Partitioner;
-use saga_streams::saga::topology::EventRole;
 use saga_streams::saga::SagaDefinition;
 use saga_streams::sim::load::{self, LoadSpec};
 use saga_streams::sim::{self, TopicScanner};
-use serde_json::{json, Value};
+use serde_json::json;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -116,85 +116,6 @@ struct Figures {
     max_ms: f64,
     restore_s: f64,
     violations: usize,
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
-fn bar(len: u64, what: &str) -> ProgressBar {
-    let bar = ProgressBar::new(len);
-    bar.set_style(
-        ProgressStyle::with_template(&format!(
-            "  {{elapsed_precise}} {{bar:40}} {{pos:>8}}/{{len:8}} {what} ({{per_sec}})"
-        ))
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar
-}
-
-fn release_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("own path");
-    // target/release/examples/bench_saga -> target/release
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .to_path_buf()
-}
-
-/// A child process whose CPU time and peak RSS are read from /proc before it is stopped.
-struct Process {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Process {
-    fn spawn(mut command: Command, log: PathBuf) -> Process {
-        let file = std::fs::File::create(&log).expect("log file");
-        let out = file.try_clone().expect("log file");
-        let child = command
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(file))
-            .spawn()
-            .expect("spawning an engine");
-        Process { child, log }
-    }
-
-    /// (CPU seconds, peak RSS in MiB).
-    fn usage(&self) -> (f64, f64) {
-        proc_usage::usage(self.child.id())
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn check_alive(&mut self, what: &str) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            panic!(
-                "{what} exited ({status}); log {}:\n{}",
-                self.log.display(),
-                self.log_text()
-            );
-        }
-    }
-
-    fn stop(mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(40);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// One run's topics, participants and engine.
@@ -326,13 +247,6 @@ impl<'a> Run<'a> {
             p.stop();
         }
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 fn produce_orders(run: &Run<'_>, orders: u64, rate: f64, id_prefix: &str) {
@@ -483,47 +397,6 @@ fn latency(args: &Args, engine: Engine) -> Figures {
     }
 }
 
-/// A finished saga's stored bytes as saga-streams writes them, with `{ID}` for its id: the
-/// record of a real run through the state machine.
-fn saga_streams_template(def: &SagaDefinition) -> String {
-    let id = "{ID}";
-    let event = |event_type: &str, role: EventRole, payload: Value| SagaEvent {
-        event_id: uuid::Uuid::new_v4().to_string(),
-        event_type: event_type.to_string(),
-        role,
-        payload: payload.as_object().cloned().unwrap_or_default(),
-        traceparent: None,
-    };
-    let created = load::order_created(def, id);
-    let mut payload = created.as_object().cloned().unwrap_or_default();
-    for name in saga_streams::saga::topology::ENVELOPE {
-        payload.remove(*name);
-    }
-    let start = event(&def.start_event, EventRole::Start, Value::Object(payload));
-    let now = now_ms();
-    let (mut record, _) = machine::start(def, id, &start, "corr-{ID}".into(), now);
-    let replies = [
-        event(
-            &def.steps[0].success,
-            EventRole::Success(0),
-            json!({"payment_id": "payment-{ID}"}),
-        ),
-        event(
-            &def.steps[1].success,
-            EventRole::Success(1),
-            json!({"reservation_id": "reservation-{ID}"}),
-        ),
-    ];
-    for reply in &replies {
-        if let Applied::Changed { record: next, .. } =
-            machine::apply(def, &record, SagaInput::Event(reply), now)
-        {
-            record = *next;
-        }
-    }
-    serde_json::to_string(&record).expect("saga record")
-}
-
 /// The same finished saga as the Kafka Streams baseline stores it (its `SagaState` as JSON).
 fn kafka_streams_template() -> String {
     json!({
@@ -535,46 +408,6 @@ fn kafka_streams_template() -> String {
         "seen": ["{ID}-e1", "{ID}-e2", "{ID}-e3"]
     })
     .to_string()
-}
-
-/// A record to produce: topic, key, value, and the partition when it is not the key's.
-type Produced = (String, Vec<u8>, Vec<u8>, Option<i32>);
-
-/// Produces `count` records made by `make(n)` as fast as the broker takes them, with the producer
-/// `settings` given.
-fn bulk_produce(
-    bootstrap: &str,
-    settings: &[(&str, &str)],
-    count: u64,
-    what: &str,
-    make: impl Fn(u64) -> Produced,
-) {
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", bootstrap)
-        .set("queue.buffering.max.messages", "1000000");
-    for (k, v) in settings {
-        config.set(*k, *v);
-    }
-    let producer: BaseProducer = config.create().expect("producer");
-    let progress = bar(count, what);
-    for n in 0..count {
-        let (topic, key, value, partition) = make(n);
-        let mut record = BaseRecord::to(&topic).key(&key).payload(&value);
-        if let Some(p) = partition {
-            record = record.partition(p);
-        }
-        while let Err((_, back)) = producer.send(record) {
-            record = back;
-            producer.poll(Duration::from_millis(5));
-        }
-        if n % 10_000 == 0 {
-            progress.set_position(n);
-            producer.poll(Duration::ZERO);
-        }
-    }
-    producer.flush(Duration::from_secs(120)).expect("flush");
-    progress.finish_and_clear();
 }
 
 /// How an engine keys a saga in its changelog.

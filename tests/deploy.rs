@@ -221,6 +221,11 @@ fn the_settings_the_chart_renders_are_the_ones_the_binary_reads() {
         "bootstrap: broker-1.kafka:9094".to_string(),
         "SAGA_STREAMS_APPLICATION_ID: orders".to_string(),
         "SAGA_STREAMS_TOPIC_PREFIX: prod.".to_string(),
+        "SAGA_STREAMS_STANDBY_REPLICAS: 2".to_string(),
+        "SAGA_STREAMS_STATIC_MEMBERSHIP: true".to_string(),
+        "SAGA_STREAMS_SESSION_TIMEOUT: 15s".to_string(),
+        "SAGA_STREAMS_HEARTBEAT_INTERVAL: 2s".to_string(),
+        "SAGA_STREAMS_WARM_UP_TIMEOUT: 5m".to_string(),
         // Each pod advertises its stable name under the headless Service.
         "SAGA_STREAMS_ADVERTISED_HTTP: saga-0.".to_string(),
         "-headless.orders.svc:9464".to_string(),

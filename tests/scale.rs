@@ -93,13 +93,22 @@ const FAST_FAILOVER: [&str; 10] = [
 /// (active, standby) as indexes into `addrs`.
 fn settle(addrs: [&str; 2]) -> (usize, usize) {
     let mut roles = None;
+    let mut since = Instant::now();
     let settled = poll_until(LIMIT, || {
-        roles = match (running(addrs[0]), running(addrs[1])) {
-            (1, 0) if standby_lag(addrs[1], 0).is_some() => Some((0, 1)),
-            (0, 1) if standby_lag(addrs[0], 0).is_some() => Some((1, 0)),
+        let joined = addrs
+            .iter()
+            .all(|a| ready(a)["joined"] == true && ready(a)["warming_up"] == false);
+        let now = match (running(addrs[0]), running(addrs[1])) {
+            (1, 0) if joined && standby_lag(addrs[1], 0).is_some() => Some((0, 1)),
+            (0, 1) if joined && standby_lag(addrs[0], 0).is_some() => Some((1, 0)),
             _ => None,
         };
-        roles.is_some()
+        if now != roles {
+            roles = now;
+            since = Instant::now();
+        }
+        // The same roles for a few heartbeats: the assignment has settled.
+        roles.is_some() && since.elapsed() >= Duration::from_secs(3)
     });
     assert!(
         settled,
@@ -241,19 +250,25 @@ async fn a_standby_whose_changelog_was_recreated_rebuilds_its_copy() {
     ];
     let addrs = [procs[0].http_addr(LIMIT), procs[1].http_addr(LIMIT)];
     let (active, standby) = settle([&addrs[0], &addrs[1]]);
-    let new = start_orders(&mut env, "new", 20);
+    // More than before the deletion: the new changelog's end passes the old checkpoints, so a
+    // copy that was not rebuilt could not be told from a current one by its offsets.
+    let new = start_orders(&mut env, "new", 60);
     assert!(
         poll_until(LIMIT, || standby_lag(&addrs[standby], 0) == Some(0)),
         "{}",
         ready(&addrs[standby])
     );
+    // Whichever instance kept a standby at its start found its copy from another history.
     assert!(
-        procs[standby]
+        procs.iter().any(|p| p
             .log_text()
-            .contains("standby checkpoint outside the changelog"),
-        "{}",
-        procs[standby].log_text()
+            .contains("standby checkpoint outside the changelog")),
+        "{}\n{}",
+        procs[0].log_text(),
+        procs[1].log_text()
     );
+    let (code, _) = http_get(&format!("http://{}/sagas/{}", addrs[active], old[0]));
+    assert_eq!(code, 404);
 
     procs[active].sigkill();
     assert!(
@@ -273,6 +288,96 @@ async fn a_standby_whose_changelog_was_recreated_rebuilds_its_copy() {
             .is_some_and(|(from, records)| from.is_some() && *records < 10),
         "{restored:?}"
     );
+}
+
+/// A standby whose writes keep failing (a full disk) stops and is tried again; the instance
+/// stays ready, and a task that moves to it is restored from the changelog as usual.
+#[test]
+fn a_standby_that_cannot_write_never_touches_processing() {
+    let mut env = SagaEnv::new("order_saga.yaml", 1);
+    let failing = [("SAGA_STREAMS_FAILPOINTS", "standby-write=return")];
+    let mut procs = [
+        env.orchestrator_with_env("a", &FAST_FAILOVER, &failing),
+        env.orchestrator_with_env("b", &FAST_FAILOVER, &failing),
+    ];
+    let addrs = [procs[0].http_addr(LIMIT), procs[1].http_addr(LIMIT)];
+    assert!(
+        poll_until(LIMIT, || running(&addrs[0]) + running(&addrs[1]) == 1),
+        "{} / {}",
+        ready(&addrs[0]),
+        ready(&addrs[1])
+    );
+    let orders = start_orders(&mut env, "disk-full", 50);
+    let failed = |p: &BinProcess| p.log_text().contains("writing a standby's changes failed");
+    assert!(
+        poll_until(LIMIT, || procs.iter().any(failed)),
+        "no standby write failed"
+    );
+    for a in &addrs {
+        assert_eq!(ready(a)["ready"], true, "{}", ready(a));
+    }
+    // The active one is killed; the other restores the task from the changelog.
+    let active = if running(&addrs[0]) == 1 { 0 } else { 1 };
+    let other = 1 - active;
+    procs[active].sigkill();
+    assert!(
+        poll_until(LIMIT, || running(&addrs[other]) == 1),
+        "{}",
+        procs[other].log_text()
+    );
+    for order in &orders {
+        env.reply(0, Reply::Success, order);
+    }
+    let next = env.def.steps[1].command.event_type.clone();
+    let wanted = orders.clone();
+    env.wait("the next command for every order", move |env| {
+        wanted.iter().all(|o| env.count(o, &next) == 1)
+    });
+    procs[other].assert_alive();
+}
+
+/// A static member joining a running application first warms the task the broker will give it
+/// (its share of the range assignment), so the task moves with only the changelog's tail to
+/// restore, though the newcomer never ran it.
+#[test]
+fn a_static_newcomer_warms_its_task_before_joining_and_restores_only_the_tail() {
+    let mut env = SagaEnv::new("order_saga.yaml", 2);
+    let flags = [
+        "--static-membership",
+        "--standby-replicas",
+        "1",
+        "--step-timeout",
+        "payment=10m",
+    ];
+    let mut a = env.orchestrator("a", &flags);
+    let a_addr = a.http_addr(LIMIT);
+    assert!(poll_until(LIMIT, || running(&a_addr) == 2));
+    start_orders(&mut env, "before", 200);
+
+    let mut b = env.orchestrator("b", &flags);
+    let b_addr = b.http_addr(LIMIT);
+    assert!(
+        poll_until(LIMIT, || running(&a_addr) == 1 && running(&b_addr) == 1),
+        "{}\n{}",
+        ready(&a_addr),
+        b.log_text()
+    );
+    let log = b.log_text();
+    assert!(log.contains("warming up the partitions"), "{log}");
+    assert!(log.contains("warm-up finished"), "{log}");
+    // b runs partition 1 (the second half of the range), restored from its warm copy.
+    assert_eq!(tasks_started(&b), [1], "{log}");
+    let restored = restores(&b);
+    let Some(&(from, records)) = restored.last() else {
+        panic!("no restore: {log}")
+    };
+    assert!(
+        from.is_some_and(|c| c > 0) && records < 10,
+        "the newcomer restored {records} records from {from:?}: {restored:?}"
+    );
+    start_orders(&mut env, "after", 20);
+    a.assert_alive();
+    b.assert_alive();
 }
 
 #[test]

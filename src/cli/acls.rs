@@ -28,6 +28,10 @@ pub struct AclsArgs {
     /// The application id (default as for `run`, or `simulate` with `--participant`).
     #[arg(long)]
     pub application_id: Option<String>,
+    /// Add what `run --session-timeout` / `--heartbeat-interval` need: AlterConfigs on the
+    /// application's group (they are set on the group at start-up).
+    #[arg(long)]
+    pub group_configs: bool,
     /// `lines` for `scripts/lib/KafkaAcls.java`, or `kafka-acls` commands.
     #[arg(long, value_enum, default_value = "lines")]
     pub format: AclFormat,
@@ -110,7 +114,11 @@ pub fn run(args: AclsArgs) -> anyhow::Result<ExitCode> {
                 .application_id
                 .clone()
                 .unwrap_or_else(|| format!("{}{}", args.topology.topic_prefix, def.name));
-            orchestrator_acls(&def, &app)
+            let mut acls = orchestrator_acls(&def, &app);
+            if args.group_configs {
+                acls.push(acl("GROUP", "LITERAL", &app, "ALTER_CONFIGS"));
+            }
+            acls
         }
         Some(step) => {
             let step = &def.steps[step_index(&def, step)?];

@@ -84,6 +84,10 @@ pub struct RunArgs {
     /// pause that only looked like one (a long GC-free stall, a slow disk, a network blip).
     #[arg(long, value_parser = parse_duration)]
     pub session_timeout: Option<Duration>,
+    /// With standby replicas: how long a starting instance may warm the tasks it is likely to be
+    /// given (from their changelogs) before it joins the group; 0 joins at once.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub warm_up_timeout: Duration,
     /// How often the member heartbeats. Default: the broker's (5 s).
     #[arg(long, value_parser = parse_duration)]
     pub heartbeat_interval: Option<Duration>,
@@ -204,6 +208,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     config.static_membership = args.static_membership;
     config.session_timeout = args.session_timeout;
     config.heartbeat_interval = args.heartbeat_interval;
+    config.warm_up_timeout = args.warm_up_timeout;
     config.guarantee = args.guarantee;
     config.partitioner = args.partitioner.setting().to_string();
     let metrics = install_recorder(&application_id).map_err(anyhow::Error::msg)?;

@@ -94,6 +94,10 @@ pub struct RuntimeConfig {
     /// within the broker's `group.consumer.min/max.session.timeout.ms`; with `classic`, on the
     /// consumer (`session.timeout.ms`).
     pub session_timeout: Option<Duration>,
+    /// With standby replicas: before joining the group, an instance warms the partitions it is
+    /// likely to be given (those each member hands out to a newcomer) until they are caught up,
+    /// for at most this long (default 5 min; zero: join at once).
+    pub warm_up_timeout: Duration,
     /// How often members heartbeat. `None`: the broker's default (5 s). Set like the session
     /// timeout (`consumer.heartbeat.interval.ms` / `heartbeat.interval.ms`).
     pub heartbeat_interval: Option<Duration>,
@@ -179,6 +183,7 @@ impl RuntimeConfig {
             static_membership: false,
             session_timeout: None,
             heartbeat_interval: None,
+            warm_up_timeout: Duration::from_secs(300),
         }
     }
 

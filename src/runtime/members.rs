@@ -76,11 +76,6 @@ impl Members {
     pub fn ring(&self) -> (Vec<String>, BTreeMap<i32, String>) {
         let members = self.0.read().unwrap_or_else(|p| p.into_inner());
         let now = super::input_ends::now_ms();
-        let live = members
-            .values()
-            .filter(|m| now - m.published_ms < LIVE_FOR.as_millis() as i64)
-            .map(|m| m.instance_id.clone())
-            .collect();
         let mut owners: BTreeMap<i32, (i64, String)> = BTreeMap::new();
         for m in members.values() {
             for p in &m.partitions {
@@ -92,6 +87,19 @@ impl Members {
                 }
             }
         }
+        // Live: published lately, and not a member whose every listed partition others have
+        // taken since (a crashed instance, once the survivors published their takeover).
+        let live = members
+            .values()
+            .filter(|m| now - m.published_ms < LIVE_FOR.as_millis() as i64)
+            .filter(|m| {
+                m.partitions.is_empty()
+                    || m.partitions
+                        .iter()
+                        .any(|p| owners.get(p).is_some_and(|(_, id)| *id == m.instance_id))
+            })
+            .map(|m| m.instance_id.clone())
+            .collect();
         (
             live,
             owners.into_iter().map(|(p, (_, id))| (p, id)).collect(),
@@ -344,5 +352,24 @@ mod tests {
         assert!(members.owner(0).is_none());
         members.apply("c", Some(b"not json"), 4, 0);
         assert!(members.owner(2).is_none());
+    }
+
+    #[test]
+    fn the_ring_leaves_out_silent_members_and_those_whose_partitions_were_all_taken() {
+        let members = Members::default();
+        let now = crate::runtime::input_ends::now_ms();
+        let stale = now - LIVE_FOR.as_millis() as i64 - 1;
+        members.apply("a", Some(&record("a", &[0, 1])), 0, now);
+        members.apply("b", Some(&record("b", &[2])), 1, now);
+        members.apply("spare", Some(&record("spare", &[])), 2, now);
+        members.apply("old", Some(&record("old", &[])), 3, stale);
+        let (live, owners) = members.ring();
+        assert_eq!(live, ["a", "b", "spare"]);
+        assert_eq!(owners[&1], "a");
+        // b takes a's partitions: a (crashed, silent since) is no longer on the ring.
+        members.apply("b", Some(&record("b", &[0, 1, 2])), 4, now);
+        let (live, owners) = members.ring();
+        assert_eq!(live, ["b", "spare"]);
+        assert_eq!(owners[&0], "b");
     }
 }

@@ -45,9 +45,36 @@ const FLUSH_BYTES: usize = 4 << 20;
 const WATERMARKS_TIMEOUT: Duration = Duration::from_secs(5);
 /// The pause before a standby that failed (its store, its changelog) is tried again.
 const RETRY_PAUSE: Duration = Duration::from_secs(5);
+/// How long warm-up waits for this instance's record in the members topic.
+const MEMBERS_WAIT: Duration = Duration::from_secs(10);
+
+/// The partitions the broker's `range` assignor (Kafka 4.1, KIP-848) gives the member at
+/// `index` of `members`: members sorted (static ones by instance id), each a contiguous range,
+/// the first `partitions % members` one partition longer.
+pub fn range_of(index: usize, members: usize, partitions: i32) -> std::ops::Range<i32> {
+    if members == 0 || index >= members {
+        return 0..0;
+    }
+    let (n, i) = (members as i32, index as i32);
+    let (quota, extra) = (partitions / n, partitions % n);
+    let start = i * quota + i.min(extra);
+    start..start + quota + i32::from(i < extra)
+}
+
+/// The member of `sorted` (static members, sorted by instance id) the range assignor gives `p`.
+fn range_owner<'a>(p: i32, sorted: &[&'a str], partitions: i32) -> Option<&'a str> {
+    (0..sorted.len())
+        .find(|i| range_of(*i, sorted.len(), partitions).contains(&p))
+        .map(|i| sorted[i])
+}
 
 /// The partitions `me` keeps standbys of, given the live members (any order), the owners the
 /// members topic names, the partition count, the standby count and the partitions `me` runs.
+///
+/// The live members sorted by instance id form a ring; a task's standbys are the members after
+/// its owner on it. With static membership (`predictable`) the broker's assignment is known: the
+/// first standby is the member the task would go to if its owner left (the range assignor over
+/// the others), so a single failure always finds its tasks warm.
 pub fn standby_partitions(
     me: &str,
     live: &[String],
@@ -55,6 +82,7 @@ pub fn standby_partitions(
     partitions: i32,
     replicas: usize,
     active: &BTreeSet<i32>,
+    predictable: bool,
 ) -> BTreeSet<i32> {
     let mut ring: Vec<&str> = live.iter().map(String::as_str).collect();
     ring.sort_unstable();
@@ -70,12 +98,55 @@ pub fn standby_partitions(
                 .get(p)
                 .and_then(|owner| ring.iter().position(|m| m == owner))
                 .unwrap_or(*p as usize % n);
-            (1..n)
-                .take(replicas)
-                .any(|step| ring[(anchor + step) % n] == me)
+            let mut chain: Vec<&str> = Vec::with_capacity(n);
+            if predictable {
+                let others: Vec<&str> = ring
+                    .iter()
+                    .copied()
+                    .filter(|m| *m != ring[anchor])
+                    .collect();
+                chain.extend(range_owner(*p, &others, partitions));
+            }
+            for step in 1..n {
+                let next = ring[(anchor + step) % n];
+                if !chain.contains(&next) {
+                    chain.push(next);
+                }
+            }
+            chain.iter().take(replicas).any(|m| *m == me)
         })
         .collect()
 }
+
+/// The partitions a starting member `me` will be given when it joins, when that can be known:
+/// with static membership (`predictable`) the range assignor's share of `me` among the live
+/// members and itself, sorted by instance id; nothing while no member runs a task (a first
+/// start) or without static membership (members are then sorted by ids the broker makes up).
+pub fn takeover_candidates(
+    me: &str,
+    live: &[String],
+    owners: &BTreeMap<i32, String>,
+    partitions: i32,
+    predictable: bool,
+) -> BTreeSet<i32> {
+    let running = owners.values().any(|o| o != me && live.contains(o));
+    if !predictable || !running {
+        return BTreeSet::new();
+    }
+    let mut members: Vec<&str> = live.iter().map(String::as_str).collect();
+    members.push(me);
+    members.sort_unstable();
+    members.dedup();
+    members
+        .iter()
+        .position(|m| *m == me)
+        .map(|i| range_of(i, members.len(), partitions).collect())
+        .unwrap_or_default()
+}
+
+/// Warm-up ends once the candidates are this many changelog records behind, at most: the rest
+/// is restored in a moment after the join.
+const WARM_LAG: i64 = 10_000;
 
 /// What the stream thread and the keeper share.
 #[derive(Default)]
@@ -84,6 +155,11 @@ struct Shared {
     claimed: BTreeSet<i32>,
     /// Open standby stores, by partition.
     held: BTreeMap<i32, RocksBackend>,
+    /// Before joining the group: the keeper also warms the partitions this instance is likely to
+    /// be given ([`takeover_candidates`]).
+    warming: bool,
+    /// The warm-up's candidates are followed and caught up (within [`WARM_LAG`]).
+    warm: bool,
 }
 
 /// The handle the engine and the HTTP endpoints use; the keeper thread holds the other end.
@@ -123,6 +199,63 @@ impl Standbys {
         }
     }
 
+    /// Warms the partitions this instance is likely to be given before it joins the group, so
+    /// a scale-out or a restart does not move tasks to a cold store: waits until they are
+    /// followed and caught up, for at most `limit` (or until shutdown).
+    pub fn warm_up(
+        &self,
+        config: &RuntimeConfig,
+        members: &Members,
+        limit: Duration,
+        shutdown: &Shutdown,
+    ) {
+        let started = Instant::now();
+        // The members topic is read from its start: once this instance's own record is back,
+        // everyone's earlier records are in.
+        while !members.ring().0.contains(&config.instance_id) {
+            if shutdown.requested() || started.elapsed() >= MEMBERS_WAIT {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let (live, owners) = members.ring();
+        let candidates = takeover_candidates(
+            &config.instance_id,
+            &live,
+            &owners,
+            config.status.partitions(),
+            config.static_membership,
+        );
+        if candidates.is_empty() {
+            return;
+        }
+        tracing::info!(?candidates, "warming up the partitions this instance is likely to be given before joining the group");
+        config.status.set_warming_up(true);
+        {
+            let mut shared = self.lock();
+            shared.warming = true;
+            shared.warm = false;
+        }
+        while !shutdown.requested() && !self.lock().warm {
+            if started.elapsed() >= limit {
+                tracing::warn!(
+                    limit_s = limit.as_secs(),
+                    "warm-up not finished within its limit; joining the group anyway"
+                );
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if self.lock().warm {
+            tracing::info!(
+                seconds = started.elapsed().as_secs_f64(),
+                "warm-up finished; joining the group"
+            );
+        }
+        self.lock().warming = false;
+        config.status.set_warming_up(false);
+    }
+
     /// The engine closed every task.
     pub fn release_all(&self) {
         self.lock().claimed.clear();
@@ -148,6 +281,7 @@ pub fn spawn(
                 consumer: None,
                 following: BTreeMap::new(),
                 retry_at: BTreeMap::new(),
+                candidates: BTreeSet::new(),
             };
             keeper.run(&shutdown);
             keeper.stop_all();
@@ -171,6 +305,8 @@ struct Keeper {
     following: BTreeMap<i32, Followed>,
     /// Standbys that failed, and when to try them again.
     retry_at: BTreeMap<i32, Instant>,
+    /// While warming up: the partitions this instance is likely to be given.
+    candidates: BTreeSet<i32>,
 }
 
 impl Keeper {
@@ -248,16 +384,32 @@ impl Keeper {
 
     /// Computes the placement and starts or stops standbys to match it.
     fn place(&mut self) -> Result<(), RuntimeError> {
-        let claimed = self.standbys.lock().claimed.clone();
+        let (claimed, warming) = {
+            let shared = self.standbys.lock();
+            (shared.claimed.clone(), shared.warming)
+        };
         let (live, owners) = self.members.ring();
-        let wanted = standby_partitions(
+        let mut wanted = standby_partitions(
             &self.config.instance_id,
             &live,
             &owners,
             self.config.status.partitions(),
             self.config.standby_replicas,
             &claimed,
+            self.config.static_membership,
         );
+        self.candidates = if warming {
+            takeover_candidates(
+                &self.config.instance_id,
+                &live,
+                &owners,
+                self.config.status.partitions(),
+                self.config.static_membership,
+            )
+        } else {
+            BTreeSet::new()
+        };
+        wanted.extend(self.candidates.difference(&claimed));
         let held: BTreeSet<i32> = self.standbys.lock().held.keys().copied().collect();
         // Stop what is no longer wanted, or was taken by the engine.
         let stop: Vec<i32> = self
@@ -502,27 +654,47 @@ impl Keeper {
     /// Lag per standby: the changelogs' ends (as the consumer last saw them) minus the
     /// positions written.
     fn measure_lag(&mut self) {
-        let Some(consumer) = &self.consumer else {
-            return;
-        };
         let mut lag = BTreeMap::new();
-        for (partition, followed) in &self.following {
-            let mut behind = 0;
-            for store in &self.config.stores {
-                let topic = self.config.changelog_topic(store);
-                let high = consumer
-                    .fetch_watermarks(&topic, *partition, Duration::from_secs(1))
-                    .map(|(_, high)| high);
-                let Ok(high) = high else {
-                    continue;
-                };
-                let at = followed.next.get(store).copied().unwrap_or(0);
-                behind += (high - at).max(0);
+        if let Some(consumer) = &self.consumer {
+            'partitions: for (partition, followed) in &self.following {
+                let mut behind = 0;
+                for store in &self.config.stores {
+                    let topic = self.config.changelog_topic(store);
+                    let Ok((_, high)) =
+                        consumer.fetch_watermarks(&topic, *partition, Duration::from_secs(1))
+                    else {
+                        // Unknown this time: not shown, and not counted as caught up.
+                        continue 'partitions;
+                    };
+                    let at = followed.next.get(store).copied().unwrap_or(0);
+                    behind += (high - at).max(0);
+                }
+                metrics::gauge!(m::STANDBY_LAG, "partition" => partition.to_string())
+                    .set(behind as f64);
+                lag.insert(*partition, behind);
             }
-            metrics::gauge!(m::STANDBY_LAG, "partition" => partition.to_string())
-                .set(behind as f64);
-            lag.insert(*partition, behind);
         }
+        let warm = self
+            .candidates
+            .iter()
+            .all(|p| self.following.contains_key(p))
+            && self
+                .candidates
+                .iter()
+                .map(|p| lag.get(p).copied().unwrap_or(i64::MAX / 2))
+                .sum::<i64>()
+                <= WARM_LAG;
+        // A candidate whose copy cannot be kept (a full disk, a changelog without a leader):
+        // waiting longer would not help, the task is restored after the join as without a
+        // warm-up.
+        let failing = self
+            .candidates
+            .iter()
+            .any(|p| self.retry_at.contains_key(p));
+        if failing && !warm && !self.candidates.is_empty() {
+            tracing::warn!("a partition being warmed up cannot be kept warm; joining the group without waiting for it");
+        }
+        self.standbys.lock().warm = warm || failing;
         self.config.status.set_standby_lag(lag);
     }
 }
@@ -560,6 +732,16 @@ mod tests {
     }
 
     #[test]
+    fn the_range_assignor_gives_contiguous_ranges_the_first_ones_longer() {
+        let ranges: Vec<_> = (0..3).map(|i| range_of(i, 3, 12)).collect();
+        assert_eq!(ranges, [0..4, 4..8, 8..12]);
+        let ranges: Vec<_> = (0..5).map(|i| range_of(i, 5, 12)).collect();
+        assert_eq!(ranges, [0..3, 3..6, 6..8, 8..10, 10..12]);
+        assert_eq!(range_of(1, 2, 1), 1..1);
+        assert_eq!(range_of(0, 0, 4), 0..0);
+    }
+
+    #[test]
     fn standbys_follow_the_owner_on_the_ring_and_never_sit_with_it() {
         let live = ids(&["c", "a", "b"]);
         let owners: BTreeMap<i32, String> = [
@@ -569,42 +751,72 @@ mod tests {
         ]
         .into();
         let none = BTreeSet::new();
+        let place = |me: &str, replicas: usize, active: &BTreeSet<i32>| {
+            standby_partitions(me, &live, &owners, 3, replicas, active, false)
+        };
         // One standby: the next member after the owner.
-        assert_eq!(
-            standby_partitions("b", &live, &owners, 3, 1, &none),
-            [0].into()
-        );
-        assert_eq!(
-            standby_partitions("c", &live, &owners, 3, 1, &none),
-            [1].into()
-        );
-        assert_eq!(
-            standby_partitions("a", &live, &owners, 3, 1, &none),
-            [2].into()
-        );
+        assert_eq!(place("b", 1, &none), [0].into());
+        assert_eq!(place("c", 1, &none), [1].into());
+        assert_eq!(place("a", 1, &none), [2].into());
         // Two standbys: everyone else.
-        assert_eq!(
-            standby_partitions("a", &live, &owners, 3, 2, &none),
-            [1, 2].into()
-        );
+        assert_eq!(place("a", 2, &none), [1, 2].into());
         // Never more than the other members, never one's own tasks.
-        assert_eq!(
-            standby_partitions("a", &live, &owners, 3, 5, &[1].into()),
-            [2].into()
-        );
+        assert_eq!(place("a", 5, &[1].into()), [2].into());
         // Each partition has exactly min(N, n-1) standbys, none on its owner.
-        for replicas in 0..4 {
-            for p in 0..3 {
-                let holders: Vec<&String> = live
-                    .iter()
-                    .filter(|m| {
-                        standby_partitions(m, &live, &owners, 3, replicas, &none).contains(&p)
-                    })
-                    .collect();
-                assert_eq!(holders.len(), replicas.min(2), "p{p} N={replicas}");
-                assert!(!holders.contains(&&owners[&p]));
+        for predictable in [false, true] {
+            for replicas in 0..4 {
+                for p in 0..3 {
+                    let holders: Vec<&String> = live
+                        .iter()
+                        .filter(|m| {
+                            standby_partitions(m, &live, &owners, 3, replicas, &none, predictable)
+                                .contains(&p)
+                        })
+                        .collect();
+                    assert_eq!(holders.len(), replicas.min(2), "p{p} N={replicas}");
+                    assert!(!holders.contains(&&owners[&p]));
+                }
             }
         }
+    }
+
+    #[test]
+    fn with_static_members_the_standby_is_where_the_task_goes_if_its_owner_leaves() {
+        let live = ids(&["o0", "o1", "o2"]);
+        let owners: BTreeMap<i32, String> = (0..12).map(|p| (p, format!("o{}", p / 4))).collect();
+        let none = BTreeSet::new();
+        for (leaving, _) in live.iter().enumerate() {
+            let others: Vec<&str> = live
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != leaving)
+                .map(|(_, m)| m.as_str())
+                .collect();
+            for p in range_of(leaving, 3, 12) {
+                let goes_to = range_owner(p, &others, 12).unwrap();
+                assert!(
+                    standby_partitions(goes_to, &live, &owners, 12, 1, &none, true).contains(&p),
+                    "p{p} goes to {goes_to} when o{leaving} leaves"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_static_newcomer_warms_its_share_of_the_range_assignment() {
+        let live = ids(&["o0", "o1"]);
+        let owners: BTreeMap<i32, String> = (0..12).map(|p| (p, format!("o{}", p / 6))).collect();
+        assert_eq!(
+            takeover_candidates("o2", &live, &owners, 12, true),
+            (8..12).collect()
+        );
+        assert_eq!(
+            takeover_candidates("a", &live, &owners, 12, true),
+            (0..4).collect()
+        );
+        // Unknowable without static membership; nothing to take before anyone runs.
+        assert!(takeover_candidates("o2", &live, &owners, 12, false).is_empty());
+        assert!(takeover_candidates("o2", &live, &BTreeMap::new(), 12, true).is_empty());
     }
 
     #[test]
@@ -612,16 +824,12 @@ mod tests {
         let live = ids(&["a", "b"]);
         let owners = BTreeMap::new();
         let none = BTreeSet::new();
-        assert_eq!(
-            standby_partitions("b", &live, &owners, 4, 1, &none),
-            [0, 2].into()
-        );
-        assert_eq!(
-            standby_partitions("a", &live, &owners, 4, 1, &none),
-            [1, 3].into()
-        );
+        let place =
+            |me: &str, live: &[String]| standby_partitions(me, live, &owners, 4, 1, &none, false);
+        assert_eq!(place("b", &live), [0, 2].into());
+        assert_eq!(place("a", &live), [1, 3].into());
         // Alone, or not on the ring: no standby.
-        assert!(standby_partitions("a", &ids(&["a"]), &owners, 4, 1, &none).is_empty());
-        assert!(standby_partitions("z", &live, &owners, 4, 1, &none).is_empty());
+        assert!(place("a", &ids(&["a"])).is_empty());
+        assert!(place("z", &live).is_empty());
     }
 }

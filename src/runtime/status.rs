@@ -31,6 +31,8 @@ struct Inner {
     assigned_partitions: RwLock<BTreeSet<i32>>,
     /// Standby tasks and how many changelog records each is behind.
     standby_lag: RwLock<BTreeMap<i32, i64>>,
+    /// Warming up before joining the group.
+    warming_up: AtomicBool,
 }
 
 impl std::fmt::Debug for RuntimeStatus {
@@ -65,6 +67,16 @@ impl RuntimeStatus {
         if let Ok(mut readers) = self.0.readers.write() {
             readers.remove(&partition);
         }
+    }
+
+    pub(crate) fn set_warming_up(&self, warming: bool) {
+        self.0.warming_up.store(warming, Ordering::Relaxed);
+    }
+
+    /// Warming up the partitions it is likely to be given, before joining the group (not
+    /// ready meanwhile: it has not joined).
+    pub fn warming_up(&self) -> bool {
+        self.0.warming_up.load(Ordering::Relaxed)
     }
 
     pub(crate) fn set_standby_lag(&self, lag: BTreeMap<i32, i64>) {

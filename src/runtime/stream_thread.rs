@@ -387,6 +387,11 @@ pub fn run(
         ),
         _ => None,
     };
+    if let (Some(members), Some(_)) = (&config.members, &keeper) {
+        if !config.warm_up_timeout.is_zero() {
+            standbys.warm_up(&config, members, config.warm_up_timeout, &shutdown);
+        }
+    }
     let result = run_generations(&mut config, &supplier, &resources, &standbys, &shutdown);
     // The standbys write what they read and close their stores on the way out.
     shutdown.request();

@@ -547,11 +547,13 @@ async fn ready(State(state): State<AppState>) -> Response {
         "ready": s.ready(),
         "assigned_tasks": s.assigned_tasks(),
         "running_tasks": s.running_tasks(),
+        "assigned_partitions": s.assigned_partitions(),
         "stalled": s.stalled(),
         "joined": s.joined(),
         "advertised_http": s.advertised_http(),
         // Partition -> changelog records behind; shown, never gating readiness.
         "standby_lag": s.standby_lag(),
+        "warming_up": s.warming_up(),
     });
     let code = if s.ready() {
         StatusCode::OK

@@ -290,12 +290,18 @@ async fn a_standby_whose_changelog_was_recreated_rebuilds_its_copy() {
     );
 }
 
-/// A standby whose writes keep failing (a full disk) stops and is tried again; the instance
-/// stays ready, and a task that moves to it is restored from the changelog as usual.
+/// A standby whose writes fail (a full disk: once, or every time) stops and is tried again from
+/// what it last wrote; the instance stays ready, and a task that moves to it has its whole state.
 #[test]
 fn a_standby_that_cannot_write_never_touches_processing() {
+    for spec in ["standby-write=2*off->1*return", "standby-write=return"] {
+        standby_write_failing(spec);
+    }
+}
+
+fn standby_write_failing(spec: &str) {
     let mut env = SagaEnv::new("order_saga.yaml", 1);
-    let failing = [("SAGA_STREAMS_FAILPOINTS", "standby-write=return")];
+    let failing = [("SAGA_STREAMS_FAILPOINTS", spec)];
     let mut procs = [
         env.orchestrator_with_env("a", &FAST_FAILOVER, &failing),
         env.orchestrator_with_env("b", &FAST_FAILOVER, &failing),

@@ -84,11 +84,12 @@ pub struct RunArgs {
     /// pause that only looked like one (a long GC-free stall, a slow disk, a network blip).
     #[arg(long, value_parser = parse_duration)]
     pub session_timeout: Option<Duration>,
-    /// With standby replicas: how long a starting instance may warm the tasks it is likely to be
-    /// given (from their changelogs) before it joins the group; 0 joins at once.
+    /// With standby replicas and static membership: how long a starting instance may warm the
+    /// tasks it will be given (from their changelogs) before it joins the group; 0 joins at once.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     pub warm_up_timeout: Duration,
-    /// How often the member heartbeats. Default: the broker's (5 s).
+    /// How often the member heartbeats. Default: the broker's (5 s). The two are set on the group
+    /// together: one not given returns to the broker's default.
     #[arg(long, value_parser = parse_duration)]
     pub heartbeat_interval: Option<Duration>,
 }

@@ -94,9 +94,9 @@ pub struct RuntimeConfig {
     /// within the broker's `group.consumer.min/max.session.timeout.ms`; with `classic`, on the
     /// consumer (`session.timeout.ms`).
     pub session_timeout: Option<Duration>,
-    /// With standby replicas: before joining the group, an instance warms the partitions it is
-    /// likely to be given (those each member hands out to a newcomer) until they are caught up,
-    /// for at most this long (default 5 min; zero: join at once).
+    /// With standby replicas and static membership: before joining the group, an instance warms
+    /// the partitions the range assignor will give it until they are caught up, for at most this
+    /// long (default 5 min; zero: join at once).
     pub warm_up_timeout: Duration,
     /// How often members heartbeat. `None`: the broker's default (5 s). Set like the session
     /// timeout (`consumer.heartbeat.interval.ms` / `heartbeat.interval.ms`).

@@ -1287,6 +1287,9 @@ impl Engine {
         self.assigned_at.clear();
         self.close_tasks(&all);
         self.standbys.release_all();
+        // A revoke served later by this engine's consumer (closed in the background after a
+        // stuck client) must not release what the next generation claimed.
+        self.standbys = Standbys::default();
     }
 
     /// The pre-rebalance duty on revoke: finish the cycle, close the revoked tasks.

@@ -56,11 +56,20 @@ pub struct Member {
 /// publishes every [`REPUBLISH`]).
 pub const LIVE_FOR: Duration = Duration::from_secs(75);
 
-/// The members as last read from the topic.
+/// The members as last read from the topic, and whether the reader has reached the end the topic
+/// had when it started reading.
 #[derive(Debug, Clone, Default)]
-pub struct Members(Arc<RwLock<BTreeMap<String, Member>>>);
+pub struct Members(
+    Arc<RwLock<BTreeMap<String, Member>>>,
+    Arc<std::sync::atomic::AtomicBool>,
+);
 
 impl Members {
+    /// Every record written before the reader started has been read.
+    pub fn caught_up(&self) -> bool {
+        self.1.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The instance that most recently listed `partition`.
     pub fn owner(&self, partition: i32) -> Option<Member> {
         let members = self.0.read().unwrap_or_else(|p| p.into_inner());
@@ -263,6 +272,9 @@ fn serve(
 ) -> bool {
     let Clients { producer, consumer } = clients;
     let mut assigned = false;
+    // The topic's end when reading started, and the last offset read.
+    let mut end: Option<i64> = None;
+    let mut read_to: i64 = -1;
     let mut published: Option<(BTreeSet<i32>, Option<String>)> = None;
     let mut published_at = Instant::now();
     while !shutdown.requested() {
@@ -279,6 +291,12 @@ fn serve(
                 Err(e) => warn("cannot read the members topic", &e),
             }
         }
+        if assigned && end.is_none() {
+            match consumer.fetch_watermarks(topic, 0, Duration::from_secs(5)) {
+                Ok((_, high)) => end = Some(high),
+                Err(e) => warn("cannot read the members topic's end", &e),
+            }
+        }
         // Everyone's records.
         let until = Instant::now() + TICK;
         while let Some(polled) = consumer.poll(until.saturating_duration_since(Instant::now())) {
@@ -291,12 +309,16 @@ fn serve(
                             .unwrap_or_else(super::input_ends::now_ms);
                         members.apply(&key, m.payload(), m.offset(), at);
                     }
+                    read_to = read_to.max(m.offset());
                 }
                 Err(e) => warn("reading the members topic", &e),
             }
             if Instant::now() >= until {
                 break;
             }
+        }
+        if end.is_some_and(|e| read_to + 1 >= e) {
+            members.1.store(true, std::sync::atomic::Ordering::Relaxed);
         }
         // This instance's record, when it changed or is due again.
         let now = (status.assigned_partitions(), status.advertised_http());

@@ -4,16 +4,19 @@
 //! keeper and its restoration replays only the changelog written since the standby's checkpoint.
 //!
 //! A standby never processes an input and has no producer: it cannot write to a changelog or an
-//! output. It runs on a thread of its own, so following changelogs never delays the stream
-//! thread; its failures (a changelog without a leader, a full disk) are logged and retried and
-//! never touch processing or readiness.
+//! output. It runs on a thread of its own; its failures (a changelog without a leader, a full
+//! disk) are logged and retried and never stop processing or change readiness. Its store writes
+//! hold the lock the stream thread takes when tasks are assigned or revoked, so a stalled disk
+//! can delay a rebalance by as long as one write (at most 4 MiB) takes.
 //!
 //! Placement. KIP-848's assignor runs in the broker and knows nothing of standbys, so where they
 //! live is this runtime's decision ([`standby_partitions`]): the live members (from the members
-//! topic) sorted by instance id form a ring; partition `p`'s standbys are the `N` members that
-//! follow its active owner on the ring (or, when the owner is unknown, the member at `p mod n`).
-//! Every instance computes the same placement from the same members topic, so each partition has
-//! at most `N` standbys and never one on its active's instance.
+//! topic) sorted by instance id form a ring; partition `p`'s standbys are members that follow its
+//! active owner on the ring (or, when the owner is unknown, the member at `p mod n`). With static
+//! membership the broker's range assignment is known ([`range_of`]), so the first standby is the
+//! member `p` goes to if its owner leaves, and a starting member warms its own share before it
+//! joins ([`Standbys::warm_up`]). Every instance computes the same placement from the same members
+//! topic, so each partition has at most `N` standbys and never one on its active's instance.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -155,9 +158,9 @@ struct Shared {
     claimed: BTreeSet<i32>,
     /// Open standby stores, by partition.
     held: BTreeMap<i32, RocksBackend>,
-    /// Before joining the group: the keeper also warms the partitions this instance is likely to
-    /// be given ([`takeover_candidates`]).
-    warming: bool,
+    /// Before joining the group: the partitions this instance will be given
+    /// ([`takeover_candidates`]), which the keeper warms too.
+    warming: Option<BTreeSet<i32>>,
     /// The warm-up's candidates are followed and caught up (within [`WARM_LAG`]).
     warm: bool,
 }
@@ -210,11 +213,16 @@ impl Standbys {
         shutdown: &Shutdown,
     ) {
         let started = Instant::now();
-        // The members topic is read from its start: once this instance's own record is back,
-        // everyone's earlier records are in.
-        while !members.ring().0.contains(&config.instance_id) {
-            if shutdown.requested() || started.elapsed() >= MEMBERS_WAIT {
-                break;
+        // Who runs what, as the members topic said when this instance started reading it.
+        while !members.caught_up() {
+            if shutdown.requested() {
+                return;
+            }
+            if started.elapsed() >= MEMBERS_WAIT {
+                tracing::warn!(
+                    "the members topic could not be read to its end; joining without a warm-up"
+                );
+                return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -233,7 +241,7 @@ impl Standbys {
         config.status.set_warming_up(true);
         {
             let mut shared = self.lock();
-            shared.warming = true;
+            shared.warming = Some(candidates);
             shared.warm = false;
         }
         while !shutdown.requested() && !self.lock().warm {
@@ -252,7 +260,7 @@ impl Standbys {
                 "warm-up finished; joining the group"
             );
         }
-        self.lock().warming = false;
+        self.lock().warming = None;
         config.status.set_warming_up(false);
     }
 
@@ -282,6 +290,7 @@ pub fn spawn(
                 following: BTreeMap::new(),
                 retry_at: BTreeMap::new(),
                 candidates: BTreeSet::new(),
+                shutdown: shutdown.clone(),
             };
             keeper.run(&shutdown);
             keeper.stop_all();
@@ -294,6 +303,8 @@ struct Followed {
     next: BTreeMap<String, i64>,
     bytes: usize,
     last_flush: Instant,
+    /// A write failed: what it held is lost, so nothing of it is written again.
+    poisoned: bool,
 }
 
 struct Keeper {
@@ -307,6 +318,7 @@ struct Keeper {
     retry_at: BTreeMap<i32, Instant>,
     /// While warming up: the partitions this instance is likely to be given.
     candidates: BTreeSet<i32>,
+    shutdown: Shutdown,
 }
 
 impl Keeper {
@@ -386,7 +398,7 @@ impl Keeper {
     fn place(&mut self) -> Result<(), RuntimeError> {
         let (claimed, warming) = {
             let shared = self.standbys.lock();
-            (shared.claimed.clone(), shared.warming)
+            (shared.claimed.clone(), shared.warming.clone())
         };
         let (live, owners) = self.members.ring();
         let mut wanted = standby_partitions(
@@ -398,17 +410,7 @@ impl Keeper {
             &claimed,
             self.config.static_membership,
         );
-        self.candidates = if warming {
-            takeover_candidates(
-                &self.config.instance_id,
-                &live,
-                &owners,
-                self.config.status.partitions(),
-                self.config.static_membership,
-            )
-        } else {
-            BTreeSet::new()
-        };
+        self.candidates = warming.unwrap_or_default();
         wanted.extend(self.candidates.difference(&claimed));
         let held: BTreeSet<i32> = self.standbys.lock().held.keys().copied().collect();
         // Stop what is no longer wanted, or was taken by the engine.
@@ -427,7 +429,12 @@ impl Keeper {
             if self.following.contains_key(&p) || self.retry_at.contains_key(&p) {
                 continue;
             }
+            if self.shutdown.requested() {
+                break;
+            }
             if let Err(e) = self.start(p) {
+                // Whatever the failed start left open is closed: the next one opens it again.
+                self.standbys.lock().held.remove(&p);
                 tracing::warn!(partition = p, error = %e, "standby could not start; trying again later");
                 self.retry_at.insert(p, Instant::now() + RETRY_PAUSE);
             }
@@ -440,33 +447,39 @@ impl Keeper {
     /// assigns the changelogs from there.
     fn start(&mut self, partition: i32) -> Result<(), RuntimeError> {
         let config = self.config.clone();
-        let mut ends = Vec::with_capacity(config.stores.len());
-        {
-            let consumer = self.consumer()?;
-            for store in &config.stores {
-                let topic = config.changelog_topic(store);
-                let (low, high) = consumer
-                    .fetch_watermarks(&topic, partition, WATERMARKS_TIMEOUT)
-                    .map_err(RuntimeError::kafka("standby changelog watermarks"))?;
-                ends.push((store.clone(), topic, low, high));
+        // The store is opened under the lock, so the engine never opens it at the same time;
+        // once in `held`, the engine takes it from there instead.
+        let checkpoints = {
+            let mut shared = self.standbys.lock();
+            if shared.claimed.contains(&partition) {
+                return Ok(());
             }
-        }
-        let mut shared = self.standbys.lock();
-        if shared.claimed.contains(&partition) {
-            return Ok(());
-        }
-        // Opened under the lock, so the engine never opens the same store at the same time.
-        let mut backend =
-            RocksBackend::open(&config.task_dir(partition), &config.stores, &self.resources)?;
-        let mut positions = Vec::with_capacity(ends.len());
-        for (store, topic, low, high) in &ends {
-            positions.push((
-                store.clone(),
-                topic.clone(),
-                *low,
-                *high,
-                backend.checkpoint(store)?,
-            ));
+            let backend =
+                RocksBackend::open(&config.task_dir(partition), &config.stores, &self.resources)?;
+            let checkpoints = config
+                .stores
+                .iter()
+                .map(|store| Ok((store.clone(), backend.checkpoint(store)?)))
+                .collect::<Result<Vec<_>, RuntimeError>>()?;
+            shared.held.insert(partition, backend);
+            checkpoints
+        };
+        // The ends, read after the checkpoints: nothing can have been written to the store since.
+        let mut positions = Vec::with_capacity(checkpoints.len());
+        for (store, checkpoint) in checkpoints {
+            let topic = config.changelog_topic(&store);
+            let ends = self.consumer().and_then(|c| {
+                c.fetch_watermarks(&topic, partition, WATERMARKS_TIMEOUT)
+                    .map_err(RuntimeError::kafka("standby changelog watermarks"))
+            });
+            let (low, high) = match ends {
+                Ok(ends) => ends,
+                Err(e) => {
+                    self.standbys.lock().held.remove(&partition);
+                    return Err(e);
+                }
+            };
+            positions.push((store, topic, low, high, checkpoint));
         }
         if let Some((store, _, low, high, checkpoint)) = positions
             .iter()
@@ -476,6 +489,11 @@ impl Keeper {
                 partition, store = %store, checkpoint, changelog_start = low, changelog_end = high,
                 "standby checkpoint outside the changelog (topic recreated, or records deleted by retention); wiping the standby's state and rebuilding it from the beginning"
             );
+            let mut shared = self.standbys.lock();
+            let Some(backend) = shared.held.get_mut(&partition) else {
+                // Taken by the engine meanwhile: its restoration makes the same check.
+                return Ok(());
+            };
             backend.wipe()?;
             for position in &mut positions {
                 position.4 = None;
@@ -490,8 +508,9 @@ impl Keeper {
                 .add_partition_offset(topic, partition, Offset::Offset(from))
                 .map_err(RuntimeError::kafka("standby assignment"))?;
         }
-        shared.held.insert(partition, backend);
-        drop(shared);
+        if !self.standbys.lock().held.contains_key(&partition) {
+            return Ok(());
+        }
         if let Err(e) = self.consumer()?.incremental_assign(&assignment) {
             self.standbys.lock().held.remove(&partition);
             return Err(RuntimeError::kafka("assign standby changelogs")(e));
@@ -504,6 +523,7 @@ impl Keeper {
                 next,
                 bytes: 0,
                 last_flush: Instant::now(),
+                poisoned: false,
             },
         );
         metrics::gauge!(m::STANDBY_TASKS).set(self.following.len() as f64);
@@ -518,8 +538,10 @@ impl Keeper {
                 // Written and closed under the lock: the engine may open the store right after.
                 let mut shared = self.standbys.lock();
                 if let Some(mut backend) = shared.held.remove(&partition) {
-                    if let Err(e) = flush(&mut followed, &mut backend) {
-                        tracing::warn!(partition, error = %e, "writing a stopped standby's last changes failed; it restarts from its last checkpoint");
+                    if !followed.poisoned {
+                        if let Err(e) = flush(&mut followed, &mut backend) {
+                            tracing::warn!(partition, error = %e, "writing a stopped standby's last changes failed; it restarts from its last checkpoint");
+                        }
                     }
                     drop(backend);
                 }
@@ -655,13 +677,23 @@ impl Keeper {
     /// positions written.
     fn measure_lag(&mut self) {
         let mut lag = BTreeMap::new();
+        let previous = self.config.status.standby_lag();
+        // One request per changelog partition: a slow broker must not hold the keeper for long;
+        // what is not measured within the budget keeps its last figure.
+        let budget = Instant::now() + Duration::from_secs(2);
         if let Some(consumer) = &self.consumer {
             'partitions: for (partition, followed) in &self.following {
+                if Instant::now() >= budget {
+                    if let Some(last) = previous.get(partition) {
+                        lag.insert(*partition, *last);
+                    }
+                    continue;
+                }
                 let mut behind = 0;
                 for store in &self.config.stores {
                     let topic = self.config.changelog_topic(store);
                     let Ok((_, high)) =
-                        consumer.fetch_watermarks(&topic, *partition, Duration::from_secs(1))
+                        consumer.fetch_watermarks(&topic, *partition, Duration::from_millis(500))
                     else {
                         // Unknown this time: not shown, and not counted as caught up.
                         continue 'partitions;
@@ -674,24 +706,25 @@ impl Keeper {
                 lag.insert(*partition, behind);
             }
         }
-        let warm = self
-            .candidates
+        // Warm: every candidate followed, its lag known and small in total. Computed for the
+        // set the warm-up asked for now (it may have changed since the placement).
+        let asked = self.standbys.lock().warming.clone().unwrap_or_default();
+        let lags: Option<Vec<i64>> = asked
             .iter()
-            .all(|p| self.following.contains_key(p))
-            && self
-                .candidates
-                .iter()
-                .map(|p| lag.get(p).copied().unwrap_or(i64::MAX / 2))
-                .sum::<i64>()
-                <= WARM_LAG;
+            .map(|p| {
+                self.following
+                    .contains_key(p)
+                    .then(|| lag.get(p).copied())
+                    .flatten()
+            })
+            .collect();
+        let warm = !asked.is_empty()
+            && lags.is_some_and(|l| l.iter().fold(0i64, |a, b| a.saturating_add(*b)) <= WARM_LAG);
         // A candidate whose copy cannot be kept (a full disk, a changelog without a leader):
         // waiting longer would not help, the task is restored after the join as without a
         // warm-up.
-        let failing = self
-            .candidates
-            .iter()
-            .any(|p| self.retry_at.contains_key(p));
-        if failing && !warm && !self.candidates.is_empty() {
+        let failing = asked.iter().any(|p| self.retry_at.contains_key(p));
+        if failing && !warm {
             tracing::warn!("a partition being warmed up cannot be kept warm; joining the group without waiting for it");
         }
         self.standbys.lock().warm = warm || failing;
@@ -700,26 +733,42 @@ impl Keeper {
 }
 
 /// Writes a standby's buffered changes with the checkpoints after them, in one batch.
+/// A failure poisons `followed`: its buffered changes may be gone while its positions moved on,
+/// so it must never be written again (the standby starts over from the store's checkpoint).
 fn flush(followed: &mut Followed, backend: &mut RocksBackend) -> Result<(), RuntimeError> {
-    fail::fail_point!("standby-write", |_| Err(RuntimeError::State(
-        super::failpoints::disk_full("standby write")
-    )));
-    let mut batch = CommitBatch::default();
+    if followed.poisoned {
+        return Err(RuntimeError::Processor(
+            "a standby whose write failed is not written again".into(),
+        ));
+    }
+    let mut due = Vec::with_capacity(followed.next.len());
     for (store, next) in &followed.next {
-        if backend.checkpoint(store)? != Some(*next) || followed.changes.contains_key(store) {
-            batch.checkpoints.insert(store.clone(), *next);
-            batch.changes.insert(
-                store.clone(),
-                followed.changes.remove(store).unwrap_or_default(),
-            );
+        let checkpoint = backend
+            .checkpoint(store)
+            .inspect_err(|_| followed.poisoned = true)?;
+        if checkpoint != Some(*next) || followed.changes.contains_key(store) {
+            due.push((store.clone(), *next));
         }
+    }
+    let mut batch = CommitBatch::default();
+    for (store, next) in due {
+        batch.checkpoints.insert(store.clone(), next);
+        let changes = followed.changes.remove(&store).unwrap_or_default();
+        batch.changes.insert(store, changes);
     }
     followed.changes.clear();
     followed.bytes = 0;
     followed.last_flush = Instant::now();
-    if !batch.checkpoints.is_empty() {
-        backend.apply(batch)?;
+    if batch.checkpoints.is_empty() {
+        return Ok(());
     }
+    // The changes are out of `followed` now: a failure from here on poisons it.
+    followed.poisoned = true;
+    fail::fail_point!("standby-write", |_| Err(RuntimeError::State(
+        super::failpoints::disk_full("standby write")
+    )));
+    backend.apply(batch)?;
+    followed.poisoned = false;
     Ok(())
 }
 

@@ -392,7 +392,12 @@ pub fn run(
             standbys.warm_up(&config, members, config.warm_up_timeout, &shutdown);
         }
     }
-    let result = run_generations(&mut config, &supplier, &resources, &standbys, &shutdown);
+    // Stopped while warming up: nothing was joined, nothing to commit.
+    let result = if shutdown.requested() {
+        Ok(())
+    } else {
+        run_generations(&mut config, &supplier, &resources, &standbys, &shutdown)
+    };
     // The standbys write what they read and close their stores on the way out.
     shutdown.request();
     if let Some(keeper) = keeper {
@@ -770,11 +775,14 @@ fn poll_loop(
         }
         if let Some((code, reason)) = consumer.client().fatal_error() {
             // A consumer in a fatal state never recovers: new clients are the way on.
+            if refusal(code).is_some() {
+                return Err(config.refused(code, &reason));
+            }
             if code == RDKafkaErrorCode::UnreleasedInstanceId {
                 // Static membership: this instance id's previous incarnation did not leave (it
                 // was killed) and its session has not expired yet.
                 return Err(RuntimeError::ClientStuck(
-                    "the group still holds this instance id's previous member (static membership, killed without leaving); joining again once its session times out".to_string(),
+                    "the group still holds a member with this instance id: its previous run, killed without leaving (joining again once its session times out), or another live instance with the same --instance-id".to_string(),
                 ));
             }
             return Err(RuntimeError::ClientStuck(format!(

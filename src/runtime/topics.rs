@@ -257,6 +257,8 @@ pub fn prepare_topics(config: &RuntimeConfig) -> Result<i32, RuntimeError> {
 /// Under the `consumer` protocol the broker owns failure detection: a session timeout or
 /// heartbeat interval asked for is set on the group (KIP-848's group configurations), within the
 /// broker's `group.consumer.min/max.*` bounds. A value outside them is a configuration error.
+/// The request (AlterConfigs; rdkafka has no incremental one) replaces the group's settings: one
+/// not given returns to the broker's default.
 fn configure_group(
     config: &RuntimeConfig,
     admin: &AdminClient<RefusalContext>,
@@ -287,9 +289,20 @@ fn configure_group(
                     "may not set the group's session timeout: it needs AlterConfigs on the group",
                 ));
             }
-            return Err(RuntimeError::Config(vec![format!(
-                "the broker refused the group's session timeout / heartbeat interval ({code}): they must lie within its group.consumer.min/max.session.timeout.ms and group.consumer.min/max.heartbeat.interval.ms"
-            )]));
+            if matches!(
+                code,
+                RDKafkaErrorCode::InvalidConfig
+                    | RDKafkaErrorCode::PolicyViolation
+                    | RDKafkaErrorCode::InvalidRequest
+            ) {
+                return Err(RuntimeError::Config(vec![format!(
+                    "the broker refused the group's session timeout / heartbeat interval ({code}): they must lie within its group.consumer.min/max.session.timeout.ms and group.consumer.min/max.heartbeat.interval.ms"
+                )]));
+            }
+            // Anything else (a coordinator moving, a timeout) is tried again by the start-up loop.
+            return Err(RuntimeError::kafka("set the group's session timeout")(
+                KafkaError::AdminOp(code),
+            ));
         }
     }
     tracing::info!(session_timeout_ms = ?session, heartbeat_interval_ms = ?heartbeat, "group failure detection set");

@@ -34,7 +34,10 @@ use serde_json::Value;
 #[path = "common/bench_kit.rs"]
 mod bench_kit;
 
-use bench_kit::{bulk_produce, free_port, now_ms, release_dir, saga_streams_template, Process};
+use bench_kit::{
+    bulk_produce, create_changelog, free_port, fresh_saga, now_ms, release_dir,
+    saga_streams_template, Process,
+};
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -128,11 +131,8 @@ fn log_lines(path: &PathBuf) -> Vec<(i64, Value)> {
 
 impl<'a> Cluster<'a> {
     fn new(args: &'a Args, standbys: usize) -> Cluster<'a> {
-        let prefix = format!("bench-failover-{}-{}.", std::process::id(), now_ms());
-        let def = SagaDefinition::load(&args.topology)
-            .expect("topology")
-            .with_topic_prefix(&prefix);
-        sim::create_topics(&args.bootstrap, &def, args.partitions).expect("topics");
+        let (prefix, def) =
+            fresh_saga(&args.topology, &args.bootstrap, args.partitions, "failover");
         let app = format!("{prefix}orchestrator");
         let dir = tempfile::tempdir().expect("temp dir");
         let instances = (0..args.instances)
@@ -176,24 +176,7 @@ impl<'a> Cluster<'a> {
     /// partition.
     fn seed(&self) {
         let topic = format!("{}-sagas-changelog", self.app);
-        let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
-            rdkafka::config::ClientConfig::new()
-                .set("bootstrap.servers", &self.args.bootstrap)
-                .create()
-                .expect("admin");
-        let changelog = rdkafka::admin::NewTopic::new(
-            &topic,
-            self.args.partitions,
-            rdkafka::admin::TopicReplication::Fixed(1),
-        )
-        .set("cleanup.policy", "compact");
-        for r in futures::executor::block_on(
-            admin.create_topics(&[changelog], &rdkafka::admin::AdminOptions::new()),
-        )
-        .expect("create changelog")
-        {
-            r.expect("changelog created");
-        }
+        create_changelog(&self.args.bootstrap, &topic, self.args.partitions);
         let template = saga_streams_template(&self.def);
         let partitions = self.args.partitions;
         bulk_produce(

@@ -28,7 +28,8 @@ use clap::Parser;
 mod bench_kit;
 
 use bench_kit::{
-    bar, bulk_produce, free_port, now_ms, release_dir, saga_streams_template, Process,
+    bar, bulk_produce, create_changelog, free_port, fresh_saga, now_ms, release_dir,
+    saga_streams_template, Process,
 };
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -129,11 +130,7 @@ struct Run<'a> {
 
 impl<'a> Run<'a> {
     fn new(args: &'a Args, tag: &str) -> Run<'a> {
-        let prefix = format!("bench-{tag}-{}-{}.", std::process::id(), now_ms());
-        let def = SagaDefinition::load(&args.topology)
-            .expect("topology")
-            .with_topic_prefix(&prefix);
-        sim::create_topics(&args.bootstrap, &def, args.partitions).expect("topics");
+        let (prefix, def) = fresh_saga(&args.topology, &args.bootstrap, args.partitions, tag);
         Run {
             args,
             prefix,
@@ -427,17 +424,7 @@ fn restore(args: &Args, engine: Engine) -> Figures {
             kafka_streams_template(),
         ),
     };
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &args.bootstrap)
-        .create()
-        .expect("admin");
-    let changelog = NewTopic::new(&topic, args.partitions, TopicReplication::Fixed(1))
-        .set("cleanup.policy", "compact");
-    for r in futures::executor::block_on(admin.create_topics(&[changelog], &AdminOptions::new()))
-        .expect("create changelog")
-    {
-        r.expect("changelog created");
-    }
+    create_changelog(&args.bootstrap, &topic, args.partitions);
     let settings = [("linger.ms", "20"), ("compression.type", "lz4")];
     bulk_produce(
         &args.bootstrap,

@@ -185,3 +185,35 @@ pub fn bulk_produce(
     producer.flush(Duration::from_secs(120)).expect("flush");
     progress.finish_and_clear();
 }
+
+/// A fresh run's topic prefix (`bench-<tag>-<pid>-<ms>.`), the topology under it, its topics
+/// created with `partitions` partitions.
+pub fn fresh_saga(
+    topology: &Path,
+    bootstrap: &str,
+    partitions: i32,
+    tag: &str,
+) -> (String, SagaDefinition) {
+    let prefix = format!("bench-{tag}-{}-{}.", std::process::id(), now_ms());
+    let def = SagaDefinition::load(topology)
+        .expect("topology")
+        .with_topic_prefix(&prefix);
+    saga_streams::sim::create_topics(bootstrap, &def, partitions).expect("topics");
+    (prefix, def)
+}
+
+/// Creates a compacted changelog topic to write an engine's state into before it starts.
+pub fn create_changelog(bootstrap: &str, topic: &str, partitions: i32) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("admin");
+    let changelog = NewTopic::new(topic, partitions, TopicReplication::Fixed(1))
+        .set("cleanup.policy", "compact");
+    for r in futures::executor::block_on(admin.create_topics(&[changelog], &AdminOptions::new()))
+        .expect("create changelog")
+    {
+        r.expect("changelog created");
+    }
+}

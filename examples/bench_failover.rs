@@ -214,22 +214,8 @@ impl<'a> Cluster<'a> {
         for step in &self.def.steps {
             c.args(["--step-timeout", &format!("{}={STEP_TIMEOUT}", step.name)]);
         }
-        // Appended: a restarted instance keeps its earlier lines.
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&instance.log)
-            .expect("log");
-        let out = log.try_clone().expect("log");
-        let child = c
-            .stdout(std::process::Stdio::from(out))
-            .stderr(std::process::Stdio::from(log))
-            .spawn()
-            .expect("spawn orchestrator");
-        self.instances[i].process = Some(Process {
-            child,
-            log: self.instances[i].log.clone(),
-        });
+        let log = instance.log.clone();
+        self.instances[i].process = Some(Process::spawn_appending(c, log));
     }
 
     fn start(&mut self) {

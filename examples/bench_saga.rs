@@ -2,20 +2,34 @@
 //! (`benches/kafka-streams-baseline`), side by side on one broker. Run through `scripts/bench`,
 //! which builds both and starts the stack.
 //!
-//! Every run gets fresh topics with `--partitions` partitions and the same two participants
-//! (`saga-streams simulate`, replying at once, fixed failure shares). Modes:
-//! - throughput: `--orders` OrderCreated produced beforehand; sagas/s from the first command to the
-//!   last outcome (record timestamps: start-up and group join are not counted);
-//! - latency: orders at `--rate` for `--seconds` after a warm-up; OrderCreated timestamp to outcome
-//!   timestamp, p50/p99/max;
-//! - restore: `--restore-sagas` finished sagas written into the engine's changelog in its own
-//!   format; time from start with no local state until it is running;
-//! - ceiling: an exactly-once pass-through (consume, produce, commit, no state) of the saga's
-//!   three inputs per saga through librdkafka; sagas/s = records/s / 3.
+//! Every run gets fresh topics with `--partitions` partitions. Modes (`--modes`):
+//! - heap: Kafka Streams alone on the isolated workload at each `--heaps` size; the smallest heap
+//!   within 5 % of the best throughput is used for Kafka Streams in the other modes;
+//! - isolated: the orchestrator alone. For each saga, its OrderCreated and the replies the
+//!   participants would send (the same failure shares) are produced beforehand with increasing
+//!   timestamps; no participant runs, so both engines consume the same input and nothing else
+//!   competes for the cores. Both wait up to 500 ms for an input they have nothing buffered from
+//!   (`max.task.idle.ms`), so that no reply is read before the OrderCreated it answers;
+//! - throughput: the full pipeline (both participants running) on a backlog of `--orders` orders;
+//! - sweep: the full pipeline at each of `--rates` orders/s for `--sweep-seconds`; per rate the
+//!   engine's CPU per saga, p50/p99 latency (OrderCreated to outcome, record timestamps), and
+//!   whether the engine kept up (see [`kept_up`]); a rate an engine did not sustain ends its sweep
+//!   in that repetition;
+//! - echo: the pipeline's ceiling: a stateless exactly-once echo orchestrator and two echo
+//!   participants (`examples/counter.rs --mode passthrough --route`) on the same topics, hops and
+//!   transactions, on the same backlog as `throughput`;
+//! - restore: `--restore-sagas` finished sagas in the engine's changelog in its own format; seconds
+//!   from process start to assignment (group join) and from assignment to running;
+//! - ceiling: the runtime's exactly-once pass-through of the saga's three inputs per saga, one
+//!   process.
 //!
-//! Each run records CPU seconds and peak RSS of the engine's process (from /proc) and, for
-//! throughput and latency, audits every topic `read_committed`: a run with a violation is
-//! reported invalid. Results: medians of `--repeat` runs, as Markdown tables with the ratios.
+//! Backlog runs (heap, isolated, throughput, echo) measure a window: from the outcome that ends
+//! the warm-up share (`--warm-up-share` of the sagas, dropped the same way on both sides) to the
+//! last outcome, by record timestamps. CPU seconds are the engine process's /proc delta over that
+//! window (sampled every 100 ms); peak RSS is the process's VmHWM. Every run except restore and
+//! ceiling is audited `read_committed`; a run with a violation is reported invalid. Results:
+//! medians of `--repeat` runs with their spread, runs of the two engines interleaved, as Markdown
+//! on stdout (`--record-into FILE` also replaces the block between the file's bench markers).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -28,49 +42,61 @@ use clap::Parser;
 mod bench_kit;
 
 use bench_kit::{
-    bar, bulk_produce, create_changelog, free_port, fresh_saga, now_ms, release_dir,
-    saga_streams_template, Process,
+    bar, bulk_produce, bulk_produce_many, create_changelog, free_port, fresh_saga, now_ms,
+    release_dir, saga_streams_template, Bulk, Process,
 };
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use saga_streams::codec::Codec;
+use saga_streams::saga::contract::CORRELATION_HEADER;
 use saga_streams::saga::processor::saga_key;
 use saga_streams::saga::query::Partitioner;
 use saga_streams::saga::SagaDefinition;
 use saga_streams::sim::load::{self, LoadSpec};
+use saga_streams::sim::participant::{reply_payload, share_of};
 use saga_streams::sim::{self, TopicScanner};
-use serde_json::json;
+use serde_json::{json, Map, Value};
 
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 struct Args {
     #[arg(long, env = "KAFKA_BOOTSTRAP")]
     bootstrap: String,
-    /// Orders per throughput run.
-    #[arg(long, default_value_t = 200_000)]
+    /// Orders per full-pipeline backlog run (throughput, echo, ceiling).
+    #[arg(long, default_value_t = 100_000)]
     orders: u64,
+    /// Sagas per isolated run (and per heap sweep run).
+    #[arg(long, default_value_t = 200_000)]
+    isolated_sagas: u64,
     #[arg(long, default_value_t = 6)]
     partitions: i32,
-    /// Repetitions per engine and mode; tables show medians.
+    /// Repetitions per engine and mode; tables show medians and the spread.
     #[arg(long, default_value_t = 3)]
     repeat: usize,
-    /// Orders per second in latency runs (below both engines' saturation).
-    #[arg(long, default_value_t = 500.0)]
-    rate: f64,
-    /// Length of each latency run.
-    #[arg(long, default_value_t = 30)]
-    seconds: u64,
+    /// Orders per second in the sweep, in increasing order.
+    #[arg(long, default_value = "1000,2000,4000,8000", value_delimiter = ',')]
+    rates: Vec<f64>,
+    /// Length of each sweep run.
+    #[arg(long, default_value_t = 20)]
+    sweep_seconds: u64,
     /// Finished sagas in each restore run's changelog.
     #[arg(long, default_value_t = 1_000_000)]
     restore_sagas: u64,
-    /// Modes to run, comma separated: throughput, latency, restore, ceiling.
+    /// Modes to run, comma separated: heap, isolated, throughput, sweep, echo, restore, ceiling.
     #[arg(
         long,
-        default_value = "throughput,latency,restore,ceiling",
+        default_value = "heap,isolated,throughput,sweep,echo,restore",
         value_delimiter = ','
     )]
     modes: Vec<String>,
+    /// A short run of every mode: 20,000 sagas, 100,000 restored, rates 1000 and 2000 for 10 s,
+    /// heaps 256m and 1g, one repetition (checks the harness, not the engines).
+    #[arg(long)]
+    quick: bool,
+    /// Share of each backlog run's sagas (the first to finish) left out of its window.
+    #[arg(long, default_value_t = 0.1)]
+    warm_up_share: f64,
     /// The Kafka Streams baseline jar.
     #[arg(
         long,
@@ -83,9 +109,46 @@ struct Args {
     payment_failure_share: f64,
     #[arg(long, default_value_t = 0.05)]
     inventory_failure_share: f64,
-    /// Java heap for Kafka Streams (its default would take a quarter of the machine's memory).
+    /// Java heaps tried by the heap mode, smallest first.
+    #[arg(
+        long,
+        default_value = "128m,192m,256m,384m,512m,1g",
+        value_delimiter = ','
+    )]
+    heaps: Vec<String>,
+    /// Java heap for Kafka Streams when the heap mode does not run (or finds none that works).
     #[arg(long, default_value = "1g")]
     java_heap: String,
+    /// Kafka Streams' record cache (`statestore.cache.max.bytes`); 0 turns caching off.
+    #[arg(long, default_value_t = 10 << 20)]
+    ks_cache_bytes: u64,
+    /// Kafka Streams' RocksDB budget for all stores together (shared block cache, memtables
+    /// charged to it): saga-streams' own budget (64 MiB); 0: Kafka Streams' defaults.
+    #[arg(long, default_value_t = 64 << 20)]
+    ks_rocksdb_budget_bytes: u64,
+    /// Replace the block between `<!-- bench-saga:begin -->` and `<!-- bench-saga:end -->` in
+    /// this file with the results, the command and the date.
+    #[arg(long)]
+    record_into: Option<PathBuf>,
+}
+
+impl Args {
+    fn quick(mut self) -> Args {
+        if self.quick {
+            self.orders = 20_000;
+            self.isolated_sagas = 20_000;
+            self.restore_sagas = 100_000;
+            self.rates = vec![1000.0, 2000.0];
+            self.sweep_seconds = 10;
+            self.heaps = vec!["256m".into(), "1g".into()];
+            self.repeat = 1;
+        }
+        self
+    }
+
+    fn wants(&self, mode: &str) -> bool {
+        self.modes.iter().any(|m| m == mode)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -109,19 +172,28 @@ const STEP_TIMEOUT_S: u64 = 900;
 #[derive(Debug, Default, Clone)]
 struct Figures {
     sagas_per_s: f64,
+    records_per_s: f64,
     cpu_s: f64,
     cpu_per_1000: f64,
     peak_rss_mib: f64,
     p50_ms: f64,
     p99_ms: f64,
-    max_ms: f64,
+    /// Orders/s the load generator reached (sweep).
+    produced_per_s: f64,
+    /// Whether the engine kept up with the rate (sweep).
+    kept_up: bool,
+    join_s: f64,
     restore_s: f64,
+    total_s: f64,
     violations: usize,
 }
 
 /// One run's topics, participants and engine.
 struct Run<'a> {
     args: &'a Args,
+    java_heap: &'a str,
+    /// Both engines' `max.task.idle.ms` (0: their defaults).
+    max_task_idle_ms: u64,
     prefix: String,
     def: SagaDefinition,
     dir: tempfile::TempDir,
@@ -129,10 +201,12 @@ struct Run<'a> {
 }
 
 impl<'a> Run<'a> {
-    fn new(args: &'a Args, tag: &str) -> Run<'a> {
+    fn new(args: &'a Args, java_heap: &'a str, tag: &str) -> Run<'a> {
         let (prefix, def) = fresh_saga(&args.topology, &args.bootstrap, args.partitions, tag);
         Run {
             args,
+            java_heap,
+            max_task_idle_ms: 0,
             prefix,
             def,
             dir: tempfile::tempdir().expect("temp dir"),
@@ -140,7 +214,7 @@ impl<'a> Run<'a> {
         }
     }
 
-    fn saga_streams(&self, command: &[&str]) -> Command {
+    fn saga_streams(&self, command: &[&str], log: &str) -> Command {
         let mut c = Command::new(release_dir().join("saga-streams"));
         c.args(command)
             .args(["--bootstrap", &self.args.bootstrap])
@@ -149,7 +223,7 @@ impl<'a> Run<'a> {
             .args(["--topic-prefix", &self.prefix])
             .env(
                 "RUST_LOG",
-                std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+                std::env::var("BENCH_LOG").unwrap_or_else(|_| log.into()),
             )
             .env("SAGA_STREAMS_LOG_FORMAT", "json");
         c
@@ -160,7 +234,7 @@ impl<'a> Run<'a> {
             ("payment", self.args.payment_failure_share),
             ("inventory", self.args.inventory_failure_share),
         ] {
-            let mut c = self.saga_streams(&["simulate", step]);
+            let mut c = self.saga_streams(&["simulate", step], "warn");
             c.args(["--failure-share", &share.to_string()])
                 .args(["--instance-id", "bench"])
                 .arg("--state-dir")
@@ -183,12 +257,15 @@ impl<'a> Run<'a> {
         let state = self.dir.path().join("state-engine");
         let command = match engine {
             Engine::SagaStreams => {
-                let mut c = self.saga_streams(&["run"]);
+                // The stream thread's info lines say when partitions are assigned (restore).
+                let mut c =
+                    self.saga_streams(&["run"], "warn,saga_streams::runtime::stream_thread=info");
                 c.args(["--application-id", &self.application_id(engine)])
                     .args(["--instance-id", "bench"])
                     .arg("--state-dir")
                     .arg(&state)
-                    .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")]);
+                    .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+                    .args(["--max-task-idle", &format!("{}ms", self.max_task_idle_ms)]);
                 for step in &self.def.steps {
                     c.args([
                         "--step-timeout",
@@ -199,7 +276,7 @@ impl<'a> Run<'a> {
             }
             Engine::KafkaStreams => {
                 let mut c = Command::new("java");
-                c.arg(format!("-Xmx{}", self.args.java_heap))
+                c.arg(format!("-Xmx{}", self.java_heap))
                     .arg("-jar")
                     .arg(&self.args.jar)
                     .args(["--bootstrap", &self.args.bootstrap])
@@ -207,7 +284,14 @@ impl<'a> Run<'a> {
                     .args(["--topic-prefix", &self.prefix])
                     .arg("--state-dir")
                     .arg(&state)
-                    .args(["--step-timeout-ms", &(STEP_TIMEOUT_S * 1000).to_string()]);
+                    .args(["--step-timeout-ms", &(STEP_TIMEOUT_S * 1000).to_string()])
+                    .args(["--max-task-idle-ms", &self.max_task_idle_ms.to_string()])
+                    .args(["--caching", &(self.args.ks_cache_bytes > 0).to_string()])
+                    .args(["--cache-max-bytes", &self.args.ks_cache_bytes.to_string()])
+                    .args([
+                        "--rocksdb-budget-bytes",
+                        &self.args.ks_rocksdb_budget_bytes.to_string(),
+                    ]);
                 c
             }
         };
@@ -246,8 +330,11 @@ impl<'a> Run<'a> {
     }
 }
 
-fn produce_orders(run: &Run<'_>, orders: u64, rate: f64, id_prefix: &str) {
+/// Produces `orders` OrderCreated at `rate` per second (0: as fast as possible); returns the rate
+/// reached.
+fn produce_orders(run: &Run<'_>, orders: u64, rate: f64, id_prefix: &str) -> f64 {
     let progress = bar(orders, "orders produced");
+    let started = Instant::now();
     load::run(
         &run.args.bootstrap,
         &run.def,
@@ -263,11 +350,12 @@ fn produce_orders(run: &Run<'_>, orders: u64, rate: f64, id_prefix: &str) {
     )
     .expect("producing orders");
     progress.finish_and_clear();
+    orders as f64 / started.elapsed().as_secs_f64().max(0.001)
 }
 
-/// Reads outcomes until every order in `orders` (by prefix count) has one; returns the record
-/// timestamps of each order's outcome.
-fn wait_for_outcomes(
+/// Reads outcomes until every order with `id_prefix` has one, or `limit` passes (then returns
+/// those that came); the record timestamp of each order's outcome.
+fn collect_outcomes(
     run: &Run<'_>,
     engine: &mut Process,
     expected: u64,
@@ -279,13 +367,8 @@ fn wait_for_outcomes(
     let deadline = Instant::now() + limit;
     let mut outcomes = HashMap::new();
     let mut batch = Vec::new();
-    while (outcomes.len() as u64) < expected {
+    while (outcomes.len() as u64) < expected && Instant::now() < deadline {
         engine.check_alive("the engine");
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {expected} outcomes within {limit:?}",
-            outcomes.len()
-        );
         batch.clear();
         scanner
             .poll_batch(Duration::from_millis(200), &mut batch)
@@ -302,43 +385,187 @@ fn wait_for_outcomes(
     outcomes
 }
 
-/// The earliest record timestamp on `topic`.
-fn first_timestamp(bootstrap: &str, topic: &str) -> i64 {
-    let records =
-        sim::read_to_end(bootstrap, &[topic.to_string()], Duration::from_secs(120)).expect("read");
-    records
-        .iter()
-        .map(|r| r.timestamp_ms)
-        .min()
-        .unwrap_or(i64::MAX)
+/// [`collect_outcomes`], failing the run when some never came.
+fn wait_for_outcomes(
+    run: &Run<'_>,
+    engine: &mut Process,
+    expected: u64,
+    id_prefix: &str,
+    limit: Duration,
+) -> HashMap<String, i64> {
+    let outcomes = collect_outcomes(run, engine, expected, id_prefix, limit);
+    assert_eq!(
+        outcomes.len() as u64,
+        expected,
+        "only {} of {expected} outcomes within {limit:?}",
+        outcomes.len()
+    );
+    outcomes
 }
 
-fn throughput(args: &Args, engine: Engine) -> Figures {
-    let mut run = Run::new(args, "tp");
-    let ids = "o-";
-    produce_orders(&run, args.orders, 0.0, ids);
+/// The measured window of a backlog run: (from, to, sagas finished in it), from the outcome that
+/// ends the warm-up share to the last.
+fn window(outcomes: &HashMap<String, i64>, warm_up_share: f64) -> (i64, i64, u64) {
+    let mut at: Vec<i64> = outcomes.values().copied().collect();
+    at.sort_unstable();
+    let skip = ((at.len() as f64 * warm_up_share) as usize).min(at.len().saturating_sub(2));
+    let (from, to) = (
+        at.get(skip).copied().unwrap_or(0),
+        at.last().copied().unwrap_or(0),
+    );
+    (from, to, (at.len() - skip - 1) as u64)
+}
+
+/// Figures of a backlog run's window for `process`.
+fn backlog_figures(
+    args: &Args,
+    process: &Process,
+    outcomes: &HashMap<String, i64>,
+    inputs_per_saga: f64,
+) -> Figures {
+    let (from, to, sagas) = window(outcomes, args.warm_up_share);
+    let seconds = (to - from).max(1) as f64 / 1000.0;
+    let (cpu_s, _) = process.window(from, to);
+    let (_, peak_rss_mib) = process.usage();
+    Figures {
+        sagas_per_s: sagas as f64 / seconds,
+        records_per_s: sagas as f64 * inputs_per_saga / seconds,
+        cpu_s,
+        cpu_per_1000: cpu_s / sagas.max(1) as f64 * 1000.0,
+        peak_rss_mib,
+        ..Default::default()
+    }
+}
+
+/// A saga's inputs as the orchestrator would read them: its OrderCreated, then the replies the
+/// participants send (`saga-streams simulate`, the same failure shares, a refund confirmed after
+/// a failed reservation), stamped one millisecond apart from `at_ms` on. Envelopes as the
+/// participants write them.
+fn isolated_inputs(def: &SagaDefinition, args: &Args, id: &str, at_ms: &mut i64) -> Vec<Bulk> {
+    let codec = Codec::json();
+    let order = match load::order_created(def, id) {
+        Value::Object(map) => map,
+        _ => Map::new(),
+    };
+    let correlation = order["correlation_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let mut out = Vec::new();
+    let mut push = |topic: &str, event_type: &str, body: Map<String, Value>| {
+        *at_ms += 1;
+        out.push(Bulk {
+            topic: topic.to_string(),
+            key: id.as_bytes().to_vec(),
+            value: codec.write(topic, event_type, body, true).expect("json"),
+            partition: None,
+            timestamp_ms: Some(*at_ms),
+            headers: vec![(CORRELATION_HEADER, correlation.clone())],
+        });
+    };
+    let reply = |event_type: &str, n: usize, reason: Option<&str>| {
+        let mut body = reply_payload(def, event_type, &order, id, reason.map(str::to_string));
+        body.insert("event_id".into(), json!(format!("{id}-reply-{n}")));
+        body.insert("event_type".into(), json!(event_type));
+        body.insert("event_version".into(), json!(1));
+        body.insert(def.key_field.clone(), json!(id));
+        body.insert("correlation_id".into(), json!(correlation));
+        body.insert("occurred_at".into(), order["occurred_at"].clone());
+        body
+    };
+    push(&def.start_topic, &def.start_event, order.clone());
+    let (payment, inventory) = (&def.steps[0], &def.steps[1]);
+    if share_of(id, &format!("{}/fail", payment.name)) < args.payment_failure_share {
+        push(
+            &payment.reply_topic,
+            &payment.failure,
+            reply(&payment.failure, 1, Some("declined")),
+        );
+        return out;
+    }
+    push(
+        &payment.reply_topic,
+        &payment.success,
+        reply(&payment.success, 1, None),
+    );
+    if share_of(id, &format!("{}/fail", inventory.name)) < args.inventory_failure_share {
+        push(
+            &inventory.reply_topic,
+            &inventory.failure,
+            reply(&inventory.failure, 2, Some("declined")),
+        );
+        push(
+            &payment.reply_topic,
+            &payment.confirmed_by,
+            reply(&payment.confirmed_by, 3, None),
+        );
+    } else {
+        push(
+            &inventory.reply_topic,
+            &inventory.success,
+            reply(&inventory.success, 2, None),
+        );
+    }
+    out
+}
+
+/// Both engines wait this long for an input partition they have nothing buffered from, in the
+/// isolated runs: replies written beforehand must not be read before the OrderCreated they answer
+/// (in a live pipeline they cannot be).
+const ISOLATED_MAX_TASK_IDLE_MS: u64 = 500;
+
+fn isolated(args: &Args, java_heap: &str, engine: Engine) -> Figures {
+    let mut run = Run::new(args, java_heap, "iso");
+    run.max_task_idle_ms = ISOLATED_MAX_TASK_IDLE_MS;
+    let sagas = args.isolated_sagas;
+    let records = std::cell::Cell::new(0u64);
+    // Four records per saga at most, all in the past, one millisecond apart.
+    let mut at_ms = now_ms() - 4 * sagas as i64;
+    bulk_produce_many(
+        &args.bootstrap,
+        &[("linger.ms", "20")],
+        sagas,
+        "sagas' inputs produced",
+        |n| {
+            let inputs = isolated_inputs(&run.def, args, &format!("o-{n}"), &mut at_ms);
+            records.set(records.get() + inputs.len() as u64);
+            inputs
+        },
+    );
+    let mut process = run.start_engine(engine, free_port());
+    let outcomes = wait_for_outcomes(&run, &mut process, sagas, "o-", Duration::from_secs(3600));
+    let figures = backlog_figures(
+        args,
+        &process,
+        &outcomes,
+        records.get() as f64 / sagas as f64,
+    );
+    process.stop();
+    Figures {
+        violations: run.audit(),
+        ..figures
+    }
+}
+
+fn throughput(args: &Args, java_heap: &str, engine: Engine) -> Figures {
+    let mut run = Run::new(args, java_heap, "tp");
+    produce_orders(&run, args.orders, 0.0, "o-");
     run.start_participants();
     let mut process = run.start_engine(engine, free_port());
     let outcomes = wait_for_outcomes(
         &run,
         &mut process,
         args.orders,
-        ids,
+        "o-",
         Duration::from_secs(3600),
     );
-    let (cpu_s, peak_rss_mib) = process.usage();
+    let figures = backlog_figures(args, &process, &outcomes, 3.0);
     process.stop();
-    let last = outcomes.values().copied().max().unwrap_or(0);
-    let first = first_timestamp(&args.bootstrap, &run.def.steps[0].command.topic);
     let violations = run.audit();
     run.stop();
     Figures {
-        sagas_per_s: args.orders as f64 / ((last - first).max(1) as f64 / 1000.0),
-        cpu_s,
-        cpu_per_1000: cpu_s / args.orders as f64 * 1000.0,
-        peak_rss_mib,
         violations,
-        ..Default::default()
+        ..figures
     }
 }
 
@@ -348,19 +575,35 @@ fn percentile(sorted: &[i64], q: f64) -> f64 {
         .map_or(f64::NAN, |v| *v as f64)
 }
 
-fn latency(args: &Args, engine: Engine) -> Figures {
-    let mut run = Run::new(args, "lat");
+/// Whether an engine kept up with a rate: the load generator reached 95 % of it, every saga
+/// finished within the drain allowance, and latency stayed flat (the median latency of the last
+/// fifth of the orders at most one second above that of the first fifth: a backlog that grows
+/// shows as a rising latency).
+fn kept_up(rate: f64, produced_per_s: f64, all_finished: bool, by_creation: &[(i64, i64)]) -> bool {
+    let fifth = (by_creation.len() / 5).max(1);
+    let median_of = |part: &[(i64, i64)]| {
+        let mut l: Vec<i64> = part.iter().map(|(_, latency)| *latency).collect();
+        l.sort_unstable();
+        percentile(&l, 0.5)
+    };
+    let (first, last) = (
+        median_of(&by_creation[..fifth.min(by_creation.len())]),
+        median_of(&by_creation[by_creation.len().saturating_sub(fifth)..]),
+    );
+    produced_per_s >= 0.95 * rate && all_finished && last <= first + 1000.0
+}
+
+fn at_rate(args: &Args, java_heap: &str, engine: Engine, rate: f64) -> Figures {
+    let mut run = Run::new(args, java_heap, "rate");
     run.start_participants();
     let mut process = run.start_engine(engine, free_port());
     // Warm up until the engine answers, so start-up and group join are not measured.
     produce_orders(&run, 20, 0.0, "warm-");
     wait_for_outcomes(&run, &mut process, 20, "warm-", Duration::from_secs(300));
-    let orders = (args.rate * args.seconds as f64) as u64;
-    let ids = "o-";
-    produce_orders(&run, orders, args.rate, ids);
-    let outcomes = wait_for_outcomes(&run, &mut process, orders, ids, Duration::from_secs(600));
-    let (cpu_s, peak_rss_mib) = process.usage();
-    process.stop();
+    let orders = (rate * args.sweep_seconds as f64) as u64;
+    let produced_per_s = produce_orders(&run, orders, rate, "o-");
+    let drain = Duration::from_secs(args.sweep_seconds + 30);
+    let outcomes = collect_outcomes(&run, &mut process, orders, "o-", drain);
     let created: HashMap<String, i64> = sim::read_to_end(
         &args.bootstrap,
         std::slice::from_ref(&run.def.start_topic),
@@ -374,24 +617,96 @@ fn latency(args: &Args, engine: Engine) -> Figures {
             r.timestamp_ms,
         )
     })
+    .filter(|(id, _)| id.starts_with("o-"))
     .collect();
-    let mut latencies: Vec<i64> = outcomes
+    let mut by_creation: Vec<(i64, i64)> = outcomes
         .iter()
-        .filter_map(|(id, done)| created.get(id).map(|c| done - c))
+        .filter_map(|(id, done)| created.get(id).map(|c| (*c, done - c)))
         .collect();
+    by_creation.sort_unstable();
+    let mut latencies: Vec<i64> = by_creation.iter().map(|(_, l)| *l).collect();
     latencies.sort_unstable();
+    let from = created.values().copied().min().unwrap_or(0);
+    let to = outcomes.values().copied().max().unwrap_or(from);
+    let (cpu_s, peak_rss_mib) = process.window(from, to);
+    process.stop();
     let violations = run.audit();
     run.stop();
     Figures {
+        sagas_per_s: outcomes.len() as f64 / ((to - from).max(1) as f64 / 1000.0),
         p50_ms: percentile(&latencies, 0.5),
         p99_ms: percentile(&latencies, 0.99),
-        max_ms: latencies.last().map_or(f64::NAN, |v| *v as f64),
         cpu_s,
-        cpu_per_1000: cpu_s / orders as f64 * 1000.0,
+        cpu_per_1000: cpu_s / outcomes.len().max(1) as f64 * 1000.0,
         peak_rss_mib,
+        produced_per_s,
+        kept_up: kept_up(
+            rate,
+            produced_per_s,
+            outcomes.len() as u64 == orders,
+            &by_creation,
+        ),
         violations,
         ..Default::default()
     }
+}
+
+/// The stateless echo pipeline on the saga's topics: an orchestrator that forwards OrderCreated
+/// as the payment command, the payment reply as the inventory command and the inventory reply as
+/// the outcome, and two participants that forward each command as its reply; each an
+/// exactly-once runtime process with the saga-streams defaults.
+fn echo(args: &Args) -> Figures {
+    let run = Run::new(args, "", "echo");
+    produce_orders(&run, args.orders, 0.0, "o-");
+    let def = &run.def;
+    let (payment, inventory) = (&def.steps[0], &def.steps[1]);
+    let spawn = |name: &str, routes: &[(&str, &str)]| {
+        let mut c = Command::new(release_dir().join("examples").join("counter"));
+        let inputs: Vec<&str> = routes.iter().map(|(i, _)| *i).collect();
+        c.args(["--bootstrap", &args.bootstrap, "--mode", "passthrough"])
+            .args(["--input", &inputs.join(",")])
+            .args(["--output", routes[0].1])
+            .args(["--application-id", &format!("{}{name}", run.prefix)])
+            .args(["--instance-id", "bench"])
+            .arg("--state-dir")
+            .arg(run.dir.path().join(name))
+            .env("RUST_LOG", "warn");
+        for (input, output) in routes {
+            c.args(["--route", &format!("{input}={output}")]);
+        }
+        Process::spawn(c, run.dir.path().join(format!("{name}.log")))
+    };
+    let mut orchestrator = spawn(
+        "echo-orchestrator",
+        &[
+            (&def.start_topic, &payment.command.topic),
+            (&payment.reply_topic, &inventory.command.topic),
+            (&inventory.reply_topic, &def.completed.topic),
+        ],
+    );
+    let participants = [
+        spawn(
+            "echo-payment",
+            &[(&payment.command.topic, &payment.reply_topic)],
+        ),
+        spawn(
+            "echo-inventory",
+            &[(&inventory.command.topic, &inventory.reply_topic)],
+        ),
+    ];
+    let outcomes = wait_for_outcomes(
+        &run,
+        &mut orchestrator,
+        args.orders,
+        "o-",
+        Duration::from_secs(3600),
+    );
+    let figures = backlog_figures(args, &orchestrator, &outcomes, 3.0);
+    orchestrator.stop();
+    for p in participants {
+        p.stop();
+    }
+    figures
 }
 
 /// The same finished saga as the Kafka Streams baseline stores it (its `SagaState` as JSON).
@@ -410,8 +725,26 @@ fn kafka_streams_template() -> String {
 /// How an engine keys a saga in its changelog.
 type KeyOf = fn(&str) -> Vec<u8>;
 
-fn restore(args: &Args, engine: Engine) -> Figures {
-    let run = Run::new(args, "restore");
+/// When the engine's log says its partitions were assigned (wall-clock ms).
+fn assigned_at(engine: Engine, log: &str) -> Option<i64> {
+    match engine {
+        Engine::SagaStreams => log
+            .lines()
+            .filter(|l| l.contains("partitions assigned"))
+            .find_map(|l| {
+                let line: Value = serde_json::from_str(l).ok()?;
+                let at = humantime::parse_rfc3339_weak(line["timestamp"].as_str()?).ok()?;
+                Some(at.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis() as i64)
+            }),
+        Engine::KafkaStreams => log
+            .lines()
+            .filter(|l| l.starts_with("RESTORING "))
+            .find_map(|l| l.rsplit(' ').next()?.parse().ok()),
+    }
+}
+
+fn restore(args: &Args, java_heap: &str, engine: Engine) -> Figures {
+    let run = Run::new(args, java_heap, "restore");
     let (topic, key_of, template): (String, KeyOf, String) = match engine {
         Engine::SagaStreams => (
             format!("{}-sagas-changelog", run.application_id(engine)),
@@ -445,8 +778,8 @@ fn restore(args: &Args, engine: Engine) -> Figures {
     );
 
     let port = free_port();
-    let started = Instant::now();
     let mut process = run.start_engine(engine, port);
+    let started = Instant::now();
     let deadline = started + Duration::from_secs(1800);
     loop {
         process.check_alive("the engine");
@@ -478,15 +811,21 @@ fn restore(args: &Args, engine: Engine) -> Figures {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let restore_s = started.elapsed().as_secs_f64();
+    let running_ms = now_ms();
+    let total_s = (running_ms - process.started_ms) as f64 / 1000.0;
+    let log = process.log_text();
     if std::env::var("BENCH_LOG").is_ok() {
-        eprintln!("{}", process.log_text());
+        eprintln!("{log}");
     }
+    let assigned = assigned_at(engine, &log).unwrap_or(process.started_ms);
+    let join_s = (assigned - process.started_ms) as f64 / 1000.0;
     let (cpu_s, peak_rss_mib) = process.usage();
     process.stop();
     run.stop();
     Figures {
-        restore_s,
+        total_s,
+        join_s,
+        restore_s: (running_ms - assigned) as f64 / 1000.0,
         cpu_s,
         peak_rss_mib,
         ..Default::default()
@@ -542,34 +881,30 @@ fn ceiling(args: &Args) -> Figures {
     let scanner =
         TopicScanner::new(&args.bootstrap, std::slice::from_ref(&output)).expect("scanner");
     let progress = bar(records, "records passed through");
-    let (mut seen, mut first, mut last) = (0u64, i64::MAX, 0i64);
+    let mut at = Vec::with_capacity(records as usize);
     let mut batch = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(1800);
-    while seen < records {
+    while (at.len() as u64) < records {
         process.check_alive("the pass-through");
         assert!(Instant::now() < deadline, "pass-through too slow");
         batch.clear();
         scanner
             .poll_batch(Duration::from_millis(200), &mut batch)
             .expect("reading outputs");
-        for r in &batch {
-            first = first.min(r.timestamp_ms);
-            last = last.max(r.timestamp_ms);
-        }
-        seen += batch.len() as u64;
-        progress.set_position(seen);
+        at.extend(batch.iter().map(|r| r.timestamp_ms));
+        progress.set_position(at.len() as u64);
     }
     progress.finish_and_clear();
-    let (cpu_s, peak_rss_mib) = process.usage();
+    // A window like the sagas' runs: each third record stands for a saga.
+    let outcomes: HashMap<String, i64> = at
+        .iter()
+        .step_by(3)
+        .enumerate()
+        .map(|(i, t)| (i.to_string(), *t))
+        .collect();
+    let figures = backlog_figures(args, &process, &outcomes, 3.0);
     process.stop();
-    let records_per_s = records as f64 / ((last - first).max(1) as f64 / 1000.0);
-    Figures {
-        sagas_per_s: records_per_s / 3.0,
-        cpu_s,
-        cpu_per_1000: cpu_s / args.orders as f64 * 1000.0,
-        peak_rss_mib,
-        ..Default::default()
-    }
+    figures
 }
 
 fn median(values: impl Iterator<Item = f64>) -> f64 {
@@ -578,56 +913,152 @@ fn median(values: impl Iterator<Item = f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
+/// `median (min to max)`, or the single value.
+fn spread(values: &[f64]) -> String {
+    let m = median(values.iter().copied());
+    let finite: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    let fmt = |x: f64| {
+        if x.abs() >= 100.0 {
+            format!("{x:.0}")
+        } else if x.abs() >= 1.0 {
+            format!("{x:.2}")
+        } else {
+            format!("{x:.3}")
+        }
+    };
+    if finite.len() < 2 {
+        return fmt(m);
+    }
+    let (lo, hi) = finite
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+    format!("{} ({} to {})", fmt(m), fmt(lo), fmt(hi))
+}
+
 type Metric = fn(&Figures) -> f64;
 
-fn table(title: &str, runs: &BTreeMap<Engine, Vec<Figures>>, rows: &[(&str, Metric)]) {
+fn invalid(runs: &[Figures]) -> String {
+    format!(
+        "{} of {}",
+        runs.iter().filter(|f| f.violations > 0).count(),
+        runs.len()
+    )
+}
+
+/// A side-by-side table of one mode.
+fn table(
+    out: &mut String,
+    title: &str,
+    runs: &BTreeMap<Engine, Vec<Figures>>,
+    rows: &[(&str, Metric)],
+) {
     let (Some(ours), Some(theirs)) = (
         runs.get(&Engine::SagaStreams),
         runs.get(&Engine::KafkaStreams),
     ) else {
         return;
     };
-    println!("\n| {title} | saga-streams | Kafka Streams | saga-streams / Kafka Streams |");
-    println!("|---|---|---|---|");
+    out.push_str(&format!(
+        "\n| {title} | saga-streams | Kafka Streams | saga-streams / Kafka Streams |\n|---|---|---|---|\n"
+    ));
     for (name, f) in rows {
-        let (a, b) = (median(ours.iter().map(f)), median(theirs.iter().map(f)));
-        println!("| {name} | {a:.1} | {b:.1} | {:.2} |", a / b);
+        let (a, b): (Vec<f64>, Vec<f64>) =
+            (ours.iter().map(f).collect(), theirs.iter().map(f).collect());
+        let ratio = median(a.iter().copied()) / median(b.iter().copied());
+        out.push_str(&format!(
+            "| {name} | {} | {} | {ratio:.2} |\n",
+            spread(&a),
+            spread(&b)
+        ));
     }
-    let invalid = |v: &Vec<Figures>| v.iter().filter(|f| f.violations > 0).count();
-    println!(
-        "| runs with audit violations (invalid) | {} of {} | {} of {} | |",
+    out.push_str(&format!(
+        "| runs with audit violations (invalid) | {} | {} | |\n",
         invalid(ours),
-        ours.len(),
-        invalid(theirs),
-        theirs.len()
+        invalid(theirs)
+    ));
+}
+
+fn log_step(started: Instant, what: &str) {
+    eprintln!("[{:>5.0}s] {what}", started.elapsed().as_secs_f64());
+}
+
+/// The heap sweep: Kafka Streams alone on the isolated workload at each heap; returns the table
+/// and the heap chosen.
+fn heap_sweep(args: &Args, started: Instant) -> (String, Option<String>) {
+    let mut rows = Vec::new();
+    for heap in &args.heaps {
+        log_step(started, &format!("heap sweep: Kafka Streams -Xmx{heap}"));
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            isolated(args, heap, Engine::KafkaStreams)
+        }));
+        eprintln!("  {result:?}");
+        rows.push((heap.clone(), result.ok()));
+    }
+    let best = rows
+        .iter()
+        .filter_map(|(_, f)| f.as_ref().map(|f| f.sagas_per_s))
+        .fold(0.0, f64::max);
+    let chosen = rows
+        .iter()
+        .find(|(_, f)| {
+            f.as_ref()
+                .is_some_and(|f| f.violations == 0 && f.sagas_per_s >= 0.95 * best)
+        })
+        .map(|(heap, _)| heap.clone());
+    let mut out = format!(
+        "\n| Kafka Streams heap (isolated, {} sagas, one run each) | sagas/s | CPU s per 1,000 sagas | peak RSS (MiB) | audit violations |\n|---|---|---|---|---|\n",
+        args.isolated_sagas
     );
+    for (heap, f) in &rows {
+        match f {
+            Some(f) => out.push_str(&format!(
+                "| -Xmx{heap}{} | {:.0} | {:.3} | {:.0} | {} |\n",
+                if chosen.as_ref() == Some(heap) {
+                    " (chosen)"
+                } else {
+                    ""
+                },
+                f.sagas_per_s,
+                f.cpu_per_1000,
+                f.peak_rss_mib,
+                f.violations
+            )),
+            None => out.push_str(&format!("| -Xmx{heap} | failed | | | |\n")),
+        }
+    }
+    (out, chosen)
 }
 
 fn main() {
-    let args = Args::parse();
+    let args = Args::parse().quick();
     let engines = [Engine::SagaStreams, Engine::KafkaStreams];
-    let wants = |m: &str| args.modes.iter().any(|x| x == m);
-    let mut results: BTreeMap<&str, BTreeMap<Engine, Vec<Figures>>> = BTreeMap::new();
-    let mut ceilings = Vec::new();
     let started = Instant::now();
+    let mut out = String::new();
+    let java_heap = if args.wants("heap") {
+        let (table, chosen) = heap_sweep(&args, started);
+        out.push_str(&table);
+        chosen.unwrap_or_else(|| args.java_heap.clone())
+    } else {
+        args.java_heap.clone()
+    };
+    let mut results: BTreeMap<&str, BTreeMap<Engine, Vec<Figures>>> = BTreeMap::new();
+    let mut sweep: BTreeMap<(u64, Engine), Vec<Figures>> = BTreeMap::new();
+    let mut echoes = Vec::new();
+    let mut ceilings = Vec::new();
     for repetition in 1..=args.repeat {
         // Interleaved, so drift on a noisy machine hits both engines alike.
+        let each = format!("run {repetition}/{}", args.repeat);
         for engine in engines {
             for (mode, f) in [
-                ("throughput", throughput as fn(&Args, Engine) -> Figures),
-                ("latency", latency),
+                ("isolated", isolated as fn(&Args, &str, Engine) -> Figures),
+                ("throughput", throughput),
                 ("restore", restore),
             ] {
-                if !wants(mode) {
+                if !args.wants(mode) {
                     continue;
                 }
-                eprintln!(
-                    "[{:>5.0}s] run {repetition}/{}: {} {mode}",
-                    started.elapsed().as_secs_f64(),
-                    args.repeat,
-                    engine.name()
-                );
-                let figures = f(&args, engine);
+                log_step(started, &format!("{each}: {} {mode}", engine.name()));
+                let figures = f(&args, &java_heap, engine);
                 eprintln!("  {figures:?}");
                 results
                     .entry(mode)
@@ -637,69 +1068,162 @@ fn main() {
                     .push(figures);
             }
         }
-        if wants("ceiling") {
-            eprintln!(
-                "[{:>5.0}s] run {repetition}/{}: pass-through ceiling",
-                started.elapsed().as_secs_f64(),
-                args.repeat
-            );
-            let figures = ceiling(&args);
-            eprintln!("  {figures:?}");
-            ceilings.push(figures);
+        if args.wants("sweep") {
+            let mut going = engines.to_vec();
+            for rate in &args.rates {
+                for engine in going.clone() {
+                    log_step(started, &format!("{each}: {} at {rate}/s", engine.name()));
+                    let figures = at_rate(&args, &java_heap, engine, *rate);
+                    eprintln!("  {figures:?}");
+                    if !figures.kept_up {
+                        going.retain(|e| *e != engine);
+                    }
+                    sweep
+                        .entry((*rate as u64, engine))
+                        .or_default()
+                        .push(figures);
+                }
+            }
+        }
+        for (mode, into, f) in [
+            ("echo", &mut echoes, echo as fn(&Args) -> Figures),
+            ("ceiling", &mut ceilings, ceiling),
+        ] {
+            if args.wants(mode) {
+                log_step(started, &format!("{each}: {mode}"));
+                let figures = f(&args);
+                eprintln!("  {figures:?}");
+                into.push(figures);
+            }
         }
     }
-    println!(
-        "Medians of {} runs; {} partitions; throughput {} orders; latency {}/s for {} s; restore {} sagas; failure shares {}/{}.",
-        args.repeat, args.partitions, args.orders, args.rate, args.seconds, args.restore_sagas,
-        args.payment_failure_share, args.inventory_failure_share
-    );
+    out.push_str(&format!(
+        "\nMedians of {} runs (spread: lowest to highest); {} partitions; isolated {} sagas; throughput and echo {} orders; sweep {} s per rate; restore {} sagas; failure shares {}/{}; Kafka Streams: -Xmx{java_heap}, record cache {} bytes, RocksDB budget {} bytes.\n",
+        args.repeat, args.partitions, args.isolated_sagas, args.orders, args.sweep_seconds,
+        args.restore_sagas, args.payment_failure_share, args.inventory_failure_share,
+        args.ks_cache_bytes, args.ks_rocksdb_budget_bytes
+    ));
     let empty = BTreeMap::new();
+    let backlog_rows: &[(&str, Metric)] = &[
+        ("sagas/s", |f| f.sagas_per_s),
+        ("input records/s", |f| f.records_per_s),
+        ("CPU s per 1,000 sagas (window)", |f| f.cpu_per_1000),
+        ("peak RSS (MiB)", |f| f.peak_rss_mib),
+    ];
     table(
-        "throughput",
+        &mut out,
+        "isolated orchestrator",
+        results.get("isolated").unwrap_or(&empty),
+        backlog_rows,
+    );
+    table(
+        &mut out,
+        "full pipeline, backlog",
         results.get("throughput").unwrap_or(&empty),
-        &[
-            ("sagas/s", |f| f.sagas_per_s),
-            ("CPU s per 1,000 sagas", |f| f.cpu_per_1000),
-            ("peak RSS (MiB)", |f| f.peak_rss_mib),
-        ],
+        backlog_rows,
     );
     table(
-        "latency",
-        results.get("latency").unwrap_or(&empty),
-        &[
-            ("p50 (ms)", |f| f.p50_ms),
-            ("p99 (ms)", |f| f.p99_ms),
-            ("max (ms)", |f| f.max_ms),
-            ("CPU s per 1,000 sagas", |f| f.cpu_per_1000),
-            ("peak RSS (MiB)", |f| f.peak_rss_mib),
-        ],
-    );
-    table(
+        &mut out,
         "restore",
         results.get("restore").unwrap_or(&empty),
         &[
-            ("seconds to running", |f| f.restore_s),
+            ("seconds from start to running", |f| f.total_s),
+            ("of which start and group join", |f| f.join_s),
+            ("of which restoration", |f| f.restore_s),
             ("CPU s", |f| f.cpu_s),
             ("peak RSS (MiB)", |f| f.peak_rss_mib),
         ],
     );
-    if !ceilings.is_empty() {
-        let ceiling = median(ceilings.iter().map(|f| f.sagas_per_s));
-        println!("\n| exactly-once pass-through (librdkafka, no state) | |\n|---|---|");
-        println!("| records/s | {:.0} |", ceiling * 3.0);
-        println!("| sagas/s ceiling (3 inputs per saga) | {ceiling:.0} |");
-        println!(
-            "| CPU s per 1,000 sagas | {:.2} |",
-            median(ceilings.iter().map(|f| f.cpu_per_1000))
-        );
-        if let Some(ours) = results
-            .get("throughput")
-            .and_then(|r| r.get(&Engine::SagaStreams))
-        {
-            println!(
-                "| saga-streams throughput / ceiling | {:.2} |",
-                median(ours.iter().map(|f| f.sagas_per_s)) / ceiling
-            );
+    if !sweep.is_empty() {
+        out.push_str("\n| full pipeline at a fixed rate | engine | kept up | orders/s produced | sagas/s | p50 (ms) | p99 (ms) | CPU s per 1,000 sagas | RSS (MiB) | invalid |\n|---|---|---|---|---|---|---|---|---|---|\n");
+        for ((rate, engine), runs) in &sweep {
+            let col = |f: Metric| spread(&runs.iter().map(f).collect::<Vec<_>>());
+            out.push_str(&format!(
+                "| {rate}/s | {} | {} of {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                engine.name(),
+                runs.iter().filter(|f| f.kept_up).count(),
+                runs.len(),
+                col(|f| f.produced_per_s),
+                col(|f| f.sagas_per_s),
+                col(|f| f.p50_ms),
+                col(|f| f.p99_ms),
+                col(|f| f.cpu_per_1000),
+                col(|f| f.peak_rss_mib),
+                invalid(runs)
+            ));
+        }
+        for engine in engines {
+            // Sustained: kept up in most repetitions.
+            let best = sweep
+                .iter()
+                .filter(|((_, e), runs)| {
+                    *e == engine && runs.iter().filter(|f| f.kept_up).count() * 2 > args.repeat
+                })
+                .map(|((rate, _), _)| *rate)
+                .max();
+            out.push_str(&format!(
+                "\nHighest rate sustained by {}: {}.",
+                engine.name(),
+                best.map_or("none of those tried".into(), |r| format!("{r}/s"))
+            ));
+        }
+        out.push('\n');
+    }
+    let ours = results
+        .get("throughput")
+        .and_then(|r| r.get(&Engine::SagaStreams))
+        .map(|runs| median(runs.iter().map(|f| f.sagas_per_s)));
+    for (name, runs) in [
+        (
+            "echo pipeline (stateless, exactly-once, same hops)",
+            &echoes,
+        ),
+        ("exactly-once pass-through, one process", &ceilings),
+    ] {
+        if runs.is_empty() {
+            continue;
+        }
+        let col = |f: Metric| spread(&runs.iter().map(f).collect::<Vec<_>>());
+        out.push_str(&format!(
+            "\n| {name} | |\n|---|---|\n| sagas/s | {} |\n| CPU s per 1,000 sagas (orchestrator) | {} |\n| peak RSS (MiB) | {} |\n",
+            col(|f| f.sagas_per_s),
+            col(|f| f.cpu_per_1000),
+            col(|f| f.peak_rss_mib)
+        ));
+        if let Some(ours) = ours {
+            out.push_str(&format!(
+                "| saga-streams full pipeline / this | {:.2} |\n",
+                ours / median(runs.iter().map(|f| f.sagas_per_s))
+            ));
         }
     }
+    print!("{out}");
+    if let Some(path) = &args.record_into {
+        record_into(path, &out);
+    }
+}
+
+/// Replaces the block between the bench markers of `path` with `table`, the command and the date.
+fn record_into(path: &PathBuf, table: &str) {
+    let (begin, end) = ("<!-- bench-saga:begin -->", "<!-- bench-saga:end -->");
+    let text = std::fs::read_to_string(path).expect("reading the results file");
+    let (Some(b), Some(e)) = (text.find(begin), text.find(end)) else {
+        eprintln!(
+            "{} has no {begin} ... {end} block; not written",
+            path.display()
+        );
+        return;
+    };
+    // scripts/bench names the command as it was typed.
+    let command = std::env::var("BENCH_COMMAND").unwrap_or_else(|_| {
+        let args: Vec<String> = std::env::args().collect();
+        args.join(" ")
+    });
+    let date = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let block = format!(
+        "{begin}\nCommand ({}):\n\n    {command}\n{table}\n",
+        &date[..10]
+    );
+    let text = format!("{}{block}{}", &text[..b], &text[e..]);
+    std::fs::write(path, text).expect("writing the results file");
 }

@@ -13,7 +13,7 @@
 //!     cargo run --example counter -- --bootstrap 127.0.0.1:19092 --application-id app \
 //!         --instance-id a --state-dir /tmp/state --input in1,in2 --output out
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -40,6 +40,10 @@ struct Args {
     input: Vec<String>,
     #[arg(long)]
     output: String,
+    /// `IN=OUT`: in pass-through, records of input topic IN go to OUT instead of `--output`
+    /// (repeatable; the benchmark's echo pipeline routes each saga topic to the next).
+    #[arg(long = "route", value_parser = parse_route)]
+    routes: Vec<(String, String)>,
     #[arg(long)]
     stats: Option<String>,
     #[arg(long, default_value_t = 100)]
@@ -62,9 +66,17 @@ enum Mode {
     Passthrough,
 }
 
-/// Forwards each record to the output topic, same key, value, headers and partition.
+fn parse_route(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(i, o)| (i.to_string(), o.to_string()))
+        .ok_or_else(|| format!("expected IN=OUT, got '{text}'"))
+}
+
+/// Forwards each record to its input topic's route or else the output topic, same key, value,
+/// headers and partition.
 struct PassThrough {
     output: String,
+    routes: Arc<HashMap<String, String>>,
 }
 
 impl Processor for PassThrough {
@@ -74,7 +86,11 @@ impl Processor for PassThrough {
         record: &InputRecord,
     ) -> Result<(), ProcessorError> {
         ctx.send(OutputRecord {
-            topic: self.output.clone(),
+            topic: self
+                .routes
+                .get(&record.topic)
+                .unwrap_or(&self.output)
+                .clone(),
             partition: Some(record.partition),
             key: record.key.clone(),
             value: record.value.clone(),
@@ -196,6 +212,7 @@ fn main() -> std::process::ExitCode {
     let punctuate = Duration::from_millis(args.punctuate_ms);
     let mode = args.mode;
     let instance_id = args.instance_id.clone();
+    let routes: Arc<HashMap<String, String>> = Arc::new(args.routes.iter().cloned().collect());
     let supplier = Arc::new(move |_partition: i32| match mode {
         Mode::Count => Box::new(Counter {
             instance_id: instance_id.clone(),
@@ -206,6 +223,7 @@ fn main() -> std::process::ExitCode {
         }) as Box<dyn Processor>,
         Mode::Passthrough => Box::new(PassThrough {
             output: output.clone(),
+            routes: routes.clone(),
         }),
     });
     let shutdown = Shutdown::new();

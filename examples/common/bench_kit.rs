@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use saga_streams::saga::machine::{self, Applied, SagaEvent, SagaInput};
 use saga_streams::saga::topology::EventRole;
@@ -45,27 +46,63 @@ pub fn release_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// A child process whose CPU time and peak RSS are read from /proc before it is stopped.
+/// A child process whose CPU time and peak RSS are read from /proc before it is stopped, sampled
+/// all along (see [`Process::window`]); killed if dropped while running (a failed run leaves no
+/// engine behind).
 pub struct Process {
     pub child: Child,
     pub log: PathBuf,
+    /// Wall-clock ms when it was started.
+    pub started_ms: i64,
+    sampler: proc_usage::Sampler,
 }
 
 impl Process {
-    pub fn spawn(mut command: Command, log: PathBuf) -> Process {
+    pub fn spawn(command: Command, log: PathBuf) -> Process {
         let file = std::fs::File::create(&log).expect("log file");
+        Process::start(command, file, log)
+    }
+
+    /// [`Process::spawn`], its output appended to `log` (a restarted instance keeps its earlier
+    /// lines).
+    pub fn spawn_appending(command: Command, log: PathBuf) -> Process {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        Process::start(command, file, log)
+    }
+
+    fn start(mut command: Command, file: std::fs::File, log: PathBuf) -> Process {
         let out = file.try_clone().expect("log file");
         let child = command
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(file))
             .spawn()
-            .expect("spawning an engine");
-        Process { child, log }
+            .expect("spawning a benchmarked process");
+        let sampler = proc_usage::Sampler::start(child.id());
+        Process {
+            child,
+            log,
+            started_ms: now_ms(),
+            sampler,
+        }
     }
 
-    /// (CPU seconds, peak RSS in MiB).
+    /// (CPU seconds, peak RSS in MiB) over the whole life so far.
     pub fn usage(&self) -> (f64, f64) {
         proc_usage::usage(self.child.id())
+    }
+
+    /// (CPU seconds, largest RSS in MiB) between two wall-clock times (ms).
+    pub fn window(&self, from_ms: i64, to_ms: i64) -> (f64, f64) {
+        self.sampler.window(from_ms, to_ms)
+    }
+
+    /// Whether it has exited.
+    pub fn exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
     }
 
     pub fn log_text(&self) -> String {
@@ -95,6 +132,15 @@ impl Process {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
@@ -149,6 +195,29 @@ pub fn saga_streams_template(def: &SagaDefinition) -> String {
 /// A record to produce: topic, key, value, and the partition when it is not the key's.
 pub type Produced = (String, Vec<u8>, Vec<u8>, Option<i32>);
 
+/// One record to produce, with what [`Produced`] leaves to the producer.
+pub struct Bulk {
+    pub topic: String,
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    pub partition: Option<i32>,
+    pub timestamp_ms: Option<i64>,
+    pub headers: Vec<(&'static str, String)>,
+}
+
+impl From<Produced> for Bulk {
+    fn from((topic, key, value, partition): Produced) -> Bulk {
+        Bulk {
+            topic,
+            key,
+            value,
+            partition,
+            timestamp_ms: None,
+            headers: Vec::new(),
+        }
+    }
+}
+
 /// Produces `count` records made by `make(n)` as fast as the broker takes them, with the producer
 /// `settings` given.
 pub fn bulk_produce(
@@ -157,6 +226,17 @@ pub fn bulk_produce(
     count: u64,
     what: &str,
     make: impl Fn(u64) -> Produced,
+) {
+    bulk_produce_many(bootstrap, settings, count, what, |n| vec![make(n).into()]);
+}
+
+/// Like [`bulk_produce`], `make(n)` giving any number of records for each of `count` steps.
+pub fn bulk_produce_many(
+    bootstrap: &str,
+    settings: &[(&str, &str)],
+    count: u64,
+    what: &str,
+    mut make: impl FnMut(u64) -> Vec<Bulk>,
 ) {
     let mut config = ClientConfig::new();
     config
@@ -168,14 +248,30 @@ pub fn bulk_produce(
     let producer: BaseProducer = config.create().expect("producer");
     let progress = bar(count, what);
     for n in 0..count {
-        let (topic, key, value, partition) = make(n);
-        let mut record = BaseRecord::to(&topic).key(&key).payload(&value);
-        if let Some(p) = partition {
-            record = record.partition(p);
-        }
-        while let Err((_, back)) = producer.send(record) {
-            record = back;
-            producer.poll(Duration::from_millis(5));
+        for bulk in make(n) {
+            let mut record = BaseRecord::to(&bulk.topic)
+                .key(&bulk.key)
+                .payload(&bulk.value);
+            if let Some(p) = bulk.partition {
+                record = record.partition(p);
+            }
+            if let Some(t) = bulk.timestamp_ms {
+                record = record.timestamp(t);
+            }
+            if !bulk.headers.is_empty() {
+                let mut headers = OwnedHeaders::new();
+                for (name, value) in &bulk.headers {
+                    headers = headers.insert(Header {
+                        key: name,
+                        value: Some(value),
+                    });
+                }
+                record = record.headers(headers);
+            }
+            while let Err((_, back)) = producer.send(record) {
+                record = back;
+                producer.poll(Duration::from_millis(5));
+            }
         }
         if n % 10_000 == 0 {
             progress.set_position(n);

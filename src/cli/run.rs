@@ -92,6 +92,12 @@ pub struct RunArgs {
     /// together: one not given returns to the broker's default.
     #[arg(long, value_parser = parse_duration)]
     pub heartbeat_interval: Option<Duration>,
+    /// How long a task waits for an input partition it has nothing buffered from before it
+    /// processes its other inputs (Kafka Streams' `max.task.idle.ms`). Default 0: what is
+    /// buffered, in timestamp order. Raise it when replies can be read before the events that
+    /// caused them, e.g. when events and replies were all written beforehand (a replayed backlog).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub max_task_idle: Duration,
 }
 
 /// The HTTP endpoints' token and TLS settings; a token file that cannot be read stops the start.
@@ -210,6 +216,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     config.session_timeout = args.session_timeout;
     config.heartbeat_interval = args.heartbeat_interval;
     config.warm_up_timeout = args.warm_up_timeout;
+    config.max_task_idle = args.max_task_idle;
     config.guarantee = args.guarantee;
     config.partitioner = args.partitioner.setting().to_string();
     let metrics = install_recorder(&application_id).map_err(anyhow::Error::msg)?;

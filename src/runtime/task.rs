@@ -221,7 +221,8 @@ impl Task {
     }
 
     /// Takes the next record in timestamp order (ties: the topic listed first). When some input
-    /// queue is empty, waits up to `max_idle` for it to fill before going on without it.
+    /// queue is empty, waits up to `max_idle` for it to fill before going on without it; once
+    /// that wait is over, the task goes on without waiting again until every queue had records.
     pub fn next_record(&mut self, now: Instant, max_idle: Duration) -> Option<InputRecord> {
         let any_empty = self.queues.values().any(VecDeque::is_empty);
         if self.buffered() == 0 {
@@ -233,8 +234,9 @@ impl Task {
             if now.duration_since(since) < max_idle {
                 return None;
             }
+        } else {
+            self.idle_since = None;
         }
-        self.idle_since = None;
         let topic = self
             .queues
             .iter()
@@ -467,6 +469,26 @@ mod tests {
             .next_record(start + Duration::from_millis(10), idle)
             .is_none());
         assert!(t.next_record(start + idle, idle).is_some());
+    }
+
+    #[test]
+    fn once_the_idle_wait_is_over_records_flow_until_every_input_had_records_again() {
+        let mut t = task();
+        for offset in 0..3 {
+            t.enqueue(record("a", offset, 10 + offset));
+        }
+        let start = Instant::now();
+        let idle = Duration::from_millis(50);
+        assert!(t.next_record(start, idle).is_none());
+        let later = start + idle;
+        assert!(t.next_record(later, idle).is_some());
+        assert!(t.can_process(later, idle));
+        assert!(t.next_record(later, idle).is_some());
+        // `b` has records again, then runs empty: a new wait starts.
+        t.enqueue(record("b", 0, 20));
+        assert!(t.next_record(later, idle).is_some());
+        assert!(t.next_record(later, idle).is_none());
+        assert!(t.next_record(later + idle, idle).is_some());
     }
 
     #[test]

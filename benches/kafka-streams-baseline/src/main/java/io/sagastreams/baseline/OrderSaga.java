@@ -24,6 +24,7 @@ import org.apache.kafka.streams.processor.api.Record;
 import org.apache.kafka.streams.processor.api.RecordMetadata;
 import org.apache.kafka.streams.state.KeyValueIterator;
 import org.apache.kafka.streams.state.KeyValueStore;
+import org.apache.kafka.streams.state.StoreBuilder;
 import org.apache.kafka.streams.state.Stores;
 
 /**
@@ -41,7 +42,11 @@ public final class OrderSaga {
 
     private OrderSaga() {}
 
-    public static Topology topology(String prefix, long timeoutMs) {
+    /**
+     * The saga's topology; {@code caching}: the stores are built with Kafka Streams' record cache
+     * ({@code statestore.cache.max.bytes} then bounds it), as its users run stateful processors.
+     */
+    public static Topology topology(String prefix, long timeoutMs, boolean caching) {
         Topology topology = new Topology();
         String[] inputs = new String[INPUTS.length];
         for (int i = 0; i < INPUTS.length; i++) {
@@ -49,12 +54,16 @@ public final class OrderSaga {
         }
         topology.addSource("inputs", Serdes.String().deserializer(), Serdes.ByteArray().deserializer(), inputs);
         topology.addProcessor("saga", () -> new SagaProcessor(prefix, timeoutMs), "inputs");
-        topology.addStateStore(
-                Stores.keyValueStoreBuilder(Stores.persistentKeyValueStore(SAGAS), Serdes.String(), Serdes.ByteArray()),
-                "saga");
-        topology.addStateStore(
-                Stores.keyValueStoreBuilder(Stores.persistentKeyValueStore(TIMERS), Serdes.Bytes(), Serdes.ByteArray()),
-                "saga");
+        StoreBuilder<KeyValueStore<String, byte[]>> sagas =
+                Stores.keyValueStoreBuilder(Stores.persistentKeyValueStore(SAGAS), Serdes.String(), Serdes.ByteArray());
+        StoreBuilder<KeyValueStore<Bytes, byte[]>> timers =
+                Stores.keyValueStoreBuilder(Stores.persistentKeyValueStore(TIMERS), Serdes.Bytes(), Serdes.ByteArray());
+        if (caching) {
+            sagas = sagas.withCachingEnabled();
+            timers = timers.withCachingEnabled();
+        }
+        topology.addStateStore(sagas, "saga");
+        topology.addStateStore(timers, "saga");
         List<String> sinks = new ArrayList<>(List.of(OUTPUTS));
         for (String input : INPUTS) {
             sinks.add(input + ".dlq");

@@ -18,8 +18,10 @@
 //! - echo: the pipeline's ceiling: a stateless exactly-once echo orchestrator and two echo
 //!   participants (`examples/counter.rs --mode passthrough --route`) on the same topics, hops and
 //!   transactions, on the same backlog as `throughput`;
-//! - restore: `--restore-sagas` finished sagas in the engine's changelog in its own format; seconds
-//!   from process start to assignment (group join) and from assignment to running;
+//! - restore: `--restore-sagas` finished sagas in the engine's changelog in its own format (for
+//!   saga-streams with their status index entries, counts and index marker, as a running
+//!   orchestrator writes them); seconds from process start to assignment (group join) and from
+//!   assignment to running;
 //! - ceiling: the runtime's exactly-once pass-through of the saga's three inputs per saga, one
 //!   process.
 //!
@@ -51,7 +53,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use saga_streams::codec::Codec;
 use saga_streams::saga::contract::CORRELATION_HEADER;
-use saga_streams::saga::processor::saga_key;
+use saga_streams::saga::processor::{saga_key, status_index_prefix, COUNT_PREFIX, INDEXED_MARKER};
 use saga_streams::saga::query::Partitioner;
 use saga_streams::saga::SagaDefinition;
 use saga_streams::sim::load::{self, LoadSpec};
@@ -759,21 +761,60 @@ fn restore(args: &Args, java_heap: &str, engine: Engine) -> Figures {
     };
     create_changelog(&args.bootstrap, &topic, args.partitions);
     let settings = [("linger.ms", "20"), ("compression.type", "lz4")];
-    bulk_produce(
+    let to = |partition: i32, key: Vec<u8>, value: Vec<u8>| Bulk {
+        topic: topic.clone(),
+        key,
+        value,
+        partition: Some(partition),
+        timestamp_ms: None,
+        headers: Vec::new(),
+    };
+    let mut per_partition = vec![0u64; args.partitions as usize];
+    bulk_produce_many(
         &args.bootstrap,
         &settings,
-        args.restore_sagas,
+        args.restore_sagas + 1,
         "changelog records written",
         |n| {
+            if n == args.restore_sagas {
+                // saga-streams' per-task records: the count per status and the marker saying
+                // every saga is in the status index.
+                return match engine {
+                    Engine::SagaStreams => per_partition
+                        .iter()
+                        .enumerate()
+                        .flat_map(|(p, count)| {
+                            [
+                                to(
+                                    p as i32,
+                                    [COUNT_PREFIX, b"COMPLETED"].concat(),
+                                    count.to_string().into_bytes(),
+                                ),
+                                to(p as i32, INDEXED_MARKER.to_vec(), b"1".to_vec()),
+                            ]
+                        })
+                        .collect(),
+                    Engine::KafkaStreams => Vec::new(),
+                };
+            }
             let id = format!("r-{n}");
             // The task of a saga is the input partition of its id (producers' default partitioner).
             let partition = Partitioner::ConsistentRandom.partition(id.as_bytes(), args.partitions);
-            (
-                topic.clone(),
+            per_partition[partition as usize] += 1;
+            let mut records = vec![to(
+                partition,
                 key_of(&id),
                 template.replace("{ID}", &id).into_bytes(),
-                Some(partition),
-            )
+            )];
+            if engine == Engine::SagaStreams {
+                // Its entry in the status index.
+                records.push(to(
+                    partition,
+                    [status_index_prefix("COMPLETED"), id.into_bytes()].concat(),
+                    Vec::new(),
+                ));
+            }
+            records
         },
     );
 

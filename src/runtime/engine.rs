@@ -989,31 +989,67 @@ impl Engine {
         Ok(())
     }
 
-    /// The committed input offsets of task `partition`: where it starts. A partition without a
-    /// committed offset starts at its log start (`auto.offset.reset=earliest`), resolved to an
-    /// offset so that every transaction of the task can carry it. A lookup error fails the
-    /// start (it is retried), never silently becomes "from the beginning".
+    /// The committed input offsets of tasks `partitions`: where they start. A partition without
+    /// a committed offset starts at its log start (`auto.offset.reset=earliest`), resolved to an
+    /// offset so that every transaction of the task can carry it. A lookup error fails the start
+    /// (it is retried), never silently becomes "from the beginning".
+    ///
+    /// Two requests for all the tasks together: the broker answers a connection's requests in
+    /// order, so each request waits behind the consumer's pending fetch (up to
+    /// `fetch.wait.max.ms`); asked per partition, tasks with fresh inputs would start seconds
+    /// apart.
     fn committed_positions<C: ConsumerContext>(
         &self,
         consumer: &BaseConsumer<C>,
-        partition: i32,
-    ) -> Result<BTreeMap<String, i64>, RuntimeError> {
-        let committed = lookup_committed(consumer, self.inputs_of(partition))?;
-        let mut positions = BTreeMap::new();
+        partitions: &[i32],
+    ) -> Result<BTreeMap<i32, BTreeMap<String, i64>>, RuntimeError> {
+        let mut inputs = TopicPartitionList::new();
+        for partition in partitions {
+            for topic in &self.config.input_topics {
+                inputs.add_partition(topic, *partition);
+            }
+        }
+        let committed = lookup_committed(consumer, inputs)?;
+        let mut positions: BTreeMap<i32, BTreeMap<String, i64>> = BTreeMap::new();
+        let mut unset = TopicPartitionList::new();
         for element in committed.elements() {
             if let Err(e) = element.error() {
                 return Err(RuntimeError::kafka("fetch committed offsets")(e));
             }
-            let offset = match element.offset() {
-                Offset::Offset(o) if o >= 0 => o,
-                _ => {
-                    let (low, _) = consumer
-                        .fetch_watermarks(element.topic(), partition, CONSUMER_CALL_TIMEOUT)
-                        .map_err(RuntimeError::kafka("input watermarks"))?;
-                    low
+            match element.offset() {
+                Offset::Offset(o) if o >= 0 => {
+                    positions
+                        .entry(element.partition())
+                        .or_default()
+                        .insert(element.topic().to_string(), o);
                 }
-            };
-            positions.insert(element.topic().to_string(), offset);
+                _ => unset
+                    .add_partition_offset(element.topic(), element.partition(), Offset::Beginning)
+                    .map_err(RuntimeError::kafka("log start list"))?,
+            }
+        }
+        if unset.count() > 0 {
+            // ListOffsets with the "earliest" timestamp: each partition's log start.
+            let starts = consumer
+                .offsets_for_times(unset, CONSUMER_CALL_TIMEOUT)
+                .map_err(RuntimeError::kafka("input log starts"))?;
+            for element in starts.elements() {
+                if let Err(e) = element.error() {
+                    return Err(RuntimeError::kafka("input log starts")(e));
+                }
+                let Offset::Offset(o) = element.offset() else {
+                    return Err(RuntimeError::Kafka {
+                        operation: "input log starts",
+                        source: rdkafka::error::KafkaError::OffsetFetch(
+                            rdkafka::types::RDKafkaErrorCode::OffsetNotAvailable,
+                        ),
+                    });
+                };
+                positions
+                    .entry(element.partition())
+                    .or_default()
+                    .insert(element.topic().to_string(), o);
+            }
         }
         Ok(positions)
     }
@@ -1130,27 +1166,41 @@ impl Engine {
                 return Err(StartError::Task(e));
             }
         }
-        for (partition, backend) in restoration.tasks {
-            let still_assigned = self
-                .assigned
-                .get(&partition)
-                .is_some_and(|topics| topics.len() == self.config.input_topics.len());
-            if still_assigned && !self.tasks.contains_key(&partition) {
-                self.start_task(consumer, partition, backend)?;
-            }
+        let starting: Vec<(i32, RocksBackend)> = restoration
+            .tasks
+            .into_iter()
+            .filter(|(partition, _)| {
+                let still_assigned = self
+                    .assigned
+                    .get(partition)
+                    .is_some_and(|topics| topics.len() == self.config.input_topics.len());
+                still_assigned && !self.tasks.contains_key(partition)
+            })
+            .collect();
+        if starting.is_empty() {
+            return Ok(());
+        }
+        let partitions: Vec<i32> = starting.iter().map(|(p, _)| *p).collect();
+        let mut positions = self
+            .committed_positions(consumer, &partitions)
+            .map_err(StartError::Task)?;
+        for (partition, backend) in starting {
+            let at = positions.remove(&partition).unwrap_or_default();
+            self.start_task(consumer, partition, backend, at)?;
         }
         Ok(())
     }
 
-    /// Starts one restored task: its committed positions, a seek there, the processor's init,
-    /// then its inputs resume. Any failure leaves the task not started (it is tried again).
+    /// Starts one restored task at its committed `positions`: a seek there, the processor's
+    /// init, then its inputs resume. Any failure leaves the task not started (it is tried again).
     fn start_task<C: ConsumerContext>(
         &mut self,
         consumer: &BaseConsumer<C>,
         partition: i32,
         backend: RocksBackend,
+        positions: BTreeMap<String, i64>,
     ) -> Result<(), StartError> {
-        self.prepare_task(consumer, partition, backend)
+        self.prepare_task(consumer, partition, backend, positions)
             .map_err(StartError::Task)?;
         let inputs = self.inputs_of(partition);
         let started = self.flush_outputs().and_then(|()| {
@@ -1195,8 +1245,8 @@ impl Engine {
         consumer: &BaseConsumer<C>,
         partition: i32,
         backend: RocksBackend,
+        positions: BTreeMap<String, i64>,
     ) -> Result<(), RuntimeError> {
-        let positions = self.committed_positions(consumer, partition)?;
         let mut targets = TopicPartitionList::new();
         for (topic, offset) in &positions {
             targets

@@ -92,6 +92,13 @@ struct Args {
         value_delimiter = ','
     )]
     modes: Vec<String>,
+    /// Engines to run: saga-streams, kafka-streams (both by default; ratios need both).
+    #[arg(
+        long,
+        default_value = "saga-streams,kafka-streams",
+        value_delimiter = ','
+    )]
+    engines: Vec<String>,
     /// A short run of every mode: 20,000 sagas, 100,000 restored, rates 1000 and 2000 for 10 s,
     /// heaps 256m and 1g, one repetition (checks the harness, not the engines).
     #[arg(long)]
@@ -1072,7 +1079,14 @@ fn heap_sweep(args: &Args, started: Instant) -> (String, Option<String>) {
 
 fn main() {
     let args = Args::parse().quick();
-    let engines = [Engine::SagaStreams, Engine::KafkaStreams];
+    let engines: Vec<Engine> = [Engine::SagaStreams, Engine::KafkaStreams]
+        .into_iter()
+        .filter(|e| {
+            args.engines
+                .iter()
+                .any(|n| n.eq_ignore_ascii_case(&e.name().replace(' ', "-")))
+        })
+        .collect();
     let started = Instant::now();
     let mut out = String::new();
     let java_heap = if args.wants("heap") {
@@ -1089,7 +1103,7 @@ fn main() {
     for repetition in 1..=args.repeat {
         // Interleaved, so drift on a noisy machine hits both engines alike.
         let each = format!("run {repetition}/{}", args.repeat);
-        for engine in engines {
+        for &engine in &engines {
             for (mode, f) in [
                 ("isolated", isolated as fn(&Args, &str, Engine) -> Figures),
                 ("throughput", throughput),
@@ -1110,7 +1124,7 @@ fn main() {
             }
         }
         if args.wants("sweep") {
-            let mut going = engines.to_vec();
+            let mut going = engines.clone();
             for rate in &args.rates {
                 for engine in going.clone() {
                     log_step(started, &format!("{each}: {} at {rate}/s", engine.name()));
@@ -1193,7 +1207,7 @@ fn main() {
                 invalid(runs)
             ));
         }
-        for engine in engines {
+        for &engine in &engines {
             // Sustained: kept up in most repetitions.
             let best = sweep
                 .iter()

@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::counter_env::*;
@@ -204,9 +205,10 @@ async fn a_state_write_failing_after_commit_closes_and_restores_the_task() {
     assert!(log.contains("state write after commit failed"), "{log}");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_restore_write_that_fails_is_retried_from_the_checkpoint() {
-    let setup = setup("fp-restore", &[]).await;
+/// Counts 600 records, then restores the whole changelog into an empty state directory with
+/// `failpoints` armed, and counts on: every count must go on from the restored one.
+async fn restored_after_a_failure(name: &str, failpoints: &str) -> String {
+    let setup = setup(name, &[]).await;
     let mut args = setup.args.clone();
     let sent = inputs(&args, 0..600, 600);
     let mut first = CounterProcess::spawn(&args, "first");
@@ -214,12 +216,10 @@ async fn a_restore_write_that_fails_is_retried_from_the_checkpoint() {
     let outputs = read_outputs(&args, sent.len(), Duration::from_secs(120));
     check_exactly_once(&outputs, &sent);
     first.sigkill();
-    // Without local state the whole changelog is restored; its first batch write fails.
+    // Without local state the whole changelog is restored.
     std::fs::remove_dir_all(args.state_dir.join(&args.application_id)).unwrap();
-    args.env.push((
-        "SAGA_STREAMS_FAILPOINTS".into(),
-        "restore-batch=1*return".into(),
-    ));
+    args.env
+        .push(("SAGA_STREAMS_FAILPOINTS".into(), failpoints.into()));
     let second = CounterProcess::spawn(&args, "second");
     wait_running(&second, PARTITIONS as usize, Duration::from_secs(120));
     let more = inputs(&args, 600..900, 600);
@@ -230,7 +230,18 @@ async fn a_restore_write_that_fails_is_retried_from_the_checkpoint() {
     assert_eq!(finals.values().sum::<u64>(), all.len() as u64);
     let log = second.log_text();
     assert!(log.contains("(injected)"), "{log}");
-    drop(second);
+    log
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restore_write_that_fails_is_retried_from_the_checkpoint() {
+    restored_after_a_failure("fp-restore", "restore-batch=1*return").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restore_whose_final_flush_fails_is_restored_again() {
+    // The restored batches skipped the WAL; the flush that makes them durable fails once.
+    restored_after_a_failure("fp-restore-flush", "rocksdb-flush=1*return").await;
 }
 
 /// `kill -SIG<signal> pid`.
@@ -362,6 +373,107 @@ async fn sigterm_during_a_long_restore_exits_cleanly_within_seconds() {
             .any(|l| l["message"] == "task running"),
         "the restore finished before SIGTERM: the test proves nothing"
     );
+}
+
+/// Produces one input per key and returns the count each was given (`<value>:<count>`).
+fn probe_counts(
+    args: &CounterArgs,
+    keys: &[String],
+    tag: &str,
+    seen: usize,
+) -> BTreeMap<String, u64> {
+    let probes: Vec<(String, String, String)> = keys
+        .iter()
+        .map(|k| (args.inputs[0].clone(), k.clone(), format!("{tag}-{k}")))
+        .collect();
+    produce_all(&producer(&args.bootstrap), &probes);
+    let outputs = read_outputs(args, seen + probes.len(), Duration::from_secs(120));
+    outputs
+        .iter()
+        .filter_map(|(_, _, key, value)| {
+            let (input, count) = value.rsplit_once(':')?;
+            let count: u64 = count.parse().ok()?;
+            (input == format!("{tag}-{key}")).then(|| (key.clone(), count))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restores_written_without_the_wal_survive_sigkill_during_and_after_them() {
+    use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
+    let setup = setup("restore-sigkill", &[]).await;
+    let args = setup.args.clone();
+    // A changelog that counted every key once, written directly: a long restore.
+    let changelog = format!("{}-counts-changelog", args.application_id);
+    common::admin(&args.bootstrap)
+        .create_topics(
+            &[
+                NewTopic::new(&changelog, PARTITIONS, TopicReplication::Fixed(1))
+                    .set("cleanup.policy", "compact"),
+            ],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    let total = 600_000;
+    let records: Vec<(String, String, String)> = (0..total)
+        .map(|i| (changelog.clone(), format!("key-{i}"), "1".to_string()))
+        .collect();
+    produce_all(&producer(&args.bootstrap), &records);
+
+    // Killed while restoring: what reached disk must be data and checkpoints of the same batches.
+    let mut first = CounterProcess::spawn(&args, "killed-restoring");
+    let restoring = common::poll_until(Duration::from_secs(120), || {
+        first
+            .log_lines()
+            .iter()
+            .any(|l| l["message"] == "restoring")
+    });
+    assert!(
+        restoring,
+        "no long restore happened; log:\n{}",
+        first.log_text()
+    );
+    first.sigkill();
+    assert!(
+        !first
+            .log_lines()
+            .iter()
+            .any(|l| l["message"] == "task running"),
+        "the restore finished before SIGKILL: the test proves nothing"
+    );
+
+    // Restored to the end, then counting through the WAL, then killed: the restored data must
+    // have been made durable before the logged writes that follow it.
+    let mut second = CounterProcess::spawn(&args, "killed-after-restore");
+    wait_running(&second, PARTITIONS as usize, Duration::from_secs(300));
+    let touched: Vec<String> = (0..total)
+        .step_by(1000)
+        .map(|i| format!("key-{i}"))
+        .collect();
+    let counts = probe_counts(&args, &touched, "a", 0);
+    assert_eq!(counts.len(), touched.len(), "{}", second.log_text());
+    assert!(
+        counts.values().all(|c| *c == 2),
+        "counts after the restore: {counts:?}"
+    );
+    second.sigkill();
+
+    let third = CounterProcess::spawn(&args, "after-the-kills");
+    wait_running(&third, PARTITIONS as usize, Duration::from_secs(300));
+    let untouched: Vec<String> = (500..total)
+        .step_by(1000)
+        .map(|i| format!("key-{i}"))
+        .collect();
+    let all: Vec<String> = touched.iter().chain(&untouched).cloned().collect();
+    let counts = probe_counts(&args, &all, "b", touched.len());
+    assert_eq!(counts.len(), all.len(), "{}", third.log_text());
+    for key in &touched {
+        assert_eq!(counts[key], 3, "{key}; log:\n{}", third.log_text());
+    }
+    for key in &untouched {
+        assert_eq!(counts[key], 2, "{key}; log:\n{}", third.log_text());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

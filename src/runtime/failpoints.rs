@@ -16,6 +16,7 @@
 //! | `seek` | seeking inputs (rewind after an abort, task start) | same |
 //! | `rocksdb-write` | the RocksDB batch written after a commit | an I/O error (no space left) |
 //! | `restore-batch` | a batch written while restoring a changelog | an I/O error (no space left) |
+//! | `rocksdb-flush` | the flush that ends a restoration (its batches skip the WAL) | an I/O error (no space left) |
 //! | `standby-write` | a standby replica's batch written from its changelog | an I/O error (no space left) |
 //! | `resume-inputs` | resuming a started task's inputs | skipped: the inputs stay paused, as with a consumer that stopped fetching |
 

@@ -94,6 +94,17 @@ pub trait StoreBackend: Send {
     ) -> Result<Entries, StateError>;
     /// Writes all changes and checkpoints of the batch atomically.
     fn apply(&mut self, batch: CommitBatch) -> Result<(), StateError>;
+    /// [`StoreBackend::apply`] for restoration: the backend may leave these writes out of its
+    /// write-ahead log. A crash may then lose them, but only together with the checkpoints
+    /// written with them (the next restore reads them again); [`StoreBackend::persist`] makes them
+    /// durable and must be called before any logged write follows.
+    fn apply_restored(&mut self, batch: CommitBatch) -> Result<(), StateError> {
+        self.apply(batch)
+    }
+    /// Makes every write so far durable.
+    fn persist(&mut self) -> Result<(), StateError> {
+        Ok(())
+    }
     /// Deletes every store's data and checkpoint (the changelog no longer matches them).
     fn wipe(&mut self) -> Result<(), StateError>;
     /// The changelog offset to restore `store` from; `None` when the store has never been

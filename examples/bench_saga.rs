@@ -6,10 +6,10 @@
 //! - heap: Kafka Streams alone on the isolated workload at each `--heaps` size; the smallest heap
 //!   within 5 % of the best throughput is used for Kafka Streams in the other modes;
 //! - isolated: the orchestrator alone. For each saga, its OrderCreated and the replies the
-//!   participants would send (the same failure shares) are produced beforehand with increasing
-//!   timestamps; no participant runs, so both engines consume the same input and nothing else
-//!   competes for the cores. Both wait up to 500 ms for an input they have nothing buffered from
-//!   (`max.task.idle.ms`), so that no reply is read before the OrderCreated it answers;
+//!   participants would send (the same failure shares) are written beforehand, in phases (every
+//!   saga's first input, then every saga's second, ...; the engine frozen while a phase is
+//!   written), so that no reply is read before the event it answers; no participant runs, so both
+//!   engines consume the same input and nothing else competes for the cores;
 //! - throughput: the full pipeline (both participants running) on a backlog of `--orders` orders;
 //! - sweep: the full pipeline at each of `--rates` orders/s for `--sweep-seconds`; per rate the
 //!   engine's CPU per saga, p50/p99 latency (OrderCreated to outcome, record timestamps), and
@@ -201,8 +201,6 @@ struct Figures {
 struct Run<'a> {
     args: &'a Args,
     java_heap: &'a str,
-    /// Both engines' `max.task.idle.ms` (0: their defaults).
-    max_task_idle_ms: u64,
     prefix: String,
     def: SagaDefinition,
     dir: tempfile::TempDir,
@@ -215,7 +213,6 @@ impl<'a> Run<'a> {
         Run {
             args,
             java_heap,
-            max_task_idle_ms: 0,
             prefix,
             def,
             dir: tempfile::tempdir().expect("temp dir"),
@@ -273,8 +270,7 @@ impl<'a> Run<'a> {
                     .args(["--instance-id", "bench"])
                     .arg("--state-dir")
                     .arg(&state)
-                    .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
-                    .args(["--max-task-idle", &format!("{}ms", self.max_task_idle_ms)]);
+                    .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")]);
                 for step in &self.def.steps {
                     c.args([
                         "--step-timeout",
@@ -294,7 +290,6 @@ impl<'a> Run<'a> {
                     .arg("--state-dir")
                     .arg(&state)
                     .args(["--step-timeout-ms", &(STEP_TIMEOUT_S * 1000).to_string()])
-                    .args(["--max-task-idle-ms", &self.max_task_idle_ms.to_string()])
                     .args(["--caching", &(self.args.ks_cache_bytes > 0).to_string()])
                     .args(["--cache-max-bytes", &self.args.ks_cache_bytes.to_string()])
                     .args([
@@ -446,11 +441,11 @@ fn backlog_figures(
     }
 }
 
-/// A saga's inputs as the orchestrator would read them: its OrderCreated, then the replies the
-/// participants send (`saga-streams simulate`, the same failure shares, a refund confirmed after
-/// a failed reservation), stamped one millisecond apart from `at_ms` on. Envelopes as the
-/// participants write them.
-fn isolated_inputs(def: &SagaDefinition, args: &Args, id: &str, at_ms: &mut i64) -> Vec<Bulk> {
+/// A saga's inputs as the orchestrator would read them, in the order the participants would send
+/// them (`saga-streams simulate`, the same failure shares): its OrderCreated, the payment reply,
+/// then the inventory reply and, after a failed reservation, the refund's confirmation. Each
+/// causes exactly one output. Envelopes as the participants write them.
+fn isolated_inputs(def: &SagaDefinition, args: &Args, id: &str) -> Vec<Bulk> {
     let codec = Codec::json();
     let order = match load::order_created(def, id) {
         Value::Object(map) => map,
@@ -462,13 +457,12 @@ fn isolated_inputs(def: &SagaDefinition, args: &Args, id: &str, at_ms: &mut i64)
         .to_string();
     let mut out = Vec::new();
     let mut push = |topic: &str, event_type: &str, body: Map<String, Value>| {
-        *at_ms += 1;
         out.push(Bulk {
             topic: topic.to_string(),
             key: id.as_bytes().to_vec(),
             value: codec.write(topic, event_type, body, true).expect("json"),
             partition: None,
-            timestamp_ms: Some(*at_ms),
+            timestamp_ms: None,
             headers: vec![(CORRELATION_HEADER, correlation.clone())],
         });
     };
@@ -518,41 +512,103 @@ fn isolated_inputs(def: &SagaDefinition, args: &Args, id: &str, at_ms: &mut i64)
     out
 }
 
-/// Both engines wait this long for an input partition they have nothing buffered from, in the
-/// isolated runs: replies written beforehand must not be read before the OrderCreated they answer
-/// (in a live pipeline they cannot be).
-const ISOLATED_MAX_TASK_IDLE_MS: u64 = 500;
+/// `kill -<signal>` (STOP and CONT freeze and thaw the engine while a phase is written).
+fn signal(process: &Process, signal: &str) {
+    let _ = Command::new("kill")
+        .args([&format!("-{signal}"), &process.child.id().to_string()])
+        .status();
+}
 
+/// One isolated run: the sagas' inputs go in phases, the n-th input of every saga in phase n
+/// (so no reply can be read before the event it answers, whatever order an engine reads its
+/// inputs in). While a phase is written the engine is frozen (SIGSTOP); then it works the
+/// phase's backlog alone. First a warm-up share of sagas (unmeasured, so that JIT compilation
+/// and caches are warm), then the measured ones; the figures add up the measured phases'
+/// windows (first to last output of the phase) and the engine's CPU in them.
 fn isolated(args: &Args, java_heap: &str, engine: Engine) -> Figures {
-    let mut run = Run::new(args, java_heap, "iso");
-    run.max_task_idle_ms = ISOLATED_MAX_TASK_IDLE_MS;
-    let sagas = args.isolated_sagas;
-    let records = std::cell::Cell::new(0u64);
-    // Four records per saga at most, all in the past, one millisecond apart.
-    let mut at_ms = now_ms() - 4 * sagas as i64;
-    bulk_produce_many(
-        &args.bootstrap,
-        &[("linger.ms", "20")],
-        sagas,
-        "sagas' inputs produced",
-        |n| {
-            let inputs = isolated_inputs(&run.def, args, &format!("o-{n}"), &mut at_ms);
-            records.set(records.get() + inputs.len() as u64);
-            inputs
-        },
-    );
-    let mut process = run.start_engine(engine, free_port());
-    let outcomes = wait_for_outcomes(&run, &mut process, sagas, "o-", Duration::from_secs(3600));
-    let figures = backlog_figures(
-        args,
-        &process,
-        &outcomes,
-        records.get() as f64 / sagas as f64,
-    );
+    let run = Run::new(args, java_heap, "iso");
+    let warm_up = ((args.isolated_sagas as f64 * args.warm_up_share) as u64).max(100);
+    let def = &run.def;
+    let outputs = vec![
+        def.steps[0].command.topic.clone(),
+        def.steps[1].command.topic.clone(),
+        def.completed.topic.clone(),
+        def.cancelled.topic.clone(),
+    ];
+    let scanner = TopicScanner::new(&args.bootstrap, &outputs).expect("scanner");
+    let mut process: Option<Process> = None;
+    let mut seen = 0u64;
+    let (mut seconds, mut cpu_s, mut records) = (0.0, 0.0, 0u64);
+    for (ids, sagas, measured) in [("w-", warm_up, false), ("o-", args.isolated_sagas, true)] {
+        let mut phases: Vec<Vec<Bulk>> = vec![Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+        for n in 0..sagas {
+            for (i, input) in isolated_inputs(def, args, &format!("{ids}{n}"))
+                .into_iter()
+                .enumerate()
+            {
+                phases[i].push(input);
+            }
+        }
+        for phase in phases {
+            let expected = phase.len() as u64;
+            if let Some(p) = &process {
+                signal(p, "STOP");
+            }
+            let mut phase = phase.into_iter();
+            bulk_produce_many(
+                &args.bootstrap,
+                &[("linger.ms", "20")],
+                expected,
+                "inputs produced",
+                |_| phase.next().into_iter().collect(),
+            );
+            let engine_process = match &mut process {
+                Some(p) => {
+                    signal(p, "CONT");
+                    p
+                }
+                None => process.insert(run.start_engine(engine, free_port())),
+            };
+            let (mut first, mut last) = (i64::MAX, i64::MIN);
+            let deadline = Instant::now() + Duration::from_secs(1800);
+            let target = seen + expected;
+            let mut batch = Vec::new();
+            while seen < target {
+                engine_process.check_alive("the engine");
+                assert!(
+                    Instant::now() < deadline,
+                    "{seen} of {target} outputs after 30 minutes"
+                );
+                batch.clear();
+                scanner
+                    .poll_batch(Duration::from_millis(200), &mut batch)
+                    .expect("reading outputs");
+                for r in &batch {
+                    first = first.min(r.timestamp_ms);
+                    last = last.max(r.timestamp_ms);
+                }
+                seen += batch.len() as u64;
+            }
+            assert_eq!(seen, target, "more outputs than inputs: a duplicate");
+            if measured {
+                seconds += (last - first).max(1) as f64 / 1000.0;
+                cpu_s += engine_process.window(first, last).0;
+                records += expected;
+            }
+        }
+    }
+    let process = process.expect("started");
+    let (_, peak_rss_mib) = process.usage();
     process.stop();
+    let sagas = args.isolated_sagas as f64;
     Figures {
+        sagas_per_s: sagas / seconds,
+        records_per_s: records as f64 / seconds,
+        cpu_s,
+        cpu_per_1000: cpu_s / sagas * 1000.0,
+        peak_rss_mib,
         violations: run.audit(),
-        ..figures
+        ..Default::default()
     }
 }
 

@@ -240,8 +240,16 @@ async fn a_restore_write_that_fails_is_retried_from_the_checkpoint() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restore_whose_final_flush_fails_is_restored_again() {
-    // The restored batches skipped the WAL; the flush that makes them durable fails once.
-    restored_after_a_failure("fp-restore-flush", "rocksdb-flush=1*return").await;
+    // The restored batches skipped the WAL; the flush that makes them durable fails once: the
+    // tasks are not started on that restoration, but on the next one.
+    let log = restored_after_a_failure("fp-restore-flush", "rocksdb-flush=1*return").await;
+    let refused = log
+        .lines()
+        .any(|l| l.contains("tasks could not be started") && l.contains("injected"));
+    assert!(
+        refused,
+        "the failed flush did not stop the start; log:\n{log}"
+    );
 }
 
 /// `kill -SIG<signal> pid`.

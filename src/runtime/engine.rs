@@ -1186,6 +1186,22 @@ impl Engine {
             .map_err(StartError::Task)?;
         for (partition, backend) in starting {
             let at = positions.remove(&partition).unwrap_or_default();
+            if let Some(topic) = self
+                .config
+                .input_topics
+                .iter()
+                .find(|topic| !at.contains_key(*topic))
+            {
+                // A task must never start without a position on one of its inputs: its
+                // transactions would not carry it, and a rewind would skip it.
+                tracing::warn!(task = partition, %topic, "no start position came back for an input");
+                return Err(StartError::Task(RuntimeError::Kafka {
+                    operation: "fetch committed offsets",
+                    source: rdkafka::error::KafkaError::OffsetFetch(
+                        rdkafka::types::RDKafkaErrorCode::OffsetNotAvailable,
+                    ),
+                }));
+            }
             self.start_task(consumer, partition, backend, at)?;
         }
         Ok(())

@@ -30,8 +30,9 @@ pub struct Task {
     /// Wall-clock punctuation asked for by the processor, and when it is next due.
     punctuation: Option<Duration>,
     next_punctuation: Option<Instant>,
-    /// Since when the task has held records while some input queue is empty.
-    idle_since: Option<Instant>,
+    /// Per input topic whose queue is empty while the task holds records: since when (each
+    /// empty spell of each input gets its own wait, as in Kafka Streams).
+    empty_since: BTreeMap<String, Instant>,
     /// Per input topic, the time (ms since the epoch) up to which the task has consumed it: the
     /// largest timestamp it processed, or a time at which its position had reached the end of
     /// the partition (see [`super::input_ends`]), whichever is later.
@@ -90,7 +91,7 @@ impl Task {
             processed_in_cycle: 0,
             next_punctuation: punctuation.map(|p| Instant::now() + p),
             punctuation,
-            idle_since: None,
+            empty_since: BTreeMap::new(),
             input_times: BTreeMap::new(),
             committed_input_times: BTreeMap::new(),
             uncommitted_oldest: BTreeMap::new(),
@@ -175,12 +176,14 @@ impl Task {
         if self.buffered() == 0 {
             return false;
         }
-        let any_empty = self.queues.values().any(VecDeque::is_empty);
-        !any_empty
-            || max_idle.is_zero()
-            || self
-                .idle_since
-                .is_none_or(|since| now.duration_since(since) >= max_idle)
+        max_idle.is_zero()
+            || self.queues.iter().all(|(topic, queue)| {
+                !queue.is_empty()
+                    || self
+                        .empty_since
+                        .get(topic)
+                        .is_some_and(|since| now.duration_since(*since) >= max_idle)
+            })
     }
 
     /// When the punctuation is next due.
@@ -220,22 +223,28 @@ impl Task {
         self.queues.get(topic).map_or(0, VecDeque::len)
     }
 
-    /// Takes the next record in timestamp order (ties: the topic listed first). When some input
-    /// queue is empty, waits up to `max_idle` for it to fill before going on without it; once
-    /// that wait is over, the task goes on without waiting again until every queue had records.
+    /// Takes the next record in timestamp order (ties: the topic listed first). When an input
+    /// queue is empty, waits up to `max_idle` from when it became empty for it to fill before
+    /// going on without it; each empty spell of each input is waited for once.
     pub fn next_record(&mut self, now: Instant, max_idle: Duration) -> Option<InputRecord> {
-        let any_empty = self.queues.values().any(VecDeque::is_empty);
         if self.buffered() == 0 {
-            self.idle_since = None;
+            self.empty_since.clear();
             return None;
         }
-        if any_empty && !max_idle.is_zero() {
-            let since = *self.idle_since.get_or_insert(now);
-            if now.duration_since(since) < max_idle {
-                return None;
+        for (topic, queue) in &self.queues {
+            if queue.is_empty() {
+                self.empty_since.entry(topic.clone()).or_insert(now);
+            } else {
+                self.empty_since.remove(topic);
             }
-        } else {
-            self.idle_since = None;
+        }
+        if !max_idle.is_zero()
+            && self
+                .empty_since
+                .values()
+                .any(|since| now.duration_since(*since) < max_idle)
+        {
+            return None;
         }
         let topic = self
             .queues
@@ -387,7 +396,7 @@ impl Task {
         self.positions.clone_from(&self.committed);
         self.input_times.clone_from(&self.committed_input_times);
         self.processed_in_cycle = 0;
-        self.idle_since = None;
+        self.empty_since.clear();
         self.processor.cycle_aborted();
     }
 
@@ -472,23 +481,29 @@ mod tests {
     }
 
     #[test]
-    fn once_the_idle_wait_is_over_records_flow_until_every_input_had_records_again() {
+    fn each_empty_spell_of_each_input_is_waited_for_once() {
         let mut t = task();
         for offset in 0..3 {
             t.enqueue(record("a", offset, 10 + offset));
         }
         let start = Instant::now();
         let idle = Duration::from_millis(50);
+        // `b` is empty: wait, then go on without it, record after record.
         assert!(t.next_record(start, idle).is_none());
         let later = start + idle;
         assert!(t.next_record(later, idle).is_some());
         assert!(t.can_process(later, idle));
         assert!(t.next_record(later, idle).is_some());
-        // `b` has records again, then runs empty: a new wait starts.
+        // `b` has a record, then `a` runs empty: a new wait, for `a`, although `b`'s is over.
         t.enqueue(record("b", 0, 20));
-        assert!(t.next_record(later, idle).is_some());
+        assert_eq!(t.next_record(later, idle).map(|r| r.timestamp_ms), Some(12));
         assert!(t.next_record(later, idle).is_none());
-        assert!(t.next_record(later + idle, idle).is_some());
+        assert!(!t.can_process(later + idle / 2, idle));
+        assert!(t.next_record(later + idle / 2, idle).is_none());
+        assert_eq!(
+            t.next_record(later + idle, idle).map(|r| r.topic),
+            Some("b".to_string())
+        );
     }
 
     #[test]

@@ -90,11 +90,11 @@ impl RocksBackend {
         cf_options.set_block_based_table_factory(&table);
         // Per column family; the shared write-buffer manager caps the total.
         cf_options.set_write_buffer_size(8 << 20);
-        // Flushes and the first compactions write uncompressed (they are rewritten soon, and
-        // compressing them cost restoration a seventh of its time); the lower levels, holding
-        // most of the data, are compressed.
+        // Flushes write level 0 uncompressed (its files are compacted soon, and compressing them
+        // cost restoration a seventh of its time); compactions compress. With dynamic level
+        // sizes (the default) the second entry is the first level below L0, whichever that is.
         use rocksdb::DBCompressionType::{Lz4, None as Plain};
-        cf_options.set_compression_per_level(&[Plain, Plain, Lz4, Lz4, Lz4, Lz4, Lz4]);
+        cf_options.set_compression_per_level(&[Plain, Lz4, Lz4, Lz4, Lz4, Lz4, Lz4]);
 
         let mut db_options = cf_options.clone();
         db_options.create_if_missing(true);

@@ -641,21 +641,13 @@ fn percentile(sorted: &[i64], q: f64) -> f64 {
 }
 
 /// Whether an engine kept up with a rate: the load generator reached 95 % of it, every saga
-/// finished within the drain allowance, and latency stayed flat (the median latency of the last
-/// fifth of the orders at most one second above that of the first fifth: a backlog that grows
-/// shows as a rising latency).
-fn kept_up(rate: f64, produced_per_s: f64, all_finished: bool, by_creation: &[(i64, i64)]) -> bool {
-    let fifth = (by_creation.len() / 5).max(1);
-    let median_of = |part: &[(i64, i64)]| {
-        let mut l: Vec<i64> = part.iter().map(|(_, latency)| *latency).collect();
-        l.sort_unstable();
-        percentile(&l, 0.5)
-    };
-    let (first, last) = (
-        median_of(&by_creation[..fifth.min(by_creation.len())]),
-        median_of(&by_creation[by_creation.len().saturating_sub(fifth)..]),
-    );
-    produced_per_s >= 0.95 * rate && all_finished && last <= first + 1000.0
+/// finished within the drain allowance, and outcomes came at 90 % of the rate orders did or more,
+/// counted from the first order to the last outcome (a run's tail of at most a tenth of its
+/// length; an engine that falls behind ends the run with a backlog and misses it). A first
+/// criterion, latency of the last fifth of the orders within a second of the first fifth's, let
+/// through an engine whose latency was already high in the first fifth.
+fn kept_up(rate: f64, produced_per_s: f64, all_finished: bool, delivered_per_s: f64) -> bool {
+    produced_per_s >= 0.95 * rate && all_finished && delivered_per_s >= 0.9 * produced_per_s
 }
 
 fn at_rate(args: &Args, java_heap: &str, engine: Engine, rate: f64) -> Figures {
@@ -684,12 +676,10 @@ fn at_rate(args: &Args, java_heap: &str, engine: Engine, rate: f64) -> Figures {
     })
     .filter(|(id, _)| id.starts_with("o-"))
     .collect();
-    let mut by_creation: Vec<(i64, i64)> = outcomes
+    let mut latencies: Vec<i64> = outcomes
         .iter()
-        .filter_map(|(id, done)| created.get(id).map(|c| (*c, done - c)))
+        .filter_map(|(id, done)| created.get(id).map(|c| done - c))
         .collect();
-    by_creation.sort_unstable();
-    let mut latencies: Vec<i64> = by_creation.iter().map(|(_, l)| *l).collect();
     latencies.sort_unstable();
     let from = created.values().copied().min().unwrap_or(0);
     let to = outcomes.values().copied().max().unwrap_or(from);
@@ -697,8 +687,9 @@ fn at_rate(args: &Args, java_heap: &str, engine: Engine, rate: f64) -> Figures {
     process.stop();
     let violations = run.audit();
     run.stop();
+    let delivered_per_s = outcomes.len() as f64 / ((to - from).max(1) as f64 / 1000.0);
     Figures {
-        sagas_per_s: outcomes.len() as f64 / ((to - from).max(1) as f64 / 1000.0),
+        sagas_per_s: delivered_per_s,
         p50_ms: percentile(&latencies, 0.5),
         p99_ms: percentile(&latencies, 0.99),
         cpu_s,
@@ -709,7 +700,7 @@ fn at_rate(args: &Args, java_heap: &str, engine: Engine, rate: f64) -> Figures {
             rate,
             produced_per_s,
             outcomes.len() as u64 == orders,
-            &by_creation,
+            delivered_per_s,
         ),
         violations,
         ..Default::default()

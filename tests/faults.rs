@@ -328,15 +328,12 @@ async fn a_member_frozen_past_its_session_timeout_commits_nothing_when_it_thaws(
     drop((first, second));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sigterm_during_a_long_restore_exits_cleanly_within_seconds() {
+/// Writes a counts changelog in which each of `keys` keys (`key-<n>`) was counted once, starts an
+/// instance without local state and returns it once it logs that it is restoring (a long restore).
+async fn restoring_a_long_changelog(args: &CounterArgs, keys: usize, name: &str) -> CounterProcess {
     use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
-    let setup = setup("restore-sigterm", &[]).await;
-    let args = setup.args.clone();
-    // A large changelog to restore, written directly.
     let changelog = format!("{}-counts-changelog", args.application_id);
-    let admin = common::admin(&args.bootstrap);
-    admin
+    common::admin(&args.bootstrap)
         .create_topics(
             &[
                 NewTopic::new(&changelog, PARTITIONS, TopicReplication::Fixed(1))
@@ -346,12 +343,11 @@ async fn sigterm_during_a_long_restore_exits_cleanly_within_seconds() {
         )
         .await
         .unwrap();
-    let records: Vec<(String, String, String)> = (0..600_000)
+    let records: Vec<(String, String, String)> = (0..keys)
         .map(|i| (changelog.clone(), format!("key-{i}"), "1".to_string()))
         .collect();
     produce_all(&producer(&args.bootstrap), &records);
-
-    let mut process = CounterProcess::spawn(&args, "restoring");
+    let process = CounterProcess::spawn(args, name);
     let restoring = common::poll_until(Duration::from_secs(120), || {
         process
             .log_lines()
@@ -363,6 +359,14 @@ async fn sigterm_during_a_long_restore_exits_cleanly_within_seconds() {
         "no long restore happened; log:\n{}",
         process.log_text()
     );
+    process
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_during_a_long_restore_exits_cleanly_within_seconds() {
+    let setup = setup("restore-sigterm", &[]).await;
+    let args = setup.args.clone();
+    let mut process = restoring_a_long_changelog(&args, 600_000, "restoring").await;
     let status = process.sigterm(Duration::from_secs(10)).unwrap_or_else(|| {
         panic!(
             "still running 10 s after SIGTERM; log:\n{}",
@@ -408,40 +412,11 @@ fn probe_counts(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn restores_written_without_the_wal_survive_sigkill_during_and_after_them() {
-    use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
     let setup = setup("restore-sigkill", &[]).await;
     let args = setup.args.clone();
-    // A changelog that counted every key once, written directly: a long restore.
-    let changelog = format!("{}-counts-changelog", args.application_id);
-    common::admin(&args.bootstrap)
-        .create_topics(
-            &[
-                NewTopic::new(&changelog, PARTITIONS, TopicReplication::Fixed(1))
-                    .set("cleanup.policy", "compact"),
-            ],
-            &AdminOptions::new(),
-        )
-        .await
-        .unwrap();
     let total = 600_000;
-    let records: Vec<(String, String, String)> = (0..total)
-        .map(|i| (changelog.clone(), format!("key-{i}"), "1".to_string()))
-        .collect();
-    produce_all(&producer(&args.bootstrap), &records);
-
     // Killed while restoring: what reached disk must be data and checkpoints of the same batches.
-    let mut first = CounterProcess::spawn(&args, "killed-restoring");
-    let restoring = common::poll_until(Duration::from_secs(120), || {
-        first
-            .log_lines()
-            .iter()
-            .any(|l| l["message"] == "restoring")
-    });
-    assert!(
-        restoring,
-        "no long restore happened; log:\n{}",
-        first.log_text()
-    );
+    let mut first = restoring_a_long_changelog(&args, total, "killed-restoring").await;
     first.sigkill();
     assert!(
         !first

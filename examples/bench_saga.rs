@@ -328,9 +328,16 @@ impl<'a> Run<'a> {
     }
 
     fn stop(self) {
-        for p in self.participants {
+        // Dropped: participants stopped, topics deleted.
+    }
+}
+
+impl Drop for Run<'_> {
+    fn drop(&mut self) {
+        for p in std::mem::take(&mut self.participants) {
             p.stop();
         }
+        bench_kit::delete_topics_with_prefix(&self.args.bootstrap, &self.prefix);
     }
 }
 
@@ -999,6 +1006,7 @@ fn ceiling(args: &Args) -> Figures {
         .collect();
     let figures = backlog_figures(args, &process, &outcomes, 3.0);
     process.stop();
+    bench_kit::delete_topics_with_prefix(&args.bootstrap, &tag);
     figures
 }
 

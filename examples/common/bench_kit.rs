@@ -313,3 +313,34 @@ pub fn create_changelog(bootstrap: &str, topic: &str, partitions: i32) {
         r.expect("changelog created");
     }
 }
+
+/// Deletes every topic whose name starts with `prefix` (a finished run's topics, so that repeated
+/// runs do not fill the broker's disk); a failure is reported, not fatal.
+pub fn delete_topics_with_prefix(bootstrap: &str, prefix: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let result = (|| -> Result<usize, rdkafka::error::KafkaError> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .create()?;
+        let metadata = consumer.fetch_metadata(None, Duration::from_secs(30))?;
+        let names: Vec<String> = metadata
+            .topics()
+            .iter()
+            .map(|t| t.name().to_string())
+            .filter(|n| n.starts_with(prefix))
+            .collect();
+        if names.is_empty() {
+            return Ok(0);
+        }
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .create()?;
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        futures::executor::block_on(admin.delete_topics(&refs, &AdminOptions::new()))?;
+        Ok(names.len())
+    })();
+    if let Err(e) = result {
+        eprintln!("  could not delete the topics of {prefix}*: {e}");
+    }
+}

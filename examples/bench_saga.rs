@@ -619,20 +619,26 @@ fn isolated(args: &Args, java_heap: &str, engine: Engine) -> Figures {
     }
 }
 
+/// Waits for the outcome of every one of the run's `--orders` orders (ids `o-<n>`), then stops
+/// `process`; the figures of its window (three inputs per saga).
+fn backlog_run(run: &Run<'_>, mut process: Process) -> Figures {
+    let outcomes = wait_for_outcomes(
+        run,
+        &mut process,
+        run.args.orders,
+        "o-",
+        Duration::from_secs(3600),
+    );
+    let figures = backlog_figures(run.args, &process, &outcomes, 3.0);
+    process.stop();
+    figures
+}
+
 fn throughput(args: &Args, java_heap: &str, engine: Engine) -> Figures {
     let mut run = Run::new(args, java_heap, "tp");
     produce_orders(&run, args.orders, 0.0, "o-");
     run.start_participants();
-    let mut process = run.start_engine(engine, free_port());
-    let outcomes = wait_for_outcomes(
-        &run,
-        &mut process,
-        args.orders,
-        "o-",
-        Duration::from_secs(3600),
-    );
-    let figures = backlog_figures(args, &process, &outcomes, 3.0);
-    process.stop();
+    let figures = backlog_run(&run, run.start_engine(engine, free_port()));
     let violations = run.audit();
     run.stop();
     Figures {
@@ -739,7 +745,7 @@ fn echo(args: &Args) -> Figures {
         }
         Process::spawn(c, run.dir.path().join(format!("{name}.log")))
     };
-    let mut orchestrator = spawn(
+    let orchestrator = spawn(
         "echo-orchestrator",
         &[
             (&def.start_topic, &payment.command.topic),
@@ -757,15 +763,7 @@ fn echo(args: &Args) -> Figures {
             &[(&inventory.command.topic, &inventory.reply_topic)],
         ),
     ];
-    let outcomes = wait_for_outcomes(
-        &run,
-        &mut orchestrator,
-        args.orders,
-        "o-",
-        Duration::from_secs(3600),
-    );
-    let figures = backlog_figures(args, &orchestrator, &outcomes, 3.0);
-    orchestrator.stop();
+    let figures = backlog_run(&run, orchestrator);
     for p in participants {
         p.stop();
     }

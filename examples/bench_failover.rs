@@ -36,7 +36,7 @@ mod bench_kit;
 
 use bench_kit::{
     bulk_produce, create_changelog, free_port, fresh_saga, now_ms, release_dir,
-    saga_streams_template, Process,
+    saga_streams_template, stored_bytes, Process,
 };
 
 #[derive(Debug, Parser)]
@@ -190,7 +190,7 @@ impl<'a> Cluster<'a> {
                 (
                     topic.clone(),
                     saga_key(&id),
-                    template.replace("{ID}", &id).into_bytes(),
+                    stored_bytes(&template, &id),
                     Some(partition),
                 )
             },

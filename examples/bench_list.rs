@@ -68,7 +68,14 @@ fn apply(def: &SagaDefinition, record: SagaRecord, input: SagaInput<'_>, at: i64
     }
 }
 
-/// A completed saga and a stuck one, id `{ID}`, as the store holds them.
+/// The bytes the store holds for saga `id` of a template.
+fn stored(template: &str, id: &str) -> Vec<u8> {
+    let record: SagaRecord =
+        serde_json::from_str(&template.replace("{ID}", id)).expect("a template saga record");
+    saga_streams::saga::record::encode(&record).expect("an encodable saga record")
+}
+
+/// A completed saga and a stuck one, id `{ID}`, as JSON ([`stored`] makes their bytes).
 fn templates(def: &SagaDefinition) -> (String, String) {
     let mut payload = load::order_created(def, "{ID}")
         .as_object()
@@ -215,11 +222,7 @@ fn main() {
             counts[partition as usize].0 += 1;
             (&completed, "COMPLETED")
         };
-        send(
-            &saga_key(&id),
-            template.replace("{ID}", &id).as_bytes(),
-            partition,
-        );
+        send(&saga_key(&id), &stored(template, &id), partition);
         send(
             &[b"i/", status.as_bytes(), b"\0", id.as_bytes()].concat(),
             b"",

@@ -45,7 +45,7 @@ mod bench_kit;
 
 use bench_kit::{
     bar, bulk_produce, bulk_produce_many, create_changelog, free_port, fresh_saga, now_ms,
-    release_dir, saga_streams_template, Bulk, Process,
+    release_dir, saga_streams_template, stored_bytes, Bulk, Process,
 };
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -818,6 +818,10 @@ fn restore(args: &Args, java_heap: &str, engine: Engine) -> Figures {
             kafka_streams_template(),
         ),
     };
+    let value_of = |id: &str| match engine {
+        Engine::SagaStreams => stored_bytes(&template, id),
+        Engine::KafkaStreams => template.replace("{ID}", id).into_bytes(),
+    };
     create_changelog(&args.bootstrap, &topic, args.partitions);
     let settings = [("linger.ms", "20"), ("compression.type", "lz4")];
     let to = |partition: i32, key: Vec<u8>, value: Vec<u8>| Bulk {
@@ -860,11 +864,7 @@ fn restore(args: &Args, java_heap: &str, engine: Engine) -> Figures {
             // The task of a saga is the input partition of its id (producers' default partitioner).
             let partition = Partitioner::ConsistentRandom.partition(id.as_bytes(), args.partitions);
             per_partition[partition as usize] += 1;
-            let mut records = vec![to(
-                partition,
-                key_of(&id),
-                template.replace("{ID}", &id).into_bytes(),
-            )];
+            let mut records = vec![to(partition, key_of(&id), value_of(&id))];
             if engine == Engine::SagaStreams {
                 // Its entry in the status index.
                 records.push(to(

@@ -726,6 +726,92 @@ fn corrupt_record(env: &SagaEnv, order: &str, value: &[u8]) {
     rdkafka::producer::Producer::flush(&producer, Duration::from_secs(10)).unwrap();
 }
 
+/// The last value the saga store's changelog holds for `order` (read_committed).
+fn stored_record(env: &SagaEnv, order: &str) -> Vec<u8> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::Message;
+    let changelog = format!("{}order_saga-sagas-changelog", env.prefix);
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.bootstrap)
+        .set("group.id", common::unique("stored-record"))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    assignment
+        .add_partition_offset(&changelog, 0, rdkafka::Offset::Beginning)
+        .unwrap();
+    consumer.assign(&assignment).unwrap();
+    let (_, high) = consumer
+        .fetch_watermarks(&changelog, 0, Duration::from_secs(10))
+        .unwrap();
+    let key = [b"s/".as_slice(), order.as_bytes()].concat();
+    let mut last = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // Up to the high watermark (a transaction marker may be its last offset).
+    while consumer
+        .position()
+        .ok()
+        .and_then(|p| p.find_partition(&changelog, 0)?.offset().to_raw())
+        .is_none_or(|at| at < high - 1)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the changelog was not read to its end"
+        );
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            if m.key() == Some(key.as_slice()) {
+                last = m.payload().map(<[u8]>::to_vec);
+            }
+        }
+    }
+    last.unwrap_or_else(|| panic!("no stored record of {order} in {changelog}"))
+}
+
+/// A saga stored by an earlier build (JSON, record version 2) goes on under this one: its
+/// record is restored from the changelog, read, moved on by the next reply, and written back in
+/// the binary version 3, its history kept.
+#[test]
+fn a_saga_stored_by_an_earlier_build_goes_on_and_is_written_back_in_the_current_version() {
+    let mut env = SagaEnv::new("order_saga.yaml", 1);
+    let mut orchestrator = env.orchestrator("a", &[]);
+    let payment = env.def.steps[0].command.event_type.clone();
+    env.create("legacy", &[]);
+    env.expect("legacy", &payment);
+    assert!(orchestrator.sigterm(Duration::from_secs(30)).is_some());
+    let current = stored_record(&env, "legacy");
+    assert_eq!(current[..2], [0, 3], "this build writes binary records");
+    // The same saga as version 2 wrote it: the record as JSON.
+    let record = saga_streams::saga::processor::decode_record(&current).unwrap();
+    let mut v2 = serde_json::to_value(&record).unwrap();
+    v2["record_version"] = 2.into();
+    corrupt_record(&env, "legacy", &serde_json::to_vec(&v2).unwrap());
+    std::fs::remove_dir_all(env.state_dir("a")).unwrap();
+
+    let mut orchestrator = env.orchestrator("a", &[]);
+    env.reply(0, Reply::Success, "legacy");
+    env.expect("legacy", &env.def.steps[1].command.event_type.clone());
+    env.reply(1, Reply::Success, "legacy");
+    env.expect("legacy", &env.def.completed.event_type.clone());
+    let saga = saga_json(&mut orchestrator, "legacy");
+    assert_eq!(saga["status"], "COMPLETED", "{saga}");
+    let history = saga["history"].as_array().unwrap();
+    assert_eq!(
+        history.first().and_then(|t| t["cause"].as_str()),
+        Some(env.def.start_event.as_str()),
+        "{saga}"
+    );
+    // Created, paid, reserved, completed (the last step passes through its state).
+    assert_eq!(history.len(), 4, "{saga}");
+    assert!(orchestrator.sigterm(Duration::from_secs(30)).is_some());
+    let written = stored_record(&env, "legacy");
+    assert_eq!(written[..2], [0, 3]);
+    let written = saga_streams::saga::processor::decode_record(&written).unwrap();
+    assert_eq!(written.history.len(), 4);
+    assert_eq!(written.status, "COMPLETED");
+}
+
 #[test]
 fn an_unreadable_saga_record_is_quarantined_and_its_partition_goes_on() {
     let mut env = SagaEnv::new("order_saga.yaml", 1);

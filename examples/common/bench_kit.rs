@@ -151,8 +151,8 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// A finished saga's stored bytes as saga-streams writes them, with `{ID}` for its id: the
-/// record of a real run through the state machine.
+/// A finished saga as JSON, with `{ID}` for its id: the record of a real run through the state
+/// machine. [`stored_bytes`] makes one saga's stored bytes of it.
 pub fn saga_streams_template(def: &SagaDefinition) -> String {
     let id = "{ID}";
     let event = |event_type: &str, role: EventRole, payload: Value| SagaEvent {
@@ -190,6 +190,13 @@ pub fn saga_streams_template(def: &SagaDefinition) -> String {
         }
     }
     serde_json::to_string(&record).expect("saga record")
+}
+
+/// The bytes saga-streams stores for saga `id` of a [`saga_streams_template`].
+pub fn stored_bytes(template: &str, id: &str) -> Vec<u8> {
+    let record: machine::SagaRecord =
+        serde_json::from_str(&template.replace("{ID}", id)).expect("a template saga record");
+    saga_streams::saga::record::encode(&record).expect("an encodable saga record")
 }
 
 /// A record to produce: topic, key, value, and the partition when it is not the key's.

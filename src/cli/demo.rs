@@ -126,7 +126,15 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         status: config.status.clone(),
         handle: std::thread::Builder::new()
             .name("orchestrator".into())
-            .spawn(move || run_saga(orchestrator_def, Arc::new(Codec::json()), config, stop))?,
+            .spawn(move || {
+                run_saga(
+                    orchestrator_def,
+                    Arc::new(Codec::json()),
+                    config,
+                    crate::saga::machine::RECORD_VERSION,
+                    stop,
+                )
+            })?,
     });
     for (i, name) in step_names.iter().enumerate() {
         let failure_share = match i {

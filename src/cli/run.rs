@@ -98,6 +98,21 @@ pub struct RunArgs {
     /// caused them, e.g. when events and replies were all written beforehand (a replayed backlog).
     #[arg(long, default_value = "0s", value_parser = parse_duration)]
     pub max_task_idle: Duration,
+    /// The version saga records are written as: 3 (binary, the default), or 2 (JSON) while a
+    /// rolling upgrade from a release before 3 is under way, so that its instances can still read
+    /// the records of tasks that move to them. Both are read either way.
+    #[arg(long, default_value_t = crate::saga::machine::RECORD_VERSION, value_parser = parse_record_version)]
+    pub record_version: u32,
+}
+
+fn parse_record_version(text: &str) -> Result<u32, String> {
+    let writable = crate::saga::record::WRITABLE_VERSIONS;
+    text.parse::<u32>()
+        .ok()
+        .filter(|v| writable.contains(v))
+        .ok_or_else(|| {
+            format!("'{text}' is not a record version this release writes ({writable:?})")
+        })
 }
 
 /// The HTTP endpoints' token and TLS settings; a token file that cannot be read stops the start.
@@ -177,6 +192,7 @@ pub fn run_saga(
     def: Arc<SagaDefinition>,
     codec: Arc<Codec>,
     config: RuntimeConfig,
+    record_version: u32,
     shutdown: Shutdown,
 ) -> Result<(), runtime::RuntimeError> {
     let tick = SagaProcessor::default_tick(&def);
@@ -187,7 +203,8 @@ pub fn run_saga(
         Box::new(
             SagaProcessor::new(def.clone(), codec.clone(), tick)
                 .with_repartition(repartition.clone())
-                .with_control(control.clone()),
+                .with_control(control.clone())
+                .with_record_version(record_version),
         )
     });
     runtime::run(config, supplier, shutdown)
@@ -271,8 +288,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         shutdown.clone(),
     )?;
     tracing::info!(saga = %def.name, topology = %args.topology.topology.display(), "running the saga");
-    let result =
-        run_saga(def, codec, config, shutdown.clone()).map_err(super::topics::name_the_fix);
+    let result = run_saga(def, codec, config, args.record_version, shutdown.clone())
+        .map_err(super::topics::name_the_fix);
     // The members thread publishes its tombstone on the way out: give it a moment.
     shutdown.request();
     let deadline = std::time::Instant::now() + Duration::from_secs(3);

@@ -26,14 +26,16 @@ use std::collections::VecDeque;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+pub use super::record::History;
 use super::topology::{
     EventRole, MessageSpec, RetryPolicy, SagaDefinition, COMPENSATING, COMPENSATION_STUCK,
     COMPLETED, FAILED, PENDING,
 };
 
-/// The encoding version of [`SagaRecord`] as stored in RocksDB and the changelog. Version 1
-/// records (no retries, no tombstones) are read and upgraded by [`SagaRecord::upgrade`].
-pub const RECORD_VERSION: u32 = 2;
+/// The encoding version of [`SagaRecord`] as stored in RocksDB and the changelog (see
+/// [`super::record`]): 3 is binary. Versions 1 (JSON, no retries, no tombstones) and 2 (JSON) are
+/// read and upgraded by [`SagaRecord::upgrade`].
+pub const RECORD_VERSION: u32 = 3;
 /// How many applied event ids a saga remembers for deduplication.
 pub const RECENT_EVENT_IDS: usize = 32;
 /// Transitions kept in the history (a saga has far fewer; this bounds a misbehaving producer).
@@ -112,7 +114,7 @@ pub struct InFlight {
     pub resend_at_ms: Option<i64>,
 }
 
-/// One saga as stored (JSON, versioned by `record_version`).
+/// One saga as stored ([`super::record`], versioned by `record_version`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SagaRecord {
     pub record_version: u32,
@@ -162,7 +164,7 @@ pub struct SagaRecord {
     pub updated_at_ms: i64,
     /// Messages emitted so far; numbers them for deterministic event ids.
     pub messages_sent: u32,
-    pub history: Vec<Transition>,
+    pub history: History,
     /// The record shrank to what deduplication and late compensations need.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tombstone: bool,
@@ -338,6 +340,11 @@ impl SagaRecord {
         if self.record_version >= RECORD_VERSION {
             return self;
         }
+        // Version 2 is version 3 in JSON.
+        if self.record_version >= 2 {
+            self.record_version = RECORD_VERSION;
+            return self;
+        }
         // Version 1: one timed-out step and a flag for its late compensation; compensations
         // were sent for every completed step except those still pending.
         if let Some(step) = self.timed_out_step.take() {
@@ -476,7 +483,7 @@ pub fn start(
         started_at_ms: now_ms,
         updated_at_ms: now_ms,
         messages_sent: 0,
-        history: Vec::new(),
+        history: History::default(),
         tombstone: false,
         id_seed: event.event_id.clone(),
         topology_version: def.version,
@@ -829,9 +836,6 @@ fn push_history(
     from: &str,
     note: Option<String>,
 ) {
-    if record.history.len() >= MAX_HISTORY {
-        record.history.remove(0);
-    }
     record.history.push(Transition {
         at_ms: now_ms,
         cause: cause.to_string(),
@@ -1003,7 +1007,7 @@ pub fn act(
                 &from,
                 Some(format!("by {by}: refused: {why}")),
             );
-            if let Some(entry) = refused.history.last_mut() {
+            if let Some(entry) = refused.history.fresh_mut().last_mut() {
                 entry.refused = true;
             }
             Acted::Refused {
@@ -1316,6 +1320,13 @@ mod tests {
         }
     }
 
+    fn stored(record: SagaRecord) -> SagaRecord {
+        let back =
+            crate::saga::record::decode(&crate::saga::record::encode(&record).unwrap()).unwrap();
+        assert_eq!(back, record);
+        back
+    }
+
     fn started(def: &SagaDefinition) -> (SagaRecord, Vec<SagaOutput>) {
         start(
             def,
@@ -1326,9 +1337,11 @@ mod tests {
         )
     }
 
+    /// The changed record, as read back from its stored bytes (so every test also covers the
+    /// encoding: what the machine sees next is what the store would give it).
     fn changed(applied: Applied) -> (SagaRecord, Vec<SagaOutput>) {
         match applied {
-            Applied::Changed { record, outputs } => (*record, outputs),
+            Applied::Changed { record, outputs } => (stored(*record), outputs),
             other => panic!("expected a change, got {other:?}"),
         }
     }
@@ -1376,7 +1389,8 @@ mod tests {
             (r.status.as_str(), types(&out)),
             ("COMPLETED", vec!["OrderCompleted"])
         );
-        let path: Vec<&str> = r.history.iter().map(|t| t.to.as_str()).collect();
+        let entries = r.history.entries();
+        let path: Vec<&str> = entries.iter().map(|t| t.to.as_str()).collect();
         assert_eq!(
             path,
             [
@@ -2062,7 +2076,7 @@ mod tests {
                     if let Script::Reply { role: 0, step } = s {
                         let step = step % d.steps.len();
                         let _ = i;
-                        if commanded.contains(&step) && record.history.iter().any(|t| t.cause == d.steps[step].success) {
+                        if commanded.contains(&step) && record.history.entries().iter().any(|t| t.cause == d.steps[step].success) {
                             prop_assert!(record.compensated_steps.contains(&step), "step {step} succeeded but was not compensated; history {:?}", record.history);
                         }
                     }

@@ -5,6 +5,7 @@
 //! - [`contract`]: the message contract: envelope, checks, dead-letter reasons, headers, bodies.
 //! - [`contract_export`]: the contract as JSON Schema per message and as an AsyncAPI document.
 //! - [`machine`]: the pure `(SagaRecord, SagaInput) -> (SagaRecord, outputs)` function.
+//! - [`record`]: how a saga record is stored (binary, versioned; earlier JSON versions read).
 //! - [`processor`]: the machine on the streams runtime: store, timers, dedupe, dead letters,
 //!   the quarantine of unreadable records.
 //! - [`query`]: `/sagas/{id}` and `/quarantine` from the committed stores of this instance.
@@ -21,6 +22,7 @@ pub mod describe;
 pub mod machine;
 pub mod processor;
 pub mod query;
+pub mod record;
 pub mod topology;
 
 pub use machine::SagaRecord;

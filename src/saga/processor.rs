@@ -1,7 +1,7 @@
 //! The saga processor: the state machine on the streams runtime.
 //!
 //! Per task it keeps one store, `sagas`, holding two kinds of keys:
-//! - `s/<saga id>`: the [`SagaRecord`] as JSON;
+//! - `s/<saga id>`: the [`SagaRecord`] ([`super::record`]: binary, versioned);
 //! - `t/<deadline ms, 8 bytes big-endian><saga id>`: an index of each saga's next timer, so a
 //!   punctuation finds the due ones with one range scan, even when no input arrives.
 //!
@@ -403,28 +403,29 @@ impl RecordSummary {
 
     /// As much as can be read of stored bytes that do not decode as a record.
     fn of_bytes(bytes: &[u8]) -> Self {
-        let Ok(value) = serde_json::from_slice::<serde_json::Value>(bytes) else {
+        #[derive(serde::Deserialize)]
+        struct Lenient {
+            #[serde(default)]
+            status: Option<String>,
+            #[serde(default)]
+            topology_version: Option<u32>,
+            #[serde(default)]
+            topology_fingerprint: Option<String>,
+            #[serde(default)]
+            phase: Option<PhaseTag>,
+        }
+        #[derive(serde::Deserialize)]
+        struct PhaseTag {
+            phase: String,
+        }
+        let Ok(read) = super::record::decode_as::<Lenient>(bytes) else {
             return Self::default();
         };
-        let counted = value
-            .get("topology_fingerprint")
-            .and_then(|f| f.as_str())
-            .is_some_and(|f| !f.is_empty());
+        let counted = read.topology_fingerprint.is_some_and(|f| !f.is_empty());
         Self {
-            status: value
-                .get("status")
-                .and_then(|s| s.as_str())
-                .map(String::from),
-            topology_version: value
-                .get("topology_version")
-                .and_then(|v| v.as_u64())
-                .and_then(|v| u32::try_from(v).ok())
-                .filter(|_| counted),
-            finished: value
-                .get("phase")
-                .and_then(|p| p.get("phase"))
-                .and_then(|p| p.as_str())
-                == Some("finished"),
+            status: read.status,
+            topology_version: read.topology_version.filter(|_| counted),
+            finished: read.phase.is_some_and(|p| p.phase == "finished"),
         }
     }
 }
@@ -452,9 +453,12 @@ enum Loaded {
 
 /// Encodes a saga record for the store, or says why it cannot be kept: larger than
 /// [`SAGA_RECORD_BUDGET`].
-fn encode_record(record: &SagaRecord) -> Result<Result<Vec<u8>, BadInput>, ProcessorError> {
-    let bytes = serde_json::to_vec(record)
-        .map_err(|e| ProcessorError(format!("saga store: unencodable saga record: {e}")))?;
+fn encode_record(
+    record: &SagaRecord,
+    version: u32,
+) -> Result<Result<Vec<u8>, BadInput>, ProcessorError> {
+    let bytes = super::record::encode_as(record, version)
+        .map_err(|e| ProcessorError(format!("saga store: {e}")))?;
     let size = bytes.len() + SAGA_PREFIX.len() + record.saga_id.len();
     if size > SAGA_RECORD_BUDGET {
         return Ok(Err(BadInput::new(
@@ -468,19 +472,10 @@ fn encode_record(record: &SagaRecord) -> Result<Result<Vec<u8>, BadInput>, Proce
     Ok(Ok(bytes))
 }
 
-/// Decodes a stored saga record; a record of a later encoding version than this build reads
-/// (written by a newer saga-streams) is refused, never half-read.
+/// Decodes a stored saga record ([`super::record::decode`]); a record of a later encoding
+/// version than this build reads (written by a newer saga-streams) is refused, never half-read.
 pub fn decode_record(bytes: &[u8]) -> Result<SagaRecord, ProcessorError> {
-    let record = serde_json::from_slice::<SagaRecord>(bytes)
-        .map_err(|e| ProcessorError(format!("undecodable saga record: {e}")))?;
-    if record.record_version > machine::RECORD_VERSION {
-        return Err(ProcessorError(format!(
-            "saga record version {} was written by a newer saga-streams (this one reads up to {})",
-            record.record_version,
-            machine::RECORD_VERSION
-        )));
-    }
-    Ok(record.upgrade())
+    super::record::decode(bytes).map_err(|e| ProcessorError(e.0))
 }
 
 /// Runs one saga definition; one instance per task.
@@ -509,6 +504,8 @@ pub struct SagaProcessor {
     /// Where the status index backfill of an earlier build's store goes on (the next saga key);
     /// forgotten when a cycle aborts (started again: entries are written idempotently).
     backfill_from: Option<Vec<u8>>,
+    /// The record version saga records are written as ([`super::record::WRITABLE_VERSIONS`]).
+    write_version: u32,
 }
 
 impl SagaProcessor {
@@ -521,6 +518,7 @@ impl SagaProcessor {
             repartition: None,
             control: None,
             backfill_from: None,
+            write_version: machine::RECORD_VERSION,
             signing: codec.signing().clone(),
             codec,
             clock: None,
@@ -597,7 +595,7 @@ impl SagaProcessor {
             let id = String::from_utf8_lossy(&key[SAGA_PREFIX.len()..]);
             // A record that does not decode is not indexed: it goes to the quarantine when
             // next touched.
-            if let Ok(saga) = serde_json::from_slice::<StatusOnly>(value) {
+            if let Ok(saga) = super::record::decode_as::<StatusOnly>(value) {
                 store.put(&status_index_key(&saga.status, &id), b"");
             }
         }
@@ -616,6 +614,13 @@ impl SagaProcessor {
             }
         }
         Ok(())
+    }
+
+    /// Writes saga records as `version` (one of [`super::record::WRITABLE_VERSIONS`]; checked
+    /// by the caller).
+    pub fn with_record_version(mut self, version: u32) -> Self {
+        self.write_version = version;
+        self
     }
 
     /// Takes operators' actions from `topic` (the application's control topic, consumed by the
@@ -715,9 +720,7 @@ impl SagaProcessor {
         };
         let mut after = after;
         annotate(
-            Some(&current),
             &mut after,
-            now,
             Some(format!(
                 "{}/{}/{}",
                 record.topic, record.partition, record.offset
@@ -725,7 +728,7 @@ impl SagaProcessor {
             &outputs,
         );
         let written = self.encode(def, &after, &outputs, now).and_then(|records| {
-            encode_record(&after)
+            encode_record(&after, self.write_version)
                 .map(|bytes| bytes.map(|b| (records, b)))
                 .unwrap_or_else(|e| Err(BadInput::new(BadInputKind::UnencodableOutput, e.0)))
         });
@@ -1146,9 +1149,7 @@ impl SagaProcessor {
             }
         };
         annotate(
-            before.as_ref(),
             &mut record_after,
-            now,
             Some(format!(
                 "{}/{}/{}",
                 record.topic, record.partition, record.offset
@@ -1160,7 +1161,7 @@ impl SagaProcessor {
         let written = self
             .encode(def, &record_after, &outputs, now)
             .and_then(|records| {
-                encode_record(&record_after)
+                encode_record(&record_after, self.write_version)
                     .map(|bytes| bytes.map(|b| (records, b)))
                     .unwrap_or_else(|e| Err(BadInput::new(BadInputKind::UnencodableOutput, e.0)))
             });
@@ -1176,7 +1177,7 @@ impl SagaProcessor {
                         machine::cancel_unwritable(def, &record_after, now, &bad.message).and_then(
                             |(r, outs)| {
                                 let records = self.encode(def, &r, &outs, now).ok()?;
-                                let bytes = encode_record(&r).ok()?.ok()?;
+                                let bytes = encode_record(&r, self.write_version).ok()?.ok()?;
                                 Some((r, outs, records, bytes))
                             },
                         )
@@ -1377,34 +1378,14 @@ fn count_output(def: &SagaDefinition, saga: &SagaRecord, output: &SagaOutput, no
     }
 }
 
-/// Marks the history entries one input or timer added to `after` with where the input was read
-/// and the messages it sent (on the last of them).
-fn annotate(
-    before: Option<&SagaRecord>,
-    after: &mut SagaRecord,
-    now: i64,
-    source: Option<String>,
-    outputs: &[SagaOutput],
-) {
-    let old = before.map_or(0, |b| b.history.len());
-    let new = after.history.len();
-    let added = if new > old {
-        new - old
-    } else {
-        // The history is full and dropped its oldest: the entries of this moment.
-        after
-            .history
-            .iter()
-            .rev()
-            .take_while(|t| t.at_ms == now && t.source.is_none() && t.sent.is_empty())
-            .count()
-            .min(2)
-    };
-    let len = after.history.len();
-    for entry in &mut after.history[len - added..] {
+/// Marks the history entries one input or timer added to `after` (those not yet written) with
+/// where the input was read and the messages it sent (on the last of them).
+fn annotate(after: &mut SagaRecord, source: Option<String>, outputs: &[SagaOutput]) {
+    let added = after.history.fresh_mut();
+    for entry in added.iter_mut() {
         entry.source.clone_from(&source);
     }
-    if let Some(last) = after.history.last_mut().filter(|_| added > 0) {
+    if let Some(last) = added.last_mut() {
         last.sent = outputs.iter().map(|o| o.event_type.clone()).collect();
     }
 }
@@ -1663,7 +1644,7 @@ impl Processor for SagaProcessor {
                         now,
                         &why,
                     );
-                    let bytes = match encode_record(&held)? {
+                    let bytes = match encode_record(&held, self.write_version)? {
                         Ok(bytes) => bytes,
                         Err(_) => continue,
                     };
@@ -1678,7 +1659,7 @@ impl Processor for SagaProcessor {
                     mut record,
                     outputs,
                 } => {
-                    annotate(Some(&current), &mut record, now, None, &outputs);
+                    annotate(&mut record, None, &outputs);
                     // Outputs of a timer continue the trace of the saga's last traced input.
                     let span = tracing::info_span!(
                         target: SAGA_SPAN_TARGET, "saga_timer", saga_id = %record.saga_id,
@@ -1693,7 +1674,7 @@ impl Processor for SagaProcessor {
                     let written = self
                         .encode(def, &record, &outputs, now)
                         .and_then(|records| {
-                            encode_record(&record)
+                            encode_record(&record, self.write_version)
                                 .map(|bytes| bytes.map(|b| (records, b)))
                                 .unwrap_or_else(|e| {
                                     Err(BadInput::new(BadInputKind::UnencodableOutput, e.0))
@@ -1713,7 +1694,7 @@ impl Processor for SagaProcessor {
                                 now,
                                 &bad.message,
                             );
-                            let Ok(bytes) = encode_record(&held)? else {
+                            let Ok(bytes) = encode_record(&held, self.write_version)? else {
                                 continue;
                             };
                             self.counts
@@ -1722,7 +1703,11 @@ impl Processor for SagaProcessor {
                             continue;
                         }
                     };
-                    let timed_out = record.history.last().is_some_and(|t| t.cause == "timeout");
+                    let timed_out = record
+                        .history
+                        .fresh()
+                        .last()
+                        .is_some_and(|t| t.cause == "timeout");
                     if let (true, Some(step)) = (timed_out, current.step_awaited.as_ref()) {
                         metrics::counter!(m::TIMEOUTS, "step" => step.clone()).increment(1);
                     }
@@ -1783,26 +1768,50 @@ mod tests {
         .unwrap()
     }
 
-    /// State written by this version must stay readable by every later one: the fixture holds
-    /// record bytes as the current encoder writes them. A change that cannot read it breaks old
-    /// stores and changelogs; bump `RECORD_VERSION` and read both instead.
+    /// State written by an earlier version must stay readable by every later one. The version 2
+    /// fixture holds record bytes as saga-streams wrote them before the binary record (JSON); the
+    /// version 3 one, the bytes of the same saga as this encoder writes them. A change that cannot
+    /// read them breaks old stores and changelogs: bump `RECORD_VERSION` and read both instead.
     #[test]
     fn saga_records_written_by_version_2_stay_readable() {
-        let bytes = fixture("saga-record-v2.json");
-        let record = decode_record(&bytes).unwrap();
-        assert_eq!(record.record_version, 2);
+        let record = decode_record(&fixture("saga-record-v2.json")).unwrap();
+        assert_eq!(record.record_version, machine::RECORD_VERSION);
         assert_eq!(record.status, "REFUNDED");
         assert_eq!(record.completed_steps, vec![0]);
         assert_eq!(record.abandoned_steps, vec![1]);
         assert_eq!(record.compensated_steps, vec![0]);
         assert_eq!(record.history.len(), 4);
+        assert_eq!(record.history.entries()[3].to, "REFUNDED");
         assert_eq!(record.context["payment_id"], "pay-9");
         assert_eq!(
             record.outcome.as_ref().and_then(|o| o.reason.as_deref()),
             Some("inventory_failed")
         );
+        // Written back as version 3, it reads as the same saga.
+        let written = encode_record(&record, machine::RECORD_VERSION)
+            .unwrap()
+            .unwrap();
+        assert_eq!(&written[..2], &[0, 3]);
+        assert_eq!(decode_record(&written).unwrap(), record);
+    }
+
+    #[test]
+    fn saga_records_written_by_version_3_stay_readable() {
+        let bytes = fixture("saga-record-v3.bin");
+        let record = decode_record(&bytes).unwrap();
+        let v2 = decode_record(&fixture("saga-record-v2.json")).unwrap();
+        assert_eq!(record, v2);
         // The current encoder still writes exactly these bytes.
-        assert_eq!(serde_json::to_vec(&record).unwrap(), bytes);
+        assert_eq!(
+            encode_record(&record, machine::RECORD_VERSION)
+                .unwrap()
+                .unwrap(),
+            bytes
+        );
+        // A list reads its fields without decoding the rest.
+        let summary = RecordSummary::of_bytes(&bytes);
+        assert_eq!(summary.status.as_deref(), Some("REFUNDED"));
+        assert!(summary.finished);
     }
 
     /// Version 1 records (before retries and tombstones) are read and upgraded: a cancelled
@@ -1811,7 +1820,7 @@ mod tests {
     #[test]
     fn saga_records_written_by_version_1_are_upgraded() {
         let record = decode_record(&fixture("saga-record-v1.json")).unwrap();
-        assert_eq!(record.record_version, 2);
+        assert_eq!(record.record_version, machine::RECORD_VERSION);
         assert_eq!(record.status, "REFUNDED");
         assert_eq!(record.compensated_steps, vec![0]);
         // Cancelled because inventory failed: a success of it arriving later is compensated.

@@ -69,6 +69,7 @@ pub fn saga_json(record: &SagaRecord, partition: i32) -> Value {
     let time = |ms: Option<i64>| ms.map(rfc3339);
     let history: Vec<Value> = record
         .history
+        .entries()
         .iter()
         .map(|t| {
             json!({
@@ -244,7 +245,7 @@ impl SagaLookup for SagaQuery {
                 };
                 // An index entry ahead of its record, or a record that does not decode (it is
                 // moved to the quarantine when next touched): not listed.
-                let listed = bytes.and_then(|b| serde_json::from_slice::<Listed>(&b).ok());
+                let listed = bytes.and_then(|b| super::record::decode_as::<Listed>(&b).ok());
                 if let Some(listed) = listed.filter(|l| l.matches(filter)) {
                     sagas.push(listed.json(partition));
                 }

@@ -407,8 +407,9 @@ impl RecordSummary {
         struct Lenient {
             #[serde(default)]
             status: Option<String>,
-            #[serde(default)]
-            topology_version: Option<u32>,
+            /// Left out of records when it is 1.
+            #[serde(default = "first_record_topology_version")]
+            topology_version: u32,
             #[serde(default)]
             topology_fingerprint: Option<String>,
             #[serde(default)]
@@ -418,13 +419,17 @@ impl RecordSummary {
         struct PhaseTag {
             phase: String,
         }
-        let Ok(read) = super::record::decode_as::<Lenient>(bytes) else {
+        fn first_record_topology_version() -> u32 {
+            1
+        }
+        // Of any version, later ones included: their field names are kept.
+        let Ok(read) = super::record::decode_fields::<Lenient>(bytes) else {
             return Self::default();
         };
         let counted = read.topology_fingerprint.is_some_and(|f| !f.is_empty());
         Self {
             status: read.status,
-            topology_version: read.topology_version.filter(|_| counted),
+            topology_version: Some(read.topology_version).filter(|_| counted),
             finished: read.phase.is_some_and(|p| p.phase == "finished"),
         }
     }
@@ -616,10 +621,17 @@ impl SagaProcessor {
         Ok(())
     }
 
-    /// Writes saga records as `version` (one of [`super::record::WRITABLE_VERSIONS`]; checked
-    /// by the caller).
+    /// Writes saga records as `version` (one of [`super::record::WRITABLE_VERSIONS`]; the
+    /// command line refuses others, and here any other is logged and the current one written).
     pub fn with_record_version(mut self, version: u32) -> Self {
-        self.write_version = version;
+        if super::record::WRITABLE_VERSIONS.contains(&version) {
+            self.write_version = version;
+        } else {
+            tracing::error!(
+                version,
+                "saga records cannot be written as this version; writing the current one"
+            );
+        }
         self
     }
 
@@ -934,6 +946,16 @@ impl SagaProcessor {
                 store.delete(&quarantine_key(saga_id));
                 store.delete(&quarantine_note_key(saga_id));
                 self.counts.change(store, QUARANTINED, -1)?;
+                // A build that could not read even the status of the record (an older one, or
+                // bytes damaged past it) left it counted and indexed when it moved it aside:
+                // take that out before counting it again.
+                if store
+                    .get(&status_index_key(&record.status, saga_id))?
+                    .is_some()
+                {
+                    self.counts
+                        .removed(store, saga_id, &RecordSummary::of(&record))?;
+                }
                 self.counts.save(store, None, &record, &bytes)?;
                 Ok(Loaded::Found(Box::new(record)))
             }
@@ -1148,14 +1170,11 @@ impl SagaProcessor {
                 }
             }
         };
-        annotate(
-            &mut record_after,
-            Some(format!(
-                "{}/{}/{}",
-                record.topic, record.partition, record.offset
-            )),
-            &outputs,
-        );
+        let source = Some(format!(
+            "{}/{}/{}",
+            record.topic, record.partition, record.offset
+        ));
+        annotate(&mut record_after, source.clone(), &outputs);
         // Every output and the saga record are encoded and checked before anything is written:
         // what cannot be written dead-letters the input, and the saga stays as it was before it.
         let written = self
@@ -1175,7 +1194,12 @@ impl SagaProcessor {
                 let instead = match saga_event.role {
                     EventRole::Success(_) => {
                         machine::cancel_unwritable(def, &record_after, now, &bad.message).and_then(
-                            |(r, outs)| {
+                            |(mut r, outs)| {
+                                // Its entries sent the compensations, not the unwritable output.
+                                for entry in r.history.fresh_mut() {
+                                    entry.sent.clear();
+                                }
+                                annotate(&mut r, source.clone(), &outs);
                                 let records = self.encode(def, &r, &outs, now).ok()?;
                                 let bytes = encode_record(&r, self.write_version).ok()?.ok()?;
                                 Some((r, outs, records, bytes))
@@ -1812,6 +1836,58 @@ mod tests {
         let summary = RecordSummary::of_bytes(&bytes);
         assert_eq!(summary.status.as_deref(), Some("REFUNDED"));
         assert!(summary.finished);
+    }
+
+    /// A live saga (compensating, a message in flight, one given up, a later topology
+    /// version), as this encoder writes it: pins the parts the finished fixture lacks.
+    #[test]
+    fn live_saga_records_written_by_version_3_stay_readable() {
+        let bytes = fixture("saga-record-v3-live.bin");
+        let record = decode_record(&bytes).unwrap();
+        assert_eq!(
+            record.phase,
+            machine::Phase::Compensating {
+                step: 1,
+                pending: vec![0],
+                reason: "shipping_failed".into(),
+                after_outcome: false,
+            }
+        );
+        let flight = record.in_flight.as_ref().unwrap();
+        assert_eq!((flight.step, flight.attempt), (1, 2));
+        assert_eq!(flight.payload["reservation_id"], "res-4");
+        assert_eq!(flight.resend_at_ms, Some(1_795_728_009_000));
+        assert_eq!(record.given_up.len(), 1);
+        assert_eq!(record.topology_version, 2);
+        assert_eq!(record.topology_fingerprint, "fp-2");
+        assert_eq!(record.id_seed, "seed-1");
+        assert_eq!(record.history.len(), 4);
+        assert_eq!(
+            encode_record(&record, machine::RECORD_VERSION)
+                .unwrap()
+                .unwrap(),
+            bytes
+        );
+        let summary = RecordSummary::of_bytes(&bytes);
+        assert_eq!(summary.status.as_deref(), Some("COMPENSATING"));
+        assert_eq!(summary.topology_version, Some(2));
+        assert!(!summary.finished);
+    }
+
+    /// A record of a later version is refused, but what the counts need of it is still read
+    /// (its field names are kept), so moving it to the quarantine takes it out of the counts.
+    #[test]
+    fn a_later_binary_version_is_refused_but_still_counted() {
+        let live = fixture("saga-record-v3-live.bin");
+        let mut later = live.clone();
+        later[1] = 4;
+        assert!(decode_record(&later)
+            .unwrap_err()
+            .0
+            .contains("newer saga-streams"));
+        let summary = RecordSummary::of_bytes(&later);
+        assert_eq!(summary.status.as_deref(), Some("COMPENSATING"));
+        assert_eq!(summary.topology_version, Some(2));
     }
 
     /// Version 1 records (before retries and tombstones) are read and upgraded: a cancelled

@@ -71,22 +71,45 @@ pub fn decode(bytes: &[u8]) -> Result<SagaRecord, RecordError> {
     Ok(record.upgrade())
 }
 
-/// Decodes the fields of a stored record that `T` names (any version), skipping the rest: for
-/// lists and counts that need a few fields of many records.
+/// Decodes the fields of a stored record that `T` names (any version this build reads),
+/// skipping the rest: for lists and counts that need a few fields of many records.
 pub fn decode_as<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, RecordError> {
+    match split(bytes)? {
+        (version, _) if version > RECORD_VERSION => Err(newer(version)),
+        (_, body) => decode_body(body),
+    }
+}
+
+/// As [`decode_as`], also for versions later than this build reads: they keep the field names
+/// of the earlier ones (for counting a record it moves to the quarantine).
+pub fn decode_fields<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, RecordError> {
+    decode_body(split(bytes)?.1)
+}
+
+enum Body<'a> {
+    Json(&'a [u8]),
+    Binary(&'a [u8]),
+}
+
+/// The binary version and body of a record (JSON: version 2 or earlier, read from the record).
+fn split(bytes: &[u8]) -> Result<(u32, Body<'_>), RecordError> {
     match bytes {
-        [b'{', ..] => serde_json::from_slice(bytes)
-            .map_err(|e| RecordError(format!("undecodable saga record: {e}"))),
-        [BINARY_MARK, version, body @ ..] if u32::from(*version) == RECORD_VERSION => {
-            rmp_serde::from_slice(body)
-                .map_err(|e| RecordError(format!("undecodable saga record: {e}")))
+        [BINARY_MARK, version, body @ ..] if *version >= 3 => {
+            Ok((u32::from(*version), Body::Binary(body)))
         }
-        [BINARY_MARK, version, ..] if u32::from(*version) > RECORD_VERSION => {
-            Err(newer(u32::from(*version)))
-        }
+        _ if bytes.trim_ascii_start().starts_with(b"{") => Ok((2, Body::Json(bytes))),
         _ => Err(RecordError(
             "undecodable saga record: neither JSON nor a known binary version".into(),
         )),
+    }
+}
+
+fn decode_body<T: DeserializeOwned>(body: Body<'_>) -> Result<T, RecordError> {
+    match body {
+        Body::Json(bytes) => serde_json::from_slice(bytes)
+            .map_err(|e| RecordError(format!("undecodable saga record: {e}"))),
+        Body::Binary(bytes) => rmp_serde::from_slice(bytes)
+            .map_err(|e| RecordError(format!("undecodable saga record: {e}"))),
     }
 }
 

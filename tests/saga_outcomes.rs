@@ -812,6 +812,23 @@ fn a_saga_stored_by_an_earlier_build_goes_on_and_is_written_back_in_the_current_
     assert_eq!(written.status, "COMPLETED");
 }
 
+/// `run --record-version 2` (the first pass of a rolling upgrade) writes records as version 2
+/// JSON, which a release before the binary record reads.
+#[test]
+fn records_are_written_as_json_version_2_when_asked() {
+    let mut env = SagaEnv::new("order_saga.yaml", 1);
+    let mut orchestrator = env.orchestrator("a", &["--record-version", "2"]);
+    env.create("json", &[]);
+    env.expect("json", &env.def.steps[0].command.event_type.clone());
+    assert!(orchestrator.sigterm(Duration::from_secs(30)).is_some());
+    let stored = stored_record(&env, "json");
+    let json: serde_json::Value = serde_json::from_slice(&stored)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", &stored[..stored.len().min(16)]));
+    assert_eq!(json["record_version"], 2, "{json}");
+    assert_eq!(json["status"], "PENDING", "{json}");
+    assert_eq!(json["history"].as_array().map(Vec::len), Some(1), "{json}");
+}
+
 #[test]
 fn an_unreadable_saga_record_is_quarantined_and_its_partition_goes_on() {
     let mut env = SagaEnv::new("order_saga.yaml", 1);
